@@ -1,0 +1,3 @@
+//! One module per CLI subcommand; each has `Args` (clap) and `run(args) -> anyhow::Result<()>`.
+
+pub mod score;

@@ -1,0 +1,13 @@
+//! A loaded model behind one trait, so the CLI and the daemon score the same way and the
+//! daemon can be exercised with any model the project can load.
+
+use crate::nodule::NoduleInput;
+use crate::report::{ModelInfo, ScoreReport};
+
+/// Scores batches of nodules. Implementations are loaded once and shared across threads.
+pub trait Scorer: Send + Sync {
+    /// The model's identity as it appears in reports.
+    fn model_info(&self) -> ModelInfo;
+    /// Scores `nodules` (any number, any mix of patients) into one report.
+    fn score(&self, nodules: &[NoduleInput]) -> anyhow::Result<ScoreReport>;
+}

@@ -1,0 +1,27 @@
+//! noduled: scores lung nodules for malignancy with the published CLIP nodule model
+//! (a LoRA-tuned CLIP ViT-B/32, attention-MIL over nine planes, five folds with beta
+//! calibration, zero-shot semantic descriptors), beside a CT scanner.
+//!
+//! # Layout
+//! Data flows one way, top to bottom:
+//!
+//! - [`volume`]: CT readers (DICOM series, NIfTI, NRRD, crop files) into one `Volume` (HU, f32).
+//! - [`preprocess`]: 1 mm resample, LPS 100^3 crop at a world point, HU window, the nine planes.
+//! - [`nodules`]: what a request names (planes file, volume + coordinate, crop, manifest)
+//!   turned into [`nodule::NoduleInput`]s.
+//! - [`model`]: the CLIP towers with per-fold LoRA, MIL, heads, checkpoint reading.
+//! - [`calibration`]: beta calibration of fold probabilities.
+//! - [`report`]: the score JSON every consumer reads.
+//! - [`engine`]: a loaded model behind the [`engine::Scorer`] trait, used by the CLI and daemon.
+//! - [`commands`]: one module per CLI subcommand; `main.rs` only parses and dispatches.
+#![deny(missing_docs)]
+
+pub mod calibration;
+pub mod commands;
+pub mod engine;
+pub mod model;
+pub mod nodule;
+pub mod nodules;
+pub mod preprocess;
+pub mod report;
+pub mod volume;

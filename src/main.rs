@@ -1,0 +1,33 @@
+//! The noduled binary: parses the command line, dispatches to the library, prints the error
+//! chain once and exits 2 on error.
+
+use clap::{Parser, Subcommand};
+use noduled::commands;
+
+#[derive(Parser)]
+#[command(name = "noduled", version, about = "Lung nodule malignancy scoring daemon (CLIP nodule model)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Score nodules and print the score JSON.
+    Score(commands::score::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("NODULED_LOG").unwrap_or_else(|_| "warn".into()))
+        .init();
+    let result = match cli.command {
+        Command::Score(args) => commands::score::run(args),
+    };
+    if let Err(err) = result {
+        eprintln!("noduled: {err:#}");
+        std::process::exit(2);
+    }
+}

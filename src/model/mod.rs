@@ -1,0 +1,1 @@
+//! The CLIP nodule model. (Being built: issue 2.)

@@ -1,0 +1,1 @@
+//! From a volume to the nine planes. (Being built: issue 3.)

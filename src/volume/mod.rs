@@ -1,0 +1,1 @@
+//! CT readers into one [`Volume`] type. (Being built: issue 3.)
