@@ -11,3 +11,8 @@ pub trait Scorer: Send + Sync {
     /// Scores `nodules` (any number, any mix of patients) into one report.
     fn score(&self, nodules: &[NoduleInput]) -> anyhow::Result<ScoreReport>;
 }
+
+/// Loads the model at `path` (a checkpoint folder or a bundle) for scoring.
+pub fn load(path: &std::path::Path) -> anyhow::Result<std::sync::Arc<dyn Scorer>> {
+    anyhow::bail!("{}: model loading not implemented yet", path.display())
+}
