@@ -13,11 +13,15 @@
 //! - [`calibration`]: beta calibration of fold probabilities.
 //! - [`report`]: the score JSON every consumer reads.
 //! - [`engine`]: a loaded model behind the [`engine::Scorer`] trait, used by the CLI and daemon.
+//! - [`config`]: the daemon's strict TOML configuration, validated into `Settings`.
+//! - [`daemon`]: inbox and MQTT in, one worker, durable outbox and MQTT out, systemd, health.
 //! - [`commands`]: one module per CLI subcommand; `main.rs` only parses and dispatches.
 #![deny(missing_docs)]
 
 pub mod calibration;
 pub mod commands;
+pub mod config;
+pub mod daemon;
 pub mod engine;
 pub mod model;
 pub mod nodule;

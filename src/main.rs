@@ -5,7 +5,11 @@ use clap::{Parser, Subcommand};
 use noduled::commands;
 
 #[derive(Parser)]
-#[command(name = "noduled", version, about = "Lung nodule malignancy scoring daemon (CLIP nodule model)")]
+#[command(
+    name = "noduled",
+    version,
+    about = "Lung nodule malignancy scoring daemon (CLIP nodule model)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -15,19 +19,42 @@ struct Cli {
 enum Command {
     /// Score nodules and print the score JSON.
     Score(commands::score::Args),
+    /// Run the daemon: inbox folder and MQTT in, outbox and MQTT out.
+    Run(commands::run::Args),
+    /// Run the daemon on embedded defaults, feed it the example CT, print the result.
+    Demo(commands::demo::Args),
 }
 
 fn main() {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("NODULED_LOG").unwrap_or_else(|_| "warn".into()))
-        .init();
+    init_logging(matches!(cli.command, Command::Run(_)));
     let result = match cli.command {
         Command::Score(args) => commands::score::run(args),
+        Command::Run(args) => commands::run::run(args),
+        Command::Demo(args) => commands::demo::run(args),
     };
     if let Err(err) = result {
         eprintln!("noduled: {err:#}");
         std::process::exit(2);
+    }
+}
+
+/// Logs to journald when systemd connected stderr to the journal (JOURNAL_STREAM), else to
+/// stderr. `NODULED_LOG` filters (default: info for the daemon, warn otherwise).
+fn init_logging(daemon: bool) {
+    use tracing_subscriber::prelude::*;
+    let default = if daemon { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NODULED_LOG")
+        .unwrap_or_else(|_| default.into());
+    let journald = std::env::var_os("JOURNAL_STREAM").and_then(|_| tracing_journald::layer().ok());
+    match journald {
+        Some(layer) => tracing_subscriber::registry()
+            .with(filter)
+            .with(layer)
+            .init(),
+        None => tracing_subscriber::registry()
+            .with(filter)
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .init(),
     }
 }

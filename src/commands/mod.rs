@@ -1,3 +1,5 @@
 //! One module per CLI subcommand; each has `Args` (clap) and `run(args) -> anyhow::Result<()>`.
 
+pub mod demo;
+pub mod run;
 pub mod score;
