@@ -59,7 +59,7 @@ impl Planes01 {
             .map_err(|e| PlanesError::Format { path: p.clone(), msg: format!("not a safetensors file: {e}") })?;
         let t = st.tensor(name).map_err(|_| PlanesError::Format {
             path: p.clone(),
-            msg: format!("tensor `{name}` not found (have: {})", st.names().into_iter().cloned().collect::<Vec<_>>().join(", ")),
+            msg: format!("tensor `{name}` not found (have: {})", st.names().join(", ")),
         })?;
         if t.shape() != [N_PLANES, PLANE_SIDE, PLANE_SIDE] {
             return Err(PlanesError::Format { path: p, msg: format!("tensor `{name}` has shape {:?}, expected [9, 224, 224]", t.shape()) });
