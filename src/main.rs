@@ -19,6 +19,8 @@ struct Cli {
 enum Command {
     /// Score nodules and print the score JSON.
     Score(commands::score::Args),
+    /// Model bundles: keys, sign, verify, install, rollback.
+    Bundle(commands::bundle::Args),
     /// Run the daemon: inbox folder and MQTT in, outbox and MQTT out.
     Run(commands::run::Args),
     /// Run the daemon on embedded defaults, feed it the example CT, print the result.
@@ -30,6 +32,7 @@ fn main() {
     init_logging(matches!(cli.command, Command::Run(_)));
     let result = match cli.command {
         Command::Score(args) => commands::score::run(args),
+        Command::Bundle(args) => commands::bundle::run(args),
         Command::Run(args) => commands::run::run(args),
         Command::Demo(args) => commands::demo::run(args),
     };
@@ -54,7 +57,11 @@ fn init_logging(daemon: bool) {
             .init(),
         None => tracing_subscriber::registry()
             .with(filter)
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            )
             .init(),
     }
 }

@@ -1,5 +1,6 @@
 //! One module per CLI subcommand; each has `Args` (clap) and `run(args) -> anyhow::Result<()>`.
 
+pub mod bundle;
 pub mod demo;
 pub mod run;
 pub mod score;

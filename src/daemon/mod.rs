@@ -415,7 +415,18 @@ async fn reload(shared: &Arc<Shared>, loader: ModelLoader) {
     systemd::reloading();
     let path = shared.settings.model_path.clone();
     tracing::info!(model = %path.display(), "reloading the model");
-    let loaded = tokio::task::spawn_blocking(move || load_checked(loader, &path)).await;
+    let loaded = tokio::task::spawn_blocking(move || {
+        let scorer = load_checked(loader, &path)?;
+        // A bundle also carries a golden input recorded at convert time: check it too.
+        if path.join(crate::bundle::MANIFEST).exists() {
+            crate::engine::self_test(&path).map_err(|e| DaemonError::Model {
+                path: path.display().to_string(),
+                msg: format!("bundle self-test: {e:#}"),
+            })?;
+        }
+        Ok::<_, DaemonError>(scorer)
+    })
+    .await;
     match loaded {
         Ok(Ok(scorer)) => {
             let info = scorer.model_info();
