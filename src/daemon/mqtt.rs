@@ -242,7 +242,9 @@ fn fill(client: &AsyncClient, shared: &Shared, m: &MqttSettings, conn: &mut Conn
             .and_then(|v| v.as_str())
             .map(file_safe)
             .unwrap_or_else(|| "unknown".into());
-        let mut parts = vec![(format!("{}/result/{patient}", m.prefix), bytes)];
+        // Compact on the wire (the outbox copy is pretty-printed for people).
+        let compact = serde_json::to_vec(&value).unwrap_or(bytes);
+        let mut parts = vec![(format!("{}/result/{patient}", m.prefix), compact)];
         if let Some(alert) = value.get("alert").filter(|a| !a.is_null()) {
             let msg = serde_json::json!({
                 "result_id": value.get("result_id"), "job_id": value.get("job_id"),

@@ -2,4 +2,6 @@
 //! (copied from the project's reference fixtures; see tests/fixtures/reference/README.md).
 
 mod bundle_store;
+mod daemon;
+mod daemon_support;
 mod util;
