@@ -7,16 +7,16 @@ use std::path::PathBuf;
 /// Arguments of `noduled score`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Model: a checkpoint folder (fold_k/best_both.pt) or a bundle.
+    /// Model: a checkpoint folder (fold_k/best_both.pt + fold_k/calibration.json).
     #[arg(long)]
     pub model: PathBuf,
     /// A safetensors file with tensor `planes01` [9,224,224] in [0,1].
     #[arg(long)]
     pub planes: Option<PathBuf>,
-    /// Patient id for the report.
+    /// Patient id for the report (default: the planes file's name without extension).
     #[arg(long)]
     pub patient_id: Option<String>,
-    /// Nodule id for the report.
+    /// Nodule id for the report (default: the planes file's name without extension).
     #[arg(long)]
     pub nodule_id: Option<String>,
 }

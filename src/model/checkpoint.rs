@@ -434,6 +434,18 @@ pub fn load(dir: &Path) -> Result<Checkpoint, ModelError> {
     let folds = find_folds(dir)?;
     let first = StateDict::open(&folds[0].state)?;
     let cfg = read_config(dir, &first, &folds[0].state)?;
+    for (prefix, layers) in [
+        ("vision_model.transformer", cfg.vision_layers),
+        ("transformer", cfg.text_layers),
+    ] {
+        let extra = format!("{prefix}.resblocks.{layers}.attn.q_proj.weight");
+        if first.shape(&extra).is_some() {
+            return Err(ModelError::Config {
+                path: folds[0].state.display().to_string(),
+                msg: format!("has `{extra}`: more blocks than the config's {layers}"),
+            });
+        }
+    }
     let specs = specs(&cfg);
     let scale = cfg.lora_scale();
 

@@ -595,3 +595,77 @@ fn cli_load_error_is_one_line_with_exit_2() {
     );
     assert!(out.stdout.is_empty());
 }
+
+/// Times the vision tower at the released size (ViT-B/32, r 2, five folds in one batched
+/// pass) on random weights: `cargo test --release --test it -- --ignored vit_b32 --nocapture`.
+#[test]
+#[ignore]
+fn vit_b32_vision_timing() {
+    use noduled::model::config::ModelConfig;
+    use noduled::model::vision::{clip_pixels, VisionTower};
+    use noduled::model::weights::Weights;
+    let cfg = ModelConfig::vit_b32(2);
+    let (d, folds) = (cfg.vision_width, 5);
+    let dev = Device::Cpu;
+    let rnd = |shape: &[usize]| Tensor::randn(0f32, 0.02, shape, &dev).unwrap();
+    let mut base = HashMap::new();
+    let mut own: Vec<HashMap<String, Tensor>> = vec![HashMap::new(); folds];
+    base.insert(
+        "vision_model.conv1.weight".to_string(),
+        rnd(&[d, 3, 32, 32]),
+    );
+    base.insert("vision_model.class_embedding".to_string(), rnd(&[d]));
+    base.insert(
+        "vision_model.positional_embedding".to_string(),
+        rnd(&[50, d]),
+    );
+    base.insert("vision_model.proj".to_string(), rnd(&[d, cfg.embed]));
+    for ln in ["ln_pre", "ln_post"] {
+        base.insert(
+            format!("vision_model.{ln}.weight"),
+            Tensor::ones(d, DType::F32, &dev).unwrap(),
+        );
+        base.insert(format!("vision_model.{ln}.bias"), rnd(&[d]));
+    }
+    for i in 0..cfg.vision_layers {
+        let p = format!("vision_model.transformer.resblocks.{i}");
+        for ln in ["ln_1", "ln_2"] {
+            base.insert(
+                format!("{p}.{ln}.weight"),
+                Tensor::ones(d, DType::F32, &dev).unwrap(),
+            );
+            base.insert(format!("{p}.{ln}.bias"), rnd(&[d]));
+        }
+        for (name, out, inp) in [
+            ("attn.q_proj", d, d),
+            ("attn.k_proj", d, d),
+            ("attn.v_proj", d, d),
+            ("attn.proj", d, d),
+            ("mlp.c_fc", 4 * d, d),
+            ("mlp.c_proj", d, 4 * d),
+        ] {
+            base.insert(format!("{p}.{name}.weight"), rnd(&[out, inp]));
+            base.insert(format!("{p}.{name}.bias"), rnd(&[out]));
+        }
+        for q in ["q_proj", "k_proj", "v_proj"] {
+            for f in own.iter_mut() {
+                f.insert(format!("{p}.attn.{q}.w_lora_A"), rnd(&[2, d]));
+                f.insert(format!("{p}.attn.{q}.w_lora_B"), rnd(&[d, 2]));
+            }
+        }
+    }
+    let w = Weights::new(base, own, cfg.lora_scale());
+    let tower = VisionTower::new(&cfg, &w).unwrap();
+    let r = Reference::load();
+    let planes = r.planes("lung1");
+    let pixels = clip_pixels(&[&planes], &dev).unwrap();
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        let out = tower.forward(&pixels).unwrap();
+        assert_eq!(out.dims(), &[folds * 9, cfg.embed]);
+        eprintln!(
+            "ViT-B/32, 9 planes x {folds} folds: {:.0} ms",
+            t.elapsed().as_secs_f64() * 1e3
+        );
+    }
+}
