@@ -122,3 +122,45 @@ impl Module for LoraLinear {
         y + low
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// The batched unmerged layer equals, fold by fold, a plain layer with W + s B_k A_k.
+    #[test]
+    fn batched_lora_equals_merged_weight_per_fold() {
+        let dev = Device::Cpu;
+        let (folds, n, d_in, d_out, r, s) = (3, 4, 6, 5, 2, 0.7);
+        let w = Tensor::randn(0f64, 1.0, (d_out, d_in), &dev).unwrap();
+        let bias = Tensor::randn(0f64, 1.0, d_out, &dev).unwrap();
+        let a = Tensor::randn(0f64, 1.0, (folds, r, d_in), &dev).unwrap();
+        let b = Tensor::randn(0f64, 1.0, (folds, d_out, r), &dev).unwrap();
+        let x = Tensor::randn(0f64, 1.0, (folds * n, 2, d_in), &dev).unwrap();
+        let lora = LoraLinear::new(
+            Linear::new(w.clone(), Some(bias.clone())).unwrap(),
+            &a,
+            &b,
+            s,
+        )
+        .unwrap();
+        let y = lora.forward(&x).unwrap();
+        assert_eq!(y.dims(), &[folds * n, 2, d_out]);
+        for k in 0..folds {
+            let delta = (b.get(k).unwrap().matmul(&a.get(k).unwrap()).unwrap() * s).unwrap();
+            let merged = Linear::new((&w + delta).unwrap(), Some(bias.clone())).unwrap();
+            let want = merged.forward(&x.narrow(0, k * n, n).unwrap()).unwrap();
+            let got = y.narrow(0, k * n, n).unwrap();
+            let err = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap();
+            assert!(err.to_scalar::<f64>().unwrap() < 1e-12);
+        }
+    }
+}

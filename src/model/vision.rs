@@ -14,7 +14,8 @@ use candle_core::{Device, Module, Result, Tensor};
 
 /// CLIP's RGB normalisation mean.
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-/// CLIP's RGB normalisation standard deviation.
+/// CLIP's RGB normalisation standard deviation (digits as published; f32 rounds them).
+#[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 /// The vision tower.

@@ -290,6 +290,9 @@ fn released_layout_matches_every_stage() {
     check_report(&scorer, &r, &[0, 1, 2, 3, 4]);
 }
 
+/// Edits fold i's state dict.
+type Edit<'a> = &'a dyn Fn(usize, &mut HashMap<String, Tensor>);
+
 /// Reads a fixture fold's state dict.
 fn fixture_fold(k: usize) -> HashMap<String, Tensor> {
     let path = reference().join(format!("model/fold_{k}/best_both.pt"));
@@ -301,11 +304,7 @@ fn fixture_fold(k: usize) -> HashMap<String, Tensor> {
 
 /// Writes a checkpoint folder: fold i from fixture fold `ref_folds[i]`, edited by `edit`,
 /// as model.safetensors (or a copy of best_both.pt when `edit` is None).
-fn write_set(
-    dir: &Path,
-    ref_folds: &[usize],
-    edit: Option<&dyn Fn(usize, &mut HashMap<String, Tensor>)>,
-) -> PathBuf {
+fn write_set(dir: &Path, ref_folds: &[usize], edit: Option<Edit>) -> PathBuf {
     let model = dir.join("model");
     std::fs::create_dir_all(&model).unwrap();
     std::fs::copy(
@@ -668,4 +667,53 @@ fn vit_b32_vision_timing() {
             t.elapsed().as_secs_f64() * 1e3
         );
     }
+}
+
+#[test]
+fn absent_config_means_the_vit_b32_release() {
+    // Without config.json the ViT-B/32 preset applies, so the small fixture towers misfit.
+    let tmp = tempfile::tempdir().unwrap();
+    let model = write_set(tmp.path(), &[0], None);
+    std::fs::remove_file(model.join("config.json")).unwrap();
+    let msg = load_err(&model);
+    assert!(
+        msg.contains("`vision_model.conv1.weight`") && msg.contains("[768, 3, 32, 32]"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn bad_calibration_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = write_set(tmp.path(), &[0, 1], None);
+    std::fs::write(
+        model.join("fold_1/calibration.json"),
+        r#"{"method": "beta", "a": 1.0, "c": 0.0}"#,
+    )
+    .unwrap();
+    let msg = load_err(&model);
+    assert!(
+        msg.contains("fold_1/calibration.json") && msg.contains("`b`"),
+        "{msg}"
+    );
+    std::fs::remove_file(model.join("fold_1/calibration.json")).unwrap();
+    let msg = load_err(&model);
+    assert!(msg.contains("fold_1/calibration.json"), "{msg}");
+}
+
+#[test]
+fn more_blocks_than_configured_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = write_set(tmp.path(), &[0], None);
+    let cfg = std::fs::read_to_string(model.join("config.json")).unwrap();
+    std::fs::write(
+        model.join("config.json"),
+        cfg.replace("\"text_layers\": 2", "\"text_layers\": 1"),
+    )
+    .unwrap();
+    let msg = load_err(&model);
+    assert!(
+        msg.contains("transformer.resblocks.1.attn.q_proj.weight"),
+        "{msg}"
+    );
 }
