@@ -496,31 +496,36 @@ fn disagreeing_bases_are_refused() {
     assert!(msg.contains(key) && msg.contains("fold_1"), "{msg}");
 }
 
+/// Writes `{nodule}.planes01` of the reference as a planes file (tensor `planes01`).
+fn write_planes(r: &Reference, nodule: &str, path: &Path) {
+    let planes = r.tensors[&format!("{nodule}.planes01")].clone();
+    candle_core::safetensors::save(&HashMap::from([("planes01".to_string(), planes)]), path)
+        .unwrap();
+}
+
+/// Runs `noduled score --model MODEL --planes PLANES EXTRA...`.
+fn run_score(model: &Path, planes: &Path, extra: &[&str]) -> std::process::Output {
+    std::process::Command::new(bin())
+        .args(["score", "--model"])
+        .arg(model)
+        .arg("--planes")
+        .arg(planes)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn cli_prints_the_score_json() {
     let r = Reference::load();
     let tmp = tempfile::tempdir().unwrap();
     let nodule = "lung2";
     let planes_file = tmp.path().join("lung2.safetensors");
-    let planes = r.tensors[&format!("{nodule}.planes01")].clone();
-    candle_core::safetensors::save(
-        &HashMap::from([("planes01".to_string(), planes)]),
-        &planes_file,
-    )
-    .unwrap();
-    let out = std::process::Command::new(bin())
-        .args(["score", "--model"])
-        .arg(reference().join("model"))
-        .arg("--planes")
-        .arg(&planes_file)
-        .args(["--patient-id", "P1", "--nodule-id", nodule])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    write_planes(&r, nodule, &planes_file);
+    let extra = ["--patient-id", "P1", "--nodule-id", nodule];
+    let out = run_score(&reference().join("model"), &planes_file, &extra);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["model"]["id"], "model");
     assert_eq!(doc["model"]["precision"], "f32");
@@ -529,34 +534,43 @@ fn cli_prints_the_score_json() {
     assert_eq!(n["patient_id"], "P1");
     assert_eq!(n["nodule_id"], nodule);
     let idx = r.nodules().iter().position(|x| x == nodule).unwrap();
+    let num = |v: &serde_json::Value| v.as_f64().unwrap_or_else(|| panic!("{v} is no number"));
     let folds = n["folds"].as_array().unwrap();
     assert_eq!(folds.len(), 5);
     for (k, f) in folds.iter().enumerate() {
         let name = |s: &str| format!("fold{k}.{nodule}.{s}");
-        assert!((f["prob"].as_f64().unwrap() - r.vec(&name("prob"))[0]).abs() <= ABS_P);
-        assert!((f["calibrated"].as_f64().unwrap() - r.vec(&name("calibrated"))[0]).abs() <= ABS_P);
-        let att: Vec<f64> = f["attention"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect();
+        assert!((num(&f["prob"]) - r.vec(&name("prob"))[0]).abs() <= ABS_P);
+        assert!((num(&f["calibrated"]) - r.vec(&name("calibrated"))[0]).abs() <= ABS_P);
+        let att: Vec<f64> = f["attention"].as_array().unwrap().iter().map(num).collect();
         assert!(max_abs(&att, &r.vec(&name("mil_attention"))) <= ABS_P);
     }
-    assert!((n["score"]["raw"].as_f64().unwrap() - r.vec("ensemble.raw")[idx]).abs() <= ABS_P);
+    assert!((num(&n["score"]["raw"]) - r.vec("ensemble.raw")[idx]).abs() <= ABS_P);
     let cal = r.vec("ensemble.calibrated")[idx];
-    assert!((n["score"]["calibrated"].as_f64().unwrap() - cal).abs() <= ABS_P);
-    let p = &n["descriptors"]["nodule_margin"]["ill-defined"];
-    let want = (0..5)
-        .map(|k| r.vec(&format!("fold{k}.zeroshot.nodule_margin"))[idx * 5 + 3])
-        .sum::<f64>()
-        / 5.0;
-    assert!((p.as_f64().unwrap() - want).abs() <= ABS_P, "{p} vs {want}");
-    assert_eq!(n["descriptors"].as_object().unwrap().len(), 16);
-    assert!(n["descriptors"]["necrosis"]["present"].is_number());
+    assert!((num(&n["score"]["calibrated"]) - cal).abs() <= ABS_P);
+    let descriptors = n["descriptors"].as_object().unwrap();
+    let features = r.cases["zero_shot"].as_object().unwrap();
+    assert_eq!(descriptors.len(), features.len());
+    for feature in features.keys() {
+        let classes = r.classes(feature);
+        assert_eq!(
+            descriptors[feature].as_object().unwrap().len(),
+            classes.len()
+        );
+        for (c, class) in classes.iter().enumerate() {
+            let want = (0..5)
+                .map(|k| r.vec(&format!("fold{k}.zeroshot.{feature}"))[idx * classes.len() + c])
+                .sum::<f64>()
+                / 5.0;
+            let got = num(&descriptors[feature][class]);
+            assert!(
+                (got - want).abs() <= ABS_P,
+                "{feature}/{class}: {got} vs {want}"
+            );
+        }
+    }
     // One nodule: the patient's score is its calibrated fold mean.
     assert_eq!(doc["patients"][0]["patient_id"], "P1");
-    assert!((doc["patients"][0]["calibrated"].as_f64().unwrap() - cal).abs() <= ABS_P);
+    assert!((num(&doc["patients"][0]["calibrated"]) - cal).abs() <= ABS_P);
 }
 
 #[test]
@@ -570,28 +584,14 @@ fn cli_load_error_is_one_line_with_exit_2() {
             sd.remove(key);
         }),
     );
-    let r = Reference::load();
     let planes_file = tmp.path().join("p.safetensors");
-    let planes = r.tensors["lung1.planes01"].clone();
-    candle_core::safetensors::save(
-        &HashMap::from([("planes01".to_string(), planes)]),
-        &planes_file,
-    )
-    .unwrap();
-    let out = std::process::Command::new(bin())
-        .args(["score", "--model"])
-        .arg(&model)
-        .arg("--planes")
-        .arg(&planes_file)
-        .output()
-        .unwrap();
+    write_planes(&Reference::load(), "lung1", &planes_file);
+    let out = run_score(&model, &planes_file, &[]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
-    assert!(
-        err.starts_with("noduled: ") && err.contains(key) && err.contains("fold_0"),
-        "{err}"
-    );
+    let named = err.contains(key) && err.contains("fold_0");
+    assert!(err.starts_with("noduled: ") && named, "{err}");
     assert!(out.stdout.is_empty());
 }
 
