@@ -29,7 +29,15 @@ pub struct CheckpointScorer {
 impl CheckpointScorer {
     /// Loads the checkpoint folder at `path`.
     pub fn load(path: &std::path::Path) -> Result<Self, crate::model::ModelError> {
+        let started = std::time::Instant::now();
         let model = NoduleModel::load(path)?;
+        tracing::info!(
+            model = %path.display(),
+            folds = model.n_folds(),
+            layout = ?model.layout(),
+            ms = started.elapsed().as_millis() as u64,
+            "model loaded"
+        );
         let id = path
             .canonicalize()
             .ok()
@@ -56,8 +64,14 @@ impl Scorer for CheckpointScorer {
     }
 
     fn score(&self, nodules: &[NoduleInput]) -> anyhow::Result<ScoreReport> {
+        let started = std::time::Instant::now();
         let planes: Vec<_> = nodules.iter().map(|n| &n.planes).collect();
         let outputs = self.model.forward(&planes)?;
+        tracing::info!(
+            nodules = nodules.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "nodules scored"
+        );
         let reports: Vec<NoduleReport> = nodules
             .iter()
             .zip(&outputs)

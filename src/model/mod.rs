@@ -173,7 +173,12 @@ impl NoduleModel {
     /// embeddings of every fold.
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
         let device = Device::Cpu;
+        let started = std::time::Instant::now();
         let ckpt = checkpoint::load(dir)?;
+        tracing::debug!(
+            ms = started.elapsed().as_millis() as u64,
+            "checkpoints read"
+        );
         let zero_shot = read_prompts(dir)?;
         let w = &ckpt.weights;
         let vision = vision::VisionTower::new(&ckpt.config, w)?;
@@ -189,8 +194,13 @@ impl NoduleModel {
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let text = text::TextTower::new(&ckpt.config, w)?;
+        let started = std::time::Instant::now();
         let text_embeds =
             prompt_embeddings(&text, &heads, &zero_shot, ckpt.config.context, &device)?;
+        tracing::debug!(
+            ms = started.elapsed().as_millis() as u64,
+            "prompt embeddings computed"
+        );
         Ok(Self {
             config: ckpt.config,
             layout: ckpt.layout,
