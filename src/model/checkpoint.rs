@@ -31,7 +31,7 @@ const MAX_FOLDS: usize = 64;
 
 /// What a key holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
+pub enum Role {
     /// Frozen, identical in every fold.
     Base,
     /// A q/k/v weight: W0 or W0 + s B A depending on the layout.
@@ -40,10 +40,15 @@ enum Role {
     Fold,
 }
 
-struct Spec {
-    key: String,
-    shape: Vec<usize>,
-    role: Role,
+/// One tensor the model reads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spec {
+    /// State-dict key.
+    pub key: String,
+    /// Shape the config implies (`[]` for the scalar `logit_scale`).
+    pub shape: Vec<usize>,
+    /// Shared, q/k/v weight, or per fold.
+    pub role: Role,
 }
 
 fn push(specs: &mut Vec<Spec>, key: String, shape: &[usize], role: Role) {
@@ -102,7 +107,7 @@ fn block_specs(specs: &mut Vec<Spec>, prefix: &str, layers: usize, d: usize, r: 
 }
 
 /// Every key the model reads, its shape and its role.
-fn specs(cfg: &ModelConfig) -> Vec<Spec> {
+pub fn specs(cfg: &ModelConfig) -> Vec<Spec> {
     let (vw, tw, e, o, r) = (
         cfg.vision_width,
         cfg.text_width,
@@ -258,23 +263,37 @@ impl StateDict {
 }
 
 fn all_finite(t: &Tensor) -> Result<bool, ModelError> {
-    Ok(t.flatten_all()?
-        .to_vec1::<f32>()?
-        .iter()
-        .all(|v| v.is_finite()))
+    with_values(t, |v| v.iter().all(|x| x.is_finite()))
 }
 
-/// Largest |a - b| against `SAME_TOLERANCE` times the largest |b|.
+/// Calls `f` on the f32 values of `t` (borrowed when `t` is a contiguous CPU tensor; these
+/// checks run over every weight of every fold, so copies would dominate loading).
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, ModelError> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            if let Ok(values) = cpu.as_slice::<f32>() {
+                return Ok(f(&values[start..end]));
+            }
+        }
+    }
+    Ok(f(&t
+        .flatten_all()?
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?))
+}
+
+/// Largest |a - b| against `SAME_TOLERANCE` times the largest |b| (same shapes).
 fn same(a: &Tensor, b: &Tensor) -> Result<bool, ModelError> {
-    let diff = (a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?
-        .abs()?
-        .max_all()?
-        .to_scalar::<f64>()?;
-    let scale = b
-        .to_dtype(DType::F64)?
-        .abs()?
-        .max_all()?
-        .to_scalar::<f64>()?;
+    let (diff, scale) = with_values(a, |a| {
+        with_values(b, |b| {
+            a.iter().zip(b).fold((0f64, 0f64), |(d, s), (&x, &y)| {
+                (d.max((x as f64 - y as f64).abs()), s.max((y as f64).abs()))
+            })
+        })
+    })??;
     Ok(diff <= SAME_TOLERANCE * scale.max(f64::MIN_POSITIVE))
 }
 

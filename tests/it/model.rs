@@ -595,80 +595,6 @@ fn cli_load_error_is_one_line_with_exit_2() {
     assert!(out.stdout.is_empty());
 }
 
-/// Times the vision tower at the released size (ViT-B/32, r 2, five folds in one batched
-/// pass) on random weights: `cargo test --release --test it -- --ignored vit_b32 --nocapture`.
-#[test]
-#[ignore]
-fn vit_b32_vision_timing() {
-    use noduled::model::config::ModelConfig;
-    use noduled::model::vision::{clip_pixels, VisionTower};
-    use noduled::model::weights::Weights;
-    let cfg = ModelConfig::vit_b32(2);
-    let (d, folds) = (cfg.vision_width, 5);
-    let dev = Device::Cpu;
-    let rnd = |shape: &[usize]| Tensor::randn(0f32, 0.02, shape, &dev).unwrap();
-    let mut base = HashMap::new();
-    let mut own: Vec<HashMap<String, Tensor>> = vec![HashMap::new(); folds];
-    base.insert(
-        "vision_model.conv1.weight".to_string(),
-        rnd(&[d, 3, 32, 32]),
-    );
-    base.insert("vision_model.class_embedding".to_string(), rnd(&[d]));
-    base.insert(
-        "vision_model.positional_embedding".to_string(),
-        rnd(&[50, d]),
-    );
-    base.insert("vision_model.proj".to_string(), rnd(&[d, cfg.embed]));
-    for ln in ["ln_pre", "ln_post"] {
-        base.insert(
-            format!("vision_model.{ln}.weight"),
-            Tensor::ones(d, DType::F32, &dev).unwrap(),
-        );
-        base.insert(format!("vision_model.{ln}.bias"), rnd(&[d]));
-    }
-    for i in 0..cfg.vision_layers {
-        let p = format!("vision_model.transformer.resblocks.{i}");
-        for ln in ["ln_1", "ln_2"] {
-            base.insert(
-                format!("{p}.{ln}.weight"),
-                Tensor::ones(d, DType::F32, &dev).unwrap(),
-            );
-            base.insert(format!("{p}.{ln}.bias"), rnd(&[d]));
-        }
-        for (name, out, inp) in [
-            ("attn.q_proj", d, d),
-            ("attn.k_proj", d, d),
-            ("attn.v_proj", d, d),
-            ("attn.proj", d, d),
-            ("mlp.c_fc", 4 * d, d),
-            ("mlp.c_proj", d, 4 * d),
-        ] {
-            base.insert(format!("{p}.{name}.weight"), rnd(&[out, inp]));
-            base.insert(format!("{p}.{name}.bias"), rnd(&[out]));
-        }
-        for q in ["q_proj", "k_proj", "v_proj"] {
-            for f in own.iter_mut() {
-                f.insert(format!("{p}.attn.{q}.w_lora_A"), rnd(&[2, d]));
-                f.insert(format!("{p}.attn.{q}.w_lora_B"), rnd(&[d, 2]));
-            }
-        }
-    }
-    let w = Weights::new(base, own, cfg.lora_scale());
-    let tower = VisionTower::new(&cfg, &w).unwrap();
-    let r = Reference::load();
-    let planes = r.planes("lung1");
-    let pixels = clip_pixels(&[&planes], &dev).unwrap();
-    for _ in 0..3 {
-        let t = std::time::Instant::now();
-        let out = tower.forward(&pixels).unwrap();
-        assert_eq!(out.dims(), &[folds * 9, cfg.embed]);
-        eprintln!(
-            "ViT-B/32, 9 planes x {folds} folds: {:.0} ms",
-            t.elapsed().as_secs_f64() * 1e3
-        );
-    }
-}
-
 #[test]
 fn absent_config_means_the_vit_b32_release() {
     // Without config.json the ViT-B/32 preset applies, so the small fixture towers misfit.
@@ -716,4 +642,81 @@ fn more_blocks_than_configured_are_refused() {
         msg.contains("transformer.resblocks.1.attn.q_proj.weight"),
         "{msg}"
     );
+}
+
+/// A release-sized set (ViT-B/32, r 2, no config.json, q/k/v stored merged, random weights)
+/// loads through the preset, is found merged, and scores; prints load and scoring times:
+/// `cargo test --release --test it -- --ignored release_size --nocapture` (writes ~1.2 GB).
+#[test]
+#[ignore]
+fn release_size_set_loads_and_scores() {
+    use noduled::model::checkpoint::{specs, Role};
+    use noduled::model::config::ModelConfig;
+    let cfg = ModelConfig::vit_b32(2);
+    let folds = 2;
+    let dev = Device::Cpu;
+    let rnd = |shape: &[usize], std: f32| Tensor::randn(0f32, std, shape, &dev).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("release");
+    let specs = specs(&cfg);
+    let base: HashMap<String, Tensor> = specs
+        .iter()
+        .filter(|s| s.role != Role::Fold)
+        .map(|s| {
+            let is_ln_weight = s.key.ends_with("weight") && s.shape.len() == 1;
+            let t = if is_ln_weight {
+                (rnd(&s.shape, 0.05) + 1.0).unwrap()
+            } else {
+                rnd(&s.shape, 0.02)
+            };
+            (s.key.clone(), t)
+        })
+        .collect();
+    for k in 0..folds {
+        let mut sd = base.clone();
+        for s in specs.iter().filter(|s| s.role == Role::Fold) {
+            let t = if s.key == "logit_scale" {
+                Tensor::new(3.5f32, &dev).unwrap()
+            } else if s.key.ends_with("layer_norm.weight") {
+                Tensor::ones(s.shape.as_slice(), DType::F32, &dev).unwrap()
+            } else {
+                rnd(&s.shape, 0.1)
+            };
+            sd.insert(s.key.clone(), t);
+        }
+        for s in specs.iter().filter(|s| s.role == Role::LoraWeight) {
+            let prefix = s.key.strip_suffix(".weight").unwrap();
+            let a = &sd[&format!("{prefix}.w_lora_A")];
+            let b = &sd[&format!("{prefix}.w_lora_B")];
+            let delta = (b.matmul(a).unwrap() * cfg.lora_scale()).unwrap();
+            sd.insert(s.key.clone(), (&sd[&s.key] + delta).unwrap());
+        }
+        let dir = model.join(format!("fold_{k}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        candle_core::safetensors::save(&sd, dir.join("model.safetensors")).unwrap();
+        std::fs::copy(
+            reference().join(format!("model/fold_{k}/calibration.json")),
+            dir.join("calibration.json"),
+        )
+        .unwrap();
+    }
+    drop(base);
+    let started = std::time::Instant::now();
+    let scorer = CheckpointScorer::load(&model).unwrap();
+    eprintln!(
+        "load, {folds} folds: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(scorer.model().layout(), LoraLayout::Merged);
+    assert_eq!(scorer.model().config(), &cfg);
+    let r = Reference::load();
+    let inputs = r.inputs();
+    for _ in 0..2 {
+        let started = std::time::Instant::now();
+        let report = scorer.score(&inputs[..1]).unwrap();
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        eprintln!("score 1 nodule x {folds} folds: {ms:.0} ms");
+        let f = &report.nodules[0].folds[0];
+        assert!(f.prob > 0.0 && f.prob < 1.0 && f.attention.len() == 9);
+    }
 }
