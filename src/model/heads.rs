@@ -6,7 +6,7 @@ use super::encoder::LayerNorm;
 use super::linear::Linear;
 use super::mil::Mil;
 use super::weights::Weights;
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, D};
 
 /// The text projection head (`semantic_projection.*`).
 #[derive(Debug, Clone)]
@@ -44,7 +44,7 @@ impl Module for ProjectionHead {
 pub struct FoldHeads {
     /// MIL pooling over planes.
     pub mil: Mil,
-    /// Image classifier (`classifier_image`), applied to the L2-normalised embedding.
+    /// Image classifier (`classifier_image`), f64, applied to the L2-normalised embedding.
     pub classifier: Linear,
     /// Text projection head.
     pub text_head: ProjectionHead,
@@ -62,7 +62,10 @@ impl FoldHeads {
             .to_vec1::<f64>()?;
         Ok(Self {
             mil: Mil::new(w, k)?,
-            classifier: w.fold_linear(k, "classifier_image")?,
+            classifier: Linear::new(
+                w.fold(k, "classifier_image.weight")?.to_dtype(DType::F64)?,
+                Some(w.fold(k, "classifier_image.bias")?.to_dtype(DType::F64)?),
+            )?,
             text_head: ProjectionHead::new(w, k)?,
             logit_scale: logit_scale[0],
         })

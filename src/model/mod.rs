@@ -159,8 +159,6 @@ pub struct NoduleModel {
     fold_dirs: Vec<PathBuf>,
     vision: vision::VisionTower,
     heads: Vec<FoldHeads>,
-    /// Classifier weight [2, out] and bias [2] per fold, f64.
-    classifiers: Vec<(Tensor, Tensor)>,
     calibrations: Vec<BetaCalibration>,
     zero_shot: ZeroShotSpec,
     /// Per fold, the prompts' L2-normalised embeddings [prompts, out_dim], f64.
@@ -185,14 +183,6 @@ impl NoduleModel {
         let heads = (0..w.n_folds())
             .map(|k| FoldHeads::new(w, k))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let classifiers = (0..w.n_folds())
-            .map(|k| {
-                Ok((
-                    w.fold(k, "classifier_image.weight")?.to_dtype(DType::F64)?,
-                    w.fold(k, "classifier_image.bias")?.to_dtype(DType::F64)?,
-                ))
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
         let text = text::TextTower::new(&ckpt.config, w)?;
         let started = std::time::Instant::now();
         let text_embeds =
@@ -207,7 +197,6 @@ impl NoduleModel {
             fold_dirs: ckpt.fold_dirs,
             vision,
             heads,
-            classifiers,
             calibrations: ckpt.calibrations,
             zero_shot,
             text_embeds,
@@ -264,15 +253,13 @@ impl NoduleModel {
         let rows = n * N_PLANES;
         let pixels = vision::clip_pixels(nodules, &self.device)?;
         let features = self.vision.forward(&pixels)?;
-        let embed = self.config.embed;
         let mut outputs: Vec<NoduleOutput> =
             (0..n).map(|_| NoduleOutput { folds: Vec::new() }).collect();
         for (k, heads) in self.heads.iter().enumerate() {
             let feats_k = features.narrow(0, k * rows, rows)?;
             let (emb, att) = heads.mil.forward(&feats_k)?;
             let unit = l2_normalize(&emb.to_dtype(DType::F64)?)?;
-            let (cw, cb) = &self.classifiers[k];
-            let logits = unit.matmul(&cw.t()?)?.broadcast_add(cb)?.to_vec2::<f64>()?;
+            let logits = heads.classifier.forward(&unit)?.to_vec2::<f64>()?;
             let sims = (unit.matmul(&self.text_embeds[k].t()?)? * heads.logit_scale.exp())?
                 .to_vec2::<f64>()?;
             let feats_v = feats_k.to_vec2::<f32>()?;
@@ -292,7 +279,6 @@ impl NoduleModel {
                     calibrated: self.calibrations[k].apply(prob),
                     zero_shot: self.zero_shot_probs(&sims[i]),
                 });
-                debug_assert_eq!(output.folds[k].slice_features.len(), N_PLANES * embed);
             }
         }
         Ok(outputs)
