@@ -58,7 +58,7 @@ impl FoldHeads {
         let logit_scale = w
             .fold(k, "logit_scale")?
             .flatten_all()?
-            .to_dtype(candle_core::DType::F64)?
+            .to_dtype(DType::F64)?
             .to_vec1::<f64>()?;
         Ok(Self {
             mil: Mil::new(w, k)?,
