@@ -2,4 +2,5 @@
 //! (copied from the project's reference fixtures; see tests/fixtures/reference/README.md).
 
 mod bundle_store;
+mod model;
 mod util;
