@@ -4,4 +4,5 @@
 mod bundle_store;
 mod daemon;
 mod daemon_support;
+mod model;
 mod util;
