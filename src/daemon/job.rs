@@ -134,7 +134,7 @@ pub struct PathPolicy {
     pub roots: Vec<PathBuf>,
     /// Folder relative crop names resolve in (the inbox), when any.
     pub relative_base: Option<PathBuf>,
-    /// Folder inline crops are written to.
+    /// Folder inline crops are written to (canonical).
     pub spool: PathBuf,
 }
 
@@ -267,7 +267,14 @@ pub fn check(
             return Err(field("nodules", "a crop job names exactly one nodule"));
         }
         let path = match (&crop.path, &crop.base64) {
-            (Some(p), None) => policy.check("crop.path", p)?,
+            (Some(p), None) => {
+                let path = policy.check("crop.path", p)?;
+                if path.starts_with(&policy.spool) {
+                    // A crop that came inline (binary MQTT payload): removed with the job.
+                    spooled.push(path.clone());
+                }
+                path
+            }
             (None, Some(b64)) => {
                 let format = crop.format.as_deref().unwrap_or("npy");
                 if !matches!(format, "npy" | "pt") {

@@ -276,6 +276,7 @@ pub async fn run_with(
     for extra in [&inbox_dir, &spool] {
         roots.push(extra.canonicalize().unwrap_or_else(|_| extra.clone()));
     }
+    let spool = spool.canonicalize().unwrap_or(spool);
     let policy = job::PathPolicy {
         roots,
         relative_base: settings.inbox.as_ref().map(|_| inbox_dir.clone()),

@@ -247,7 +247,9 @@ fn broker_down_while_20_jobs_arrive_then_back_all_delivered() {
     wait_for(60, "20 unpublished results in the outbox", || {
         (d.files("outbox").len() == 20).then_some(())
     });
-    assert_eq!(d.metric("noduled_outbox_depth"), Some(20.0));
+    wait_for(5, "outbox depth 20 in the metrics", || {
+        (d.metric("noduled_outbox_depth") == Some(20.0)).then_some(())
+    });
 
     broker.restart();
     let ids = wait_for(30, "20 results on MQTT", || {

@@ -387,7 +387,7 @@ impl Daemon {
             .into_iter()
             .flatten()
             .flatten()
-            .filter(|e| e.path().is_file())
+            .filter(|e| e.path().is_file() && !e.file_name().to_string_lossy().starts_with('.'))
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
         v.sort();
