@@ -322,7 +322,9 @@ fn sigkill_mid_job_then_restart_completes_the_job_once() {
             .contains(&"long.json".to_string())
             .then_some(())
     });
-    assert!(d.files("state/processing").is_empty());
+    wait_for(10, "processing/ empty", || {
+        d.files("state/processing").is_empty().then_some(())
+    });
     assert_eq!(
         d.results().iter().filter(|r| r["job_id"] == "long").count(),
         1,
