@@ -449,3 +449,35 @@ fn unknown_config_key_is_refused_naming_it() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("paht") && err.contains("bad.toml"), "{err}");
 }
+
+#[test]
+fn sigterm_mid_job_finishes_the_nodule_then_resumes_after_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(tmp.path(), &config_text(tmp.path(), &model(), "", ""));
+    d.drop_job("long.json", &job(&d, "long", "P1", 12));
+    wait_for(20, "the job in processing/", || {
+        d.files("state/processing")
+            .contains(&"long.json".to_string())
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = std::time::Instant::now();
+    let st = d.term(20);
+    assert!(st.success(), "{st}: {}", d.log());
+    // It stopped after the nodule in hand, not after the whole job.
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert!(d.log().contains("job left in processing/"), "{}", d.log());
+    assert!(d.result_for("long").is_none());
+    assert!(d
+        .files("state/processing")
+        .contains(&"long.json".to_string()));
+
+    d.restart();
+    let r = wait_for(60, "the resumed job's result", || d.result_for("long"));
+    assert_eq!(r["status"], "ok");
+    assert_eq!(r["nodules"].as_array().unwrap().len(), 12);
+}
