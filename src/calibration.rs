@@ -38,7 +38,12 @@ mod tests {
 
     #[test]
     fn identity_like_calibrator_is_monotone_and_bounded() {
-        let cal = BetaCalibration { a: 1.0, b: 1.0, c: 0.0, clip_eps: 1e-7 };
+        let cal = BetaCalibration {
+            a: 1.0,
+            b: 1.0,
+            c: 0.0,
+            clip_eps: 1e-7,
+        };
         // a = b = 1, c = 0 is the identity map.
         for s in [0.01, 0.3, 0.5, 0.9] {
             assert!((cal.apply(s) - s).abs() < 1e-12);

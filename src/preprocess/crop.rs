@@ -1,0 +1,281 @@
+//! The 100^3 crop at a world point, as MONAI `Spacing(pixdim=1, mode="bilinear",
+//! padding_mode="zeros", align_corners=True, diagonal=True)` + `Orientation("LPS")` + the
+//! reference's seed-based crop produce it, but computing only the crop's voxels.
+//!
+//! The rule (tests/fixtures/reference/README.md, stage 1): `A` is the input's voxel -> RAS
+//! affine, `n` its size. The output grid is RAS+, 1 mm, `N = round_half_even(extent + 1)`
+//! samples per axis over the bounding box of the input's corner voxel centres, origin at its
+//! smallest corner; `X = inv(A) @ A_out`. MONAI normalises `X` with align-corners=False
+//! conventions but samples with align-corners=True, so output index `k` samples input index
+//! `i = (X_lin (k N/(N-1) - 1/2) + X_off + 1/2) (n-1)/n` (elementwise), trilinearly, a
+//! neighbour outside `[0, n-1]` counting as 0. LPS orientation reverses the x and y output
+//! axes; the crop centre is `int()` (toward zero) of the world point's LPS index; the window is
+//! `[c-50, c+50)` per axis, zero padded, then axes reversed to (z, y, x). Arithmetic is f64,
+//! the crop is stored as f32 HU.
+
+use crate::volume::crop::{CropHu, CROP_SIDE};
+use crate::volume::Volume;
+use rayon::prelude::*;
+
+/// Where a crop was taken.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CropInfo {
+    /// Centre voxel in the 1 mm LPS grid, (x, y, z) index order (the reference's
+    /// `crop_centre_voxel_lps`).
+    pub centre_voxel_lps: [i64; 3],
+    /// Size of the (virtual) 1 mm LPS grid, (x, y, z).
+    pub grid_size: [usize; 3],
+}
+
+/// Errors of preprocessing.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PreprocessError {
+    /// The world point lies outside the volume.
+    #[error(
+        "{path}: nodule coordinate ({:.2}, {:.2}, {:.2}) LPS mm lies outside the volume: {axis} is {by:.2} mm beyond the volume's {axis} extent [{lo:.2}, {hi:.2}] mm (coordinates are LPS world mm; RAS coordinates need x and y negated)",
+        coord[0], coord[1], coord[2]
+    )]
+    Outside {
+        /// The volume's path.
+        path: String,
+        /// The coordinate.
+        coord: [f64; 3],
+        /// "x", "y" or "z".
+        axis: &'static str,
+        /// How far outside, mm.
+        by: f64,
+        /// Extent along that axis, mm (LPS).
+        lo: f64,
+        /// Extent along that axis, mm (LPS).
+        hi: f64,
+    },
+    /// The coordinate is not finite.
+    #[error("nodule coordinate {coord:?} is not finite")]
+    NotFinite {
+        /// The coordinate.
+        coord: [f64; 3],
+    },
+    /// The volume is too thin to resample to 1 mm.
+    #[error("{path}: the volume spans less than 1 mm along an axis (1 mm grid size {size:?})")]
+    TooThin {
+        /// The volume's path.
+        path: String,
+        /// The 1 mm grid size.
+        size: [usize; 3],
+    },
+}
+
+/// The 1 mm RAS grid MONAI's `Spacing` would make of a volume, never materialised.
+#[derive(Debug, Clone)]
+pub struct Grid {
+    /// Samples per RAS axis.
+    pub size: [usize; 3],
+    /// RAS position of output index (0, 0, 0), mm.
+    pub origin_ras: [f64; 3],
+    x_lin: [[f64; 3]; 3],
+    x_off: [f64; 3],
+    n_in: [usize; 3],
+}
+
+impl Grid {
+    /// The grid of `volume`.
+    pub fn of(volume: &Volume) -> Result<Self, PreprocessError> {
+        let (lin, off) = volume.ras_affine();
+        let n_in = volume.dims;
+        let mut lo = [f64::INFINITY; 3];
+        let mut hi = [f64::NEG_INFINITY; 3];
+        for corner in 0..8 {
+            let idx = [0, 1, 2].map(|a| {
+                if corner >> a & 1 == 1 {
+                    (n_in[a] - 1) as f64
+                } else {
+                    0.0
+                }
+            });
+            for r in 0..3 {
+                let w = lin[r][0] * idx[0] + lin[r][1] * idx[1] + lin[r][2] * idx[2] + off[r];
+                lo[r] = lo[r].min(w);
+                hi[r] = hi[r].max(w);
+            }
+        }
+        let size = [0, 1, 2].map(|r| (hi[r] - lo[r] + 1.0).round_ties_even().max(0.0) as usize);
+        if size.iter().any(|&s| s < 2) {
+            return Err(PreprocessError::TooThin {
+                path: volume.ids.path.display().to_string(),
+                size,
+            });
+        }
+        // X = inv(A) @ A_out with A_out = [I | lo]: X_lin = inv(lin), X_off = inv(lin) (lo - off).
+        let inv = inv3(&lin);
+        let d = [lo[0] - off[0], lo[1] - off[1], lo[2] - off[2]];
+        let x_off = [0, 1, 2].map(|r| inv[r][0] * d[0] + inv[r][1] * d[1] + inv[r][2] * d[2]);
+        Ok(Self {
+            size,
+            origin_ras: lo,
+            x_lin: inv,
+            x_off,
+            n_in,
+        })
+    }
+
+    /// The input index (continuous, i/j/k) that output RAS index `k` samples.
+    pub fn input_index(&self, k: [f64; 3]) -> [f64; 3] {
+        let kk = [0, 1, 2].map(|a| k[a] * self.size[a] as f64 / (self.size[a] - 1) as f64 - 0.5);
+        [0, 1, 2].map(|r| {
+            let nominal = self.x_lin[r][0] * kk[0]
+                + self.x_lin[r][1] * kk[1]
+                + self.x_lin[r][2] * kk[2]
+                + self.x_off[r];
+            let n = self.n_in[r] as f64;
+            (nominal + 0.5) * (n - 1.0) / n
+        })
+    }
+
+    /// The continuous index of an LPS world point in the LPS-oriented grid, (x, y, z).
+    pub fn lps_index(&self, world_lps: [f64; 3]) -> [f64; 3] {
+        let ras = [-world_lps[0], -world_lps[1], world_lps[2]];
+        [
+            self.origin_ras[0] + (self.size[0] - 1) as f64 - ras[0],
+            self.origin_ras[1] + (self.size[1] - 1) as f64 - ras[1],
+            ras[2] - self.origin_ras[2],
+        ]
+    }
+
+    /// LPS world extent (mm) of the grid along LPS axis `a`, half a voxel beyond the end samples.
+    fn lps_extent(&self, a: usize) -> (f64, f64) {
+        let n = self.size[a] as f64;
+        match a {
+            0 | 1 => (-(self.origin_ras[a] + n - 0.5), -(self.origin_ras[a] - 0.5)),
+            _ => (self.origin_ras[2] - 0.5, self.origin_ras[2] + n - 0.5),
+        }
+    }
+}
+
+/// Samples `volume` trilinearly at continuous index `i`; neighbours outside the volume count 0.
+fn trilinear(volume: &Volume, i: [f64; 3]) -> f64 {
+    let n = volume.dims;
+    let mut idx = [[0usize; 2]; 3];
+    let mut w = [[0.0f64; 2]; 3];
+    for a in 0..3 {
+        let f = i[a].floor();
+        let t = i[a] - f;
+        for (s, (lo, wt)) in [(f, 1.0 - t), (f + 1.0, t)].into_iter().enumerate() {
+            if lo >= 0.0 && lo <= (n[a] - 1) as f64 {
+                idx[a][s] = lo as usize;
+                w[a][s] = wt;
+            } else {
+                w[a][s] = 0.0;
+            }
+        }
+    }
+    let mut acc = 0.0;
+    for (zk, wk) in idx[2].iter().zip(w[2]) {
+        if wk == 0.0 {
+            continue;
+        }
+        for (yj, wj) in idx[1].iter().zip(w[1]) {
+            if wj == 0.0 {
+                continue;
+            }
+            let row = n[0] * (yj + n[1] * zk);
+            for (xi, wi) in idx[0].iter().zip(w[0]) {
+                if wi == 0.0 {
+                    continue;
+                }
+                acc += wk * wj * wi * volume.voxels[row + xi] as f64;
+            }
+        }
+    }
+    acc
+}
+
+/// The 100^3 (z, y, x) HU crop centred at an LPS world point (mm).
+pub fn crop_at(
+    volume: &Volume,
+    world_lps: [f64; 3],
+) -> Result<(CropHu, CropInfo), PreprocessError> {
+    if world_lps.iter().any(|v| !v.is_finite()) {
+        return Err(PreprocessError::NotFinite { coord: world_lps });
+    }
+    let grid = Grid::of(volume)?;
+    let cf = grid.lps_index(world_lps);
+    for a in 0..3 {
+        if cf[a] < -0.5 || cf[a] > grid.size[a] as f64 - 0.5 {
+            let (lo, hi) = grid.lps_extent(a);
+            let v = world_lps[a];
+            let by = if v < lo { lo - v } else { v - hi };
+            return Err(PreprocessError::Outside {
+                path: volume.ids.path.display().to_string(),
+                coord: world_lps,
+                axis: ["x", "y", "z"][a],
+                by,
+                lo,
+                hi,
+            });
+        }
+    }
+    let centre = cf.map(|v| v.trunc() as i64);
+    let side = CROP_SIDE;
+    let half = (side / 2) as i64;
+    let size = grid.size;
+    let mut voxels = vec![0.0f32; side * side * side];
+    voxels
+        .par_chunks_mut(side * side)
+        .enumerate()
+        .for_each(|(z, plane)| {
+            let lz = centre[2] - half + z as i64;
+            if lz < 0 || lz >= size[2] as i64 {
+                return;
+            }
+            for y in 0..side {
+                let ly = centre[1] - half + y as i64;
+                if ly < 0 || ly >= size[1] as i64 {
+                    continue;
+                }
+                for x in 0..side {
+                    let lx = centre[0] - half + x as i64;
+                    if lx < 0 || lx >= size[0] as i64 {
+                        continue;
+                    }
+                    let k = [
+                        (size[0] as i64 - 1 - lx) as f64,
+                        (size[1] as i64 - 1 - ly) as f64,
+                        lz as f64,
+                    ];
+                    plane[y * side + x] = trilinear(volume, grid.input_index(k)) as f32;
+                }
+            }
+        });
+    let crop = CropHu { side, voxels };
+    Ok((
+        crop,
+        CropInfo {
+            centre_voxel_lps: centre,
+            grid_size: size,
+        },
+    ))
+}
+
+fn inv3(m: &[[f64; 3]; 3]) -> [[f64; 3]; 3] {
+    let det = crate::volume::det3(m);
+    let c =
+        |r0: usize, c0: usize, r1: usize, c1: usize| m[r0][c0] * m[r1][c1] - m[r0][c1] * m[r1][c0];
+    [
+        [
+            c(1, 1, 2, 2) / det,
+            -c(0, 1, 2, 2) / det,
+            c(0, 1, 1, 2) / det,
+        ],
+        [
+            -c(1, 0, 2, 2) / det,
+            c(0, 0, 2, 2) / det,
+            -c(0, 0, 1, 2) / det,
+        ],
+        [
+            c(1, 0, 2, 1) / det,
+            -c(0, 0, 2, 1) / det,
+            c(0, 0, 1, 1) / det,
+        ],
+    ]
+}
