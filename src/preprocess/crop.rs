@@ -155,35 +155,47 @@ impl Grid {
 /// Samples `volume` trilinearly at continuous index `i`; neighbours outside the volume count 0.
 fn trilinear(volume: &Volume, i: [f64; 3]) -> f64 {
     let n = volume.dims;
-    let mut idx = [[0usize; 2]; 3];
-    let mut w = [[0.0f64; 2]; 3];
-    for a in 0..3 {
-        let f = i[a].floor();
-        let t = i[a] - f;
-        for (s, (lo, wt)) in [(f, 1.0 - t), (f + 1.0, t)].into_iter().enumerate() {
-            if lo >= 0.0 && lo <= (n[a] - 1) as f64 {
-                idx[a][s] = lo as usize;
-                w[a][s] = wt;
-            } else {
-                w[a][s] = 0.0;
-            }
-        }
+    let f = [i[0].floor(), i[1].floor(), i[2].floor()];
+    let t = [i[0] - f[0], i[1] - f[1], i[2] - f[2]];
+    let v = &volume.voxels;
+    if f.iter()
+        .zip(&n)
+        .all(|(&fa, &na)| fa >= 0.0 && fa + 1.0 <= (na - 1) as f64)
+    {
+        // All eight neighbours inside: no bounds checks per neighbour.
+        let (x, y, z) = (f[0] as usize, f[1] as usize, f[2] as usize);
+        let (sy, sz) = (n[0], n[0] * n[1]);
+        let b = x + sy * y + sz * z;
+        let lerp = |a: f32, c: f32, w: f64| a as f64 * (1.0 - w) + c as f64 * w;
+        let c00 = lerp(v[b], v[b + 1], t[0]);
+        let c10 = lerp(v[b + sy], v[b + sy + 1], t[0]);
+        let c01 = lerp(v[b + sz], v[b + sz + 1], t[0]);
+        let c11 = lerp(v[b + sz + sy], v[b + sz + sy + 1], t[0]);
+        let c0 = c00 * (1.0 - t[1]) + c10 * t[1];
+        let c1 = c01 * (1.0 - t[1]) + c11 * t[1];
+        return c0 * (1.0 - t[2]) + c1 * t[2];
     }
     let mut acc = 0.0;
-    for (zk, wk) in idx[2].iter().zip(w[2]) {
-        if wk == 0.0 {
+    for dz in 0..2 {
+        let zk = f[2] + dz as f64;
+        let wz = if dz == 0 { 1.0 - t[2] } else { t[2] };
+        if zk < 0.0 || zk > (n[2] - 1) as f64 || wz == 0.0 {
             continue;
         }
-        for (yj, wj) in idx[1].iter().zip(w[1]) {
-            if wj == 0.0 {
+        for dy in 0..2 {
+            let yj = f[1] + dy as f64;
+            let wy = if dy == 0 { 1.0 - t[1] } else { t[1] };
+            if yj < 0.0 || yj > (n[1] - 1) as f64 || wy == 0.0 {
                 continue;
             }
-            let row = n[0] * (yj + n[1] * zk);
-            for (xi, wi) in idx[0].iter().zip(w[0]) {
-                if wi == 0.0 {
+            let row = n[0] * (yj as usize + n[1] * zk as usize);
+            for dx in 0..2 {
+                let xi = f[0] + dx as f64;
+                let wx = if dx == 0 { 1.0 - t[0] } else { t[0] };
+                if xi < 0.0 || xi > (n[0] - 1) as f64 || wx == 0.0 {
                     continue;
                 }
-                acc += wk * wj * wi * volume.voxels[row + xi] as f64;
+                acc += wz * wy * wx * v[row + xi as usize] as f64;
             }
         }
     }

@@ -1,0 +1,1 @@
+//! Volume readers and the bad-input corpus.
