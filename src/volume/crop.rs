@@ -52,12 +52,12 @@ impl CropHu {
 #[non_exhaustive]
 pub enum CropError {
     /// The file could not be read.
-    #[error("{path}: {source}")]
+    #[error("{path}: {err}")]
     Io {
         /// The file.
         path: String,
         /// Why.
-        source: std::io::Error,
+        err: std::io::Error,
     },
     /// The file is malformed or not a 100^3 crop.
     #[error("{path}: {msg}")]
@@ -104,9 +104,9 @@ pub fn read_npy(path: &Path) -> Result<CropHu, CropError> {
         path: p.clone(),
         msg,
     };
-    let mut f = std::fs::File::open(path).map_err(|source| CropError::Io {
+    let mut f = std::fs::File::open(path).map_err(|err| CropError::Io {
         path: p.clone(),
-        source,
+        err,
     })?;
     let mut magic = [0u8; 10];
     f.read_exact(&mut magic)
@@ -165,9 +165,9 @@ pub fn read_npy(path: &Path) -> Result<CropHu, CropError> {
     let mut raw = Vec::with_capacity(n * size);
     f.take((n * size) as u64)
         .read_to_end(&mut raw)
-        .map_err(|source| CropError::Io {
+        .map_err(|err| CropError::Io {
             path: p.clone(),
-            source,
+            err,
         })?;
     if raw.len() != n * size {
         return Err(fmt(format!(
@@ -218,9 +218,9 @@ pub fn read_pt(path: &Path) -> Result<CropHu, CropError> {
         path: p.clone(),
         msg,
     };
-    let file = std::fs::File::open(path).map_err(|source| CropError::Io {
+    let file = std::fs::File::open(path).map_err(|err| CropError::Io {
         path: p.clone(),
-        source,
+        err,
     })?;
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
         .map_err(|e| fmt(format!("not a torch zip archive ({e})")))?;
@@ -283,18 +283,18 @@ pub fn read_pt(path: &Path) -> Result<CropHu, CropError> {
         &mut entry.by_ref().take(offset as u64),
         &mut std::io::sink(),
     )
-    .map_err(|source| CropError::Io {
+    .map_err(|err| CropError::Io {
         path: p.clone(),
-        source,
+        err,
     })?;
     let mut raw = Vec::with_capacity(n * elem);
     entry
         .by_ref()
         .take((n * elem) as u64)
         .read_to_end(&mut raw)
-        .map_err(|source| CropError::Io {
+        .map_err(|err| CropError::Io {
             path: p.clone(),
-            source,
+            err,
         })?;
     if raw.len() != n * elem {
         return Err(fmt(format!(

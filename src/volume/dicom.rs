@@ -62,12 +62,12 @@ const DICOMDIR_SOP: &str = "1.2.840.10008.1.3.10";
 #[non_exhaustive]
 pub enum DicomError {
     /// The folder could not be listed or a file read.
-    #[error("{path}: {source}")]
+    #[error("{path}: {err}")]
     Io {
         /// The path.
         path: String,
         /// Why.
-        source: std::io::Error,
+        err: std::io::Error,
     },
     /// The folder holds no files at all.
     #[error("{dir}: empty folder, no DICOM files")]
@@ -174,9 +174,9 @@ fn name_of(path: &Path) -> String {
 pub fn read_series(dir: &Path, series_uid: Option<&str>) -> Result<Volume, VolumeError> {
     let d = name_of(dir);
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|source| DicomError::Io {
+        .map_err(|err| DicomError::Io {
             path: d.clone(),
-            source,
+            err,
         })?
         .filter_map(|e| e.ok())
         .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
@@ -255,13 +255,13 @@ pub fn read_series(dir: &Path, series_uid: Option<&str>) -> Result<Volume, Volum
 fn read_header(path: &Path) -> Result<Option<Slice>, DicomError> {
     let p = name_of(path);
     let mut magic = [0u8; 132];
-    let mut f = std::fs::File::open(path).map_err(|source| DicomError::Io {
+    let mut f = std::fs::File::open(path).map_err(|err| DicomError::Io {
         path: p.clone(),
-        source,
+        err,
     })?;
-    let n = read_full(&mut f, &mut magic).map_err(|source| DicomError::Io {
+    let n = read_full(&mut f, &mut magic).map_err(|err| DicomError::Io {
         path: p.clone(),
-        source,
+        err,
     })?;
     if n < 132 || &magic[128..132] != b"DICM" {
         return Ok(None);

@@ -104,12 +104,12 @@ pub struct Volume {
 #[non_exhaustive]
 pub enum VolumeError {
     /// A file or folder could not be read.
-    #[error("{path}: {source}")]
+    #[error("{path}: {err}")]
     Io {
         /// The path.
         path: String,
         /// Why.
-        source: std::io::Error,
+        err: std::io::Error,
     },
     /// The path is neither a folder nor a known volume file.
     #[error("{path}: unknown volume format (expected a DICOM series folder, .nii, .nii.gz, .nrrd or .nhdr)")]
@@ -153,18 +153,18 @@ pub fn check_dims(path: &Path, field: &str, dims: &[usize]) -> Result<usize, Vol
         path: path.display().to_string(),
         msg,
     };
-    let mut count: usize = 1;
-    for &d in dims {
-        if d == 0 || d > MAX_AXIS {
-            return Err(geometry(format!(
-                "{field} {dims:?}: each size must be in 1..={MAX_AXIS}"
-            )));
-        }
-        count = count.saturating_mul(d);
+    let count = dims.iter().fold(1usize, |acc, &d| acc.saturating_mul(d));
+    if dims.contains(&0) {
+        return Err(geometry(format!("{field} {dims:?}: a size is 0")));
     }
     if count > MAX_VOXELS {
         return Err(geometry(format!(
             "{field} {dims:?} announces {count} voxels, more than the {MAX_VOXELS} accepted"
+        )));
+    }
+    if dims.iter().any(|&d| d > MAX_AXIS) {
+        return Err(geometry(format!(
+            "{field} {dims:?}: each size must be at most {MAX_AXIS}"
         )));
     }
     Ok(count)
@@ -313,9 +313,9 @@ pub fn decompose_affine(
 /// Reads a CT volume: a DICOM series folder (`series_uid` picks one when it holds several),
 /// a NIfTI file or an NRRD file.
 pub fn read(path: &Path, series_uid: Option<&str>) -> Result<Volume, VolumeError> {
-    let meta = std::fs::metadata(path).map_err(|source| VolumeError::Io {
+    let meta = std::fs::metadata(path).map_err(|err| VolumeError::Io {
         path: path.display().to_string(),
-        source,
+        err,
     })?;
     if meta.is_dir() {
         return dicom::read_series(path, series_uid);

@@ -49,21 +49,21 @@ pub enum NiftiError {
         expected: usize,
     },
     /// Decompression or reading failed.
-    #[error("{path}: {source}")]
+    #[error("{path}: {err}")]
     Io {
         /// The file.
         path: String,
         /// Why.
-        source: std::io::Error,
+        err: std::io::Error,
     },
 }
 
 /// Reads a `.nii` or `.nii.gz` file.
 pub fn read(path: &Path) -> Result<Volume, VolumeError> {
     let p = path.display().to_string();
-    let io = |source: std::io::Error| NiftiError::Io {
+    let io = |err: std::io::Error| NiftiError::Io {
         path: p.clone(),
-        source,
+        err,
     };
     let field = |field: &'static str, msg: String| NiftiError::Field {
         path: p.clone(),

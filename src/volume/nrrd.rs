@@ -50,21 +50,21 @@ pub enum NrrdError {
         expected: usize,
     },
     /// Reading or decompression failed.
-    #[error("{path}: {source}")]
+    #[error("{path}: {err}")]
     Io {
         /// The file.
         path: String,
         /// Why.
-        source: std::io::Error,
+        err: std::io::Error,
     },
 }
 
 /// Reads an NRRD file (`.nrrd` or `.nhdr`).
 pub fn read(path: &Path) -> Result<Volume, VolumeError> {
     let p = path.display().to_string();
-    let io = |source: std::io::Error| NrrdError::Io {
+    let io = |err: std::io::Error| NrrdError::Io {
         path: p.clone(),
-        source,
+        err,
     };
     let field = |name: &str, msg: String| NrrdError::Field {
         path: p.clone(),
@@ -279,9 +279,9 @@ pub fn read(path: &Path) -> Result<Volume, VolumeError> {
         }
         Some(name) => {
             let dp = path.parent().unwrap_or(Path::new(".")).join(name);
-            let f = std::fs::File::open(&dp).map_err(|source| NrrdError::Io {
+            let f = std::fs::File::open(&dp).map_err(|err| NrrdError::Io {
                 path: format!("{} (data file of {p})", dp.display()),
-                source,
+                err,
             })?;
             Box::new(BufReader::new(f))
         }
