@@ -74,6 +74,10 @@ fn check_case(name: &str, volume: &Volume, crop_tol: f32) {
         "{name} ({:?}): planes01 max abs error {planes_err}",
         volume.ids.format
     );
+    eprintln!(
+        "{name} ({:?}): crop max abs error {crop_err} HU, planes01 {planes_err}",
+        volume.ids.format
+    );
 }
 
 #[test]
@@ -146,6 +150,7 @@ fn synthetic_crop_gives_reference_planes() {
     let planes = preprocess::nine_planes(&crop);
     let err = max_abs_diff(&planes.0, &expected("synthetic0.planes01"));
     assert!(err <= 1e-4, "synthetic0 planes01 max abs error {err}");
+    eprintln!("synthetic0: planes01 max abs error {err}");
 }
 
 /// Writes a crop as .npy (little-endian f4, C order).

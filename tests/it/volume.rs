@@ -781,3 +781,28 @@ fn planes_png_is_a_three_by_three_grid() {
     assert_eq!((info.width, info.height), (3 * 224 + 8, 3 * 224 + 8));
     assert_eq!(info.color_type, png::ColorType::Grayscale);
 }
+
+/// No torch is available to write a real bare-tensor crop, so the `.pt` reader is checked on
+/// the real torch archives at hand: the fixture checkpoints (a state dict, not a tensor) must be
+/// opened (zip + pickle) and refused with a clear error, by the library and the binary.
+#[test]
+fn pt_reader_opens_real_torch_archives_and_refuses_a_state_dict() {
+    let ckpt = crate::util::reference().join("model/fold_0/best_both.pt");
+    let err = volume::crop::read(&ckpt).unwrap_err().to_string();
+    assert!(
+        err.contains("data.pkl: the pickle is not a bare tensor"),
+        "{err}"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let png = tmp.path().join("x.png");
+    let out = std::process::Command::new(bin())
+        .args(["planes", "--crop"])
+        .arg(&ckpt)
+        .arg("--png")
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
+    assert!(!png.exists());
+}
