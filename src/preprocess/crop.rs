@@ -75,7 +75,10 @@ pub struct Grid {
     pub origin_ras: [f64; 3],
     x_lin: [[f64; 3]; 3],
     x_off: [f64; 3],
-    n_in: [usize; 3],
+    /// N / (N - 1) per output axis.
+    out_scale: [f64; 3],
+    /// (n - 1) / n per input axis.
+    in_scale: [f64; 3],
 }
 
 impl Grid {
@@ -110,25 +113,27 @@ impl Grid {
         let inv = inv3(&lin);
         let d = [lo[0] - off[0], lo[1] - off[1], lo[2] - off[2]];
         let x_off = [0, 1, 2].map(|r| inv[r][0] * d[0] + inv[r][1] * d[1] + inv[r][2] * d[2]);
+        let out_scale = size.map(|s| s as f64 / (s - 1) as f64);
+        let in_scale = n_in.map(|n| (n as f64 - 1.0) / n as f64);
         Ok(Self {
             size,
             origin_ras: lo,
             x_lin: inv,
             x_off,
-            n_in,
+            out_scale,
+            in_scale,
         })
     }
 
     /// The input index (continuous, i/j/k) that output RAS index `k` samples.
     pub fn input_index(&self, k: [f64; 3]) -> [f64; 3] {
-        let kk = [0, 1, 2].map(|a| k[a] * self.size[a] as f64 / (self.size[a] - 1) as f64 - 0.5);
+        let kk = [0, 1, 2].map(|a| k[a] * self.out_scale[a] - 0.5);
         [0, 1, 2].map(|r| {
             let nominal = self.x_lin[r][0] * kk[0]
                 + self.x_lin[r][1] * kk[1]
                 + self.x_lin[r][2] * kk[2]
                 + self.x_off[r];
-            let n = self.n_in[r] as f64;
-            (nominal + 0.5) * (n - 1.0) / n
+            (nominal + 0.5) * self.in_scale[r]
         })
     }
 
