@@ -267,8 +267,8 @@ fn read_manifest(path: &Path) -> anyhow::Result<Vec<Row>> {
                 "true" => Some(1),
                 "false" => Some(0),
                 _ => match v.parse::<f64>() {
-                    Ok(x) if x == 0.0 => Some(0),
-                    Ok(x) if x == 1.0 => Some(1),
+                    Ok(0.0) => Some(0),
+                    Ok(1.0) => Some(1),
                     _ => anyhow::bail!(at(&format!("`malignant` = `{v}` is not 0 or 1"))),
                 },
             },

@@ -181,7 +181,7 @@ fn prefilter_line(c: &mut [f64]) {
         let iz = 1.0 / z;
         let mut z2k = z.powi(n as i32 - 1);
         sum = c[0] + z2k * c[n - 1];
-        z2k *= z2k * iz;
+        z2k = z2k * z2k * iz; // z^(2n - 3)
         for v in c.iter().take(n - 1).skip(1) {
             sum += (zk + z2k) * v;
             zk *= z;

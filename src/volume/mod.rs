@@ -217,7 +217,7 @@ impl Volume {
             }
         }
         let det = det3(&direction);
-        if !(det.abs() > 0.99) {
+        if det.is_nan() || det.abs() <= 0.99 {
             return Err(geometry(format!(
                 "direction cosines {direction:?} are not orthogonal (determinant {det})"
             )));
@@ -281,6 +281,9 @@ impl Volume {
     }
 }
 
+/// Spacing, direction and origin of a volume, as [`Volume`] holds them.
+pub type Geometry = ([f64; 3], [[f64; 3]; 3], [f64; 3]);
+
 /// Splits a general voxel -> LPS affine (linear part, offset) into spacing, direction, origin.
 /// Fails (naming `field`) when an axis has zero length or the numbers are not finite.
 pub fn decompose_affine(
@@ -288,7 +291,7 @@ pub fn decompose_affine(
     field: &str,
     lin: [[f64; 3]; 3],
     off: [f64; 3],
-) -> Result<([f64; 3], [[f64; 3]; 3], [f64; 3]), VolumeError> {
+) -> Result<Geometry, VolumeError> {
     let mut spacing = [0.0; 3];
     let mut direction = [[0.0; 3]; 3];
     for c in 0..3 {

@@ -137,7 +137,7 @@ pub fn read(path: &Path) -> Result<Volume, VolumeError> {
     };
     let nbytes = count * sample.size();
     let vox_offset = h.vox_offset;
-    if !(vox_offset.is_finite() && vox_offset >= 348.0 && vox_offset < 1e9) {
+    if !(348.0..1e9).contains(&vox_offset) {
         return Err(field(
             "vox_offset",
             format!("{vox_offset} is not a valid data offset"),

@@ -255,6 +255,23 @@ fn nrrd_lps_and_ras_give_the_nifti_crop() {
             "nrrd ras={ras} gzip={gzip}: crop vs reference {err} HU"
         );
     }
+    // Detached header (.nhdr) with a gzip data file beside it, in RAS space.
+    let attached = dir.path().join("lung2_ras_gz.nrrd");
+    let bytes = std::fs::read(&attached).unwrap();
+    let split = bytes.windows(2).position(|w| w == b"\n\n").unwrap() + 2;
+    let header = String::from_utf8(bytes[..split - 1].to_vec()).unwrap();
+    std::fs::write(dir.path().join("lung2.raw.gz"), &bytes[split..]).unwrap();
+    let nhdr = dir.path().join("lung2.nhdr");
+    std::fs::write(&nhdr, format!("{header}data file: lung2.raw.gz\n")).unwrap();
+    let v = volume::read(&nhdr, None).unwrap();
+    assert_eq!(v.voxels, nifti.voxels);
+    assert_eq!(
+        preprocess::crop_at(&v, coord).unwrap().0.voxels,
+        preprocess::crop_at(&volume::read(&attached, None).unwrap(), coord)
+            .unwrap()
+            .0
+            .voxels
+    );
 }
 
 #[test]

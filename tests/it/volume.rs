@@ -806,3 +806,31 @@ fn pt_reader_opens_real_torch_archives_and_refuses_a_state_dict() {
     assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
     assert!(!png.exists());
 }
+
+/// Times a full-size series: 300 slices of 512x512 (150 MB), read and one nodule preprocessed.
+/// Ignored by default (writes the series to a temporary folder); run with --ignored --nocapture.
+#[test]
+#[ignore = "timing of a 512x512x300 series"]
+fn timing_full_size_series() {
+    let dir = tempfile::tempdir().unwrap();
+    for k in 0..300 {
+        let s = Slice {
+            size: 512,
+            spacing: [0.7, 0.7],
+            instance: k + 1,
+            ..Slice::ct(k as f64 * 1.25)
+        };
+        std::fs::write(dir.path().join(format!("{k:04}.dcm")), dicom_file(&s)).unwrap();
+    }
+    let t = std::time::Instant::now();
+    let v = volume::read(dir.path(), None).unwrap();
+    let read = t.elapsed();
+    assert_eq!(v.dims, [512, 512, 300]);
+    let t = std::time::Instant::now();
+    let (_, _, planes) = noduled::preprocess::nodule_planes(&v, [150.0, 150.0, 180.0]).unwrap();
+    eprintln!(
+        "512x512x300 series: read {read:?}, preprocess one nodule {:?}",
+        t.elapsed()
+    );
+    assert!(planes.0.iter().all(|v| (0.0..=1.0).contains(v)));
+}
