@@ -703,6 +703,7 @@ fn read_pixels(path: &Path, info: &SliceInfo) -> Result<Vec<f32>, DicomError> {
     let p = name_of(path);
     let bytes_per = info.bits_allocated as usize / 8;
     let expected = info.rows * info.cols * bytes_per;
+    check_pixel_data_length(path)?;
     let obj = OpenFileOptions::new()
         .open_file(path)
         .map_err(|e| DicomError::Parse {
@@ -762,4 +763,35 @@ fn read_pixels(path: &Path, info: &SliceInfo) -> Result<Vec<f32>, DicomError> {
             .collect(),
     };
     Ok(out)
+}
+
+/// Refuses a file whose (explicit VR) Pixel Data element declares more bytes than the file
+/// holds, before the parser would allocate that many. Encapsulated (undefined length) data and
+/// implicit VR files are left to the parser, whose allocations are then bounded by Rows x
+/// Columns checks and the file size.
+fn check_pixel_data_length(path: &Path) -> Result<(), DicomError> {
+    let p = name_of(path);
+    let bytes = std::fs::read(path).map_err(|err| DicomError::Io {
+        path: p.clone(),
+        err,
+    })?;
+    let at = bytes.windows(8).position(|w| {
+        w[..4] == [0xE0, 0x7F, 0x10, 0x00] && (w[4..] == *b"OW\0\0" || w[4..] == *b"OB\0\0")
+    });
+    if let Some(at) = at {
+        if let Some(len) = bytes.get(at + 8..at + 12) {
+            let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            let remaining = bytes.len() - (at + 12).min(bytes.len());
+            if len != 0xFFFF_FFFF && len > remaining {
+                return Err(DicomError::Bad {
+                    path: p,
+                    tag: "PixelData",
+                    msg: format!(
+                        "declares {len} bytes but only {remaining} remain in the file (truncated?)"
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
 }

@@ -393,6 +393,12 @@ const CORPUS: &[(&str, Input, &str, &str)] = &[
         "0,0,0",
         "needs at least 2",
     ),
+    (
+        "dicom_lying_length",
+        Input::Volume,
+        "0,0,0",
+        "`PixelData` declares 4294967280 bytes but only 128 remain",
+    ),
     ("random.npy", Input::Crop, "", "not a .npy file"),
     (
         "huge_shape.npy",
@@ -543,6 +549,15 @@ fn write_corpus(dir: &Path) {
         ],
     );
     series("dicom_single_slice", &[Slice::ct(0.0)]);
+    // Pixel Data declaring 4 GB in a small file.
+    series("dicom_lying_length", &[0.0, 2.0].map(Slice::ct));
+    let mut lying = dicom_file(&Slice::ct(2.0));
+    let at = lying
+        .windows(4)
+        .position(|w| w == [0xE0, 0x7F, 0x10, 0x00])
+        .unwrap();
+    lying[at + 8..at + 12].copy_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+    w("dicom_lying_length/IM0001.dcm", &lying);
     w("random.npy", &noise(500, 4));
     let hdr = |shape: &str, pad_to: usize| {
         let mut h = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
