@@ -16,6 +16,7 @@
 //! - [`commands`]: one module per CLI subcommand; `main.rs` only parses and dispatches.
 #![deny(missing_docs)]
 
+pub mod bundle;
 pub mod calibration;
 pub mod commands;
 pub mod engine;

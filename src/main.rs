@@ -19,6 +19,8 @@ struct Cli {
 enum Command {
     /// Score nodules and print the score JSON.
     Score(commands::score::Args),
+    /// Model bundles: keys, sign, verify, install, rollback.
+    Bundle(commands::bundle::Args),
     /// Draw the nine planes of one nodule into a PNG.
     Planes(commands::planes::Args),
 }
@@ -34,6 +36,7 @@ fn main() {
         .init();
     let result = match cli.command {
         Command::Score(args) => commands::score::run(args),
+        Command::Bundle(args) => commands::bundle::run(args),
         Command::Planes(args) => commands::planes::run(args),
     };
     if let Err(err) = result {

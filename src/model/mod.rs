@@ -1,1 +1,382 @@
-//! The CLIP nodule model. (Being built: issue 2.)
+//! The CLIP nodule model: CLIP ViT and text towers with per-fold LoRA on q/k/v, attention-MIL
+//! over the nine planes, an image classifier with beta calibration per fold, and zero-shot
+//! semantic descriptors from the text tower.
+//!
+//! All folds share one frozen base and run in one batched pass: activations are
+//! `[folds * rows, ...]`, fold-major, every base matmul covers all folds at once and only the
+//! rank-r LoRA paths and the heads differ per fold (see [`linear`]). The towers are written
+//! here on candle-core/candle-nn because candle-transformers' CLIP has no place for LoRA.
+//! Towers compute in f32; from the MIL output on (classifier, zero-shot) the heads compute
+//! in f64. The text tower runs once at load: the prompts' per-fold embeddings are cached.
+//!
+//! # Components
+//! [`config`] sizes, [`linear`] base/LoRA layers, [`encoder`] transformer blocks,
+//! [`vision`] and [`text`] towers, [`mil`] and [`heads`], [`checkpoint`] reading,
+//! [`tokenizer`] and [`prompts`] for zero-shot.
+
+pub mod checkpoint;
+pub mod config;
+pub mod encoder;
+pub mod heads;
+pub mod linear;
+pub mod mil;
+pub mod prompts;
+pub mod text;
+pub mod tokenizer;
+pub mod vision;
+pub mod weights;
+
+use crate::calibration::BetaCalibration;
+use crate::nodule::{Planes01, N_PLANES};
+use candle_core::{DType, Device, Module, Tensor};
+use config::{LoraLayout, ModelConfig};
+use heads::{l2_normalize, FoldHeads};
+use prompts::ZeroShotSpec;
+use std::path::{Path, PathBuf};
+
+/// Errors loading or running the model. Messages name the file and the key.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelError {
+    /// A folder or file could not be listed or read.
+    #[error("{path}: {msg}")]
+    Io {
+        /// The path.
+        path: String,
+        /// Why.
+        msg: String,
+    },
+    /// No `fold_{k}` folder.
+    #[error("{path}: no fold_<k> folders (expected fold_0/best_both.pt, ...)")]
+    NoFolds {
+        /// The model folder.
+        path: String,
+    },
+    /// A fold folder without a state dict.
+    #[error("{path}: neither best_both.pt nor model.safetensors")]
+    NoStateDict {
+        /// The fold folder.
+        path: String,
+    },
+    /// A state dict that cannot be parsed or a tensor that cannot be decoded.
+    #[error("{path}: {msg}")]
+    Read {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A tensor the model needs is absent.
+    #[error("{path}: missing tensor `{key}`")]
+    Missing {
+        /// The file.
+        path: String,
+        /// The state-dict key.
+        key: String,
+    },
+    /// A tensor has the wrong shape for the configured sizes.
+    #[error("{path}: tensor `{key}` has shape {got:?}, expected {expected:?}")]
+    Shape {
+        /// The file.
+        path: String,
+        /// The state-dict key.
+        key: String,
+        /// Shape found.
+        got: Vec<usize>,
+        /// Shape the config implies.
+        expected: Vec<usize>,
+    },
+    /// A fold's frozen base differs from fold 0's.
+    #[error("{path}: tensor `{key}` differs from the shared base in {reference} (neither the same W0 nor W0 + s*B*A)")]
+    BaseMismatch {
+        /// The fold's file.
+        path: String,
+        /// The state-dict key.
+        key: String,
+        /// Fold 0's file.
+        reference: String,
+    },
+    /// Bad `config.json`.
+    #[error("{path}: {msg}")]
+    Config {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// Bad `calibration.json`.
+    #[error("{path}: {msg}")]
+    Calibration {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// Bad `prompts.json`.
+    #[error("{path}: {msg}")]
+    Prompts {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A tensor operation failed.
+    #[error("model computation: {0}")]
+    Compute(#[from] candle_core::Error),
+}
+
+/// One fold's outputs for one nodule.
+#[derive(Debug, Clone)]
+pub struct FoldOutput {
+    /// Vision tower output per plane, [9, embed] row-major.
+    pub slice_features: Vec<f32>,
+    /// MIL attention over the nine planes.
+    pub attention: Vec<f64>,
+    /// MIL output before L2 normalisation, [out_dim].
+    pub image_embed: Vec<f32>,
+    /// Softmax probability of class 1.
+    pub prob: f64,
+    /// Beta-calibrated `prob`.
+    pub calibrated: f64,
+    /// Zero-shot probabilities per feature (spec order), per class (prompt order).
+    pub zero_shot: Vec<Vec<f64>>,
+}
+
+/// All folds' outputs for one nodule.
+#[derive(Debug, Clone)]
+pub struct NoduleOutput {
+    /// In fold order.
+    pub folds: Vec<FoldOutput>,
+}
+
+/// Nodules per batched pass (each is 9 planes x folds rows); bounds peak memory.
+const NODULES_PER_PASS: usize = 8;
+
+/// A loaded checkpoint set, ready to score.
+pub struct NoduleModel {
+    config: ModelConfig,
+    layout: LoraLayout,
+    fold_dirs: Vec<PathBuf>,
+    vision: vision::VisionTower,
+    heads: Vec<FoldHeads>,
+    calibrations: Vec<BetaCalibration>,
+    zero_shot: ZeroShotSpec,
+    /// Per fold, the prompts' L2-normalised embeddings [prompts, out_dim], f64.
+    text_embeds: Vec<Tensor>,
+    device: Device,
+}
+
+impl NoduleModel {
+    /// Loads a checkpoint folder (see [`checkpoint`]) and precomputes the zero-shot text
+    /// embeddings of every fold.
+    pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        let device = Device::Cpu;
+        let started = std::time::Instant::now();
+        let ckpt = checkpoint::load(dir)?;
+        tracing::debug!(
+            ms = started.elapsed().as_millis() as u64,
+            "checkpoints read"
+        );
+        let zero_shot = read_prompts(dir)?;
+        let w = &ckpt.weights;
+        let vision = vision::VisionTower::new(&ckpt.config, w)?;
+        let heads = (0..w.n_folds())
+            .map(|k| FoldHeads::new(w, k))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let text = text::TextTower::new(&ckpt.config, w)?;
+        let started = std::time::Instant::now();
+        let text_embeds =
+            prompt_embeddings(&text, &heads, &zero_shot, ckpt.config.context, &device)?;
+        tracing::debug!(
+            ms = started.elapsed().as_millis() as u64,
+            "prompt embeddings computed"
+        );
+        Ok(Self {
+            config: ckpt.config,
+            layout: ckpt.layout,
+            fold_dirs: ckpt.fold_dirs,
+            vision,
+            heads,
+            calibrations: ckpt.calibrations,
+            zero_shot,
+            text_embeds,
+            device,
+        })
+    }
+
+    /// Tower sizes.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// How the checkpoints stored q/k/v.
+    pub fn layout(&self) -> LoraLayout {
+        self.layout
+    }
+
+    /// Number of folds.
+    pub fn n_folds(&self) -> usize {
+        self.heads.len()
+    }
+
+    /// The fold folders, in fold order.
+    pub fn fold_dirs(&self) -> &[PathBuf] {
+        &self.fold_dirs
+    }
+
+    /// The zero-shot prompt set.
+    pub fn zero_shot(&self) -> &ZeroShotSpec {
+        &self.zero_shot
+    }
+
+    /// Fold `k`'s zero-shot logit scale (log space).
+    pub fn logit_scale(&self, k: usize) -> f64 {
+        self.heads[k].logit_scale
+    }
+
+    /// Fold `k`'s L2-normalised prompt embeddings, [prompts, out_dim] f64, prompt order.
+    pub fn text_embeddings(&self, k: usize) -> &Tensor {
+        &self.text_embeds[k]
+    }
+
+    /// Runs every fold on `nodules`, in batched passes of a few nodules.
+    pub fn forward(&self, nodules: &[&Planes01]) -> Result<Vec<NoduleOutput>, ModelError> {
+        let mut out = Vec::with_capacity(nodules.len());
+        for chunk in nodules.chunks(NODULES_PER_PASS) {
+            out.extend(self.forward_pass(chunk)?);
+        }
+        Ok(out)
+    }
+
+    fn forward_pass(&self, nodules: &[&Planes01]) -> Result<Vec<NoduleOutput>, ModelError> {
+        let n = nodules.len();
+        let rows = n * N_PLANES;
+        let pixels = vision::clip_pixels(nodules, &self.device)?;
+        let features = self.vision.forward(&pixels)?;
+        let mut outputs: Vec<NoduleOutput> =
+            (0..n).map(|_| NoduleOutput { folds: Vec::new() }).collect();
+        for (k, heads) in self.heads.iter().enumerate() {
+            let feats_k = features.narrow(0, k * rows, rows)?;
+            let (emb, att) = heads.mil.forward(&feats_k)?;
+            let unit = l2_normalize(&emb.to_dtype(DType::F64)?)?;
+            let logits = heads.classifier.forward(&unit)?.to_vec2::<f64>()?;
+            let sims = (unit.matmul(&self.text_embeds[k].t()?)? * heads.logit_scale.exp())?
+                .to_vec2::<f64>()?;
+            let feats_v = feats_k.to_vec2::<f32>()?;
+            let emb_v = emb.to_vec2::<f32>()?;
+            let att_v = att.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+            for (i, output) in outputs.iter_mut().enumerate() {
+                let prob = 1.0 / (1.0 + (logits[i][0] - logits[i][1]).exp());
+                output.folds.push(FoldOutput {
+                    slice_features: feats_v[i * N_PLANES..(i + 1) * N_PLANES]
+                        .iter()
+                        .flatten()
+                        .copied()
+                        .collect(),
+                    attention: att_v[i].clone(),
+                    image_embed: emb_v[i].clone(),
+                    prob,
+                    calibrated: self.calibrations[k].apply(prob),
+                    zero_shot: self.zero_shot_probs(&sims[i]),
+                });
+            }
+        }
+        Ok(outputs)
+    }
+
+    /// Scaled cosine similarities to every prompt -> per feature softmax over its prompts.
+    fn zero_shot_probs(&self, sims: &[f64]) -> Vec<Vec<f64>> {
+        let mut off = 0;
+        self.zero_shot
+            .features
+            .iter()
+            .map(|(_, f)| {
+                let s = &sims[off..off + f.prompts.len()];
+                off += f.prompts.len();
+                let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = s.iter().map(|v| (v - max).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                e.into_iter().map(|v| v / sum).collect()
+            })
+            .collect()
+    }
+}
+
+fn read_prompts(dir: &Path) -> Result<ZeroShotSpec, ModelError> {
+    let path = dir.join("prompts.json");
+    if !path.is_file() {
+        return Ok(ZeroShotSpec::builtin());
+    }
+    let err = |msg: String| ModelError::Prompts {
+        path: path.display().to_string(),
+        msg,
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| err(e.to_string()))?;
+    ZeroShotSpec::parse(&text).map_err(err)
+}
+
+/// Runs the text tower once over the distinct prompts for all folds, then each fold's head.
+fn prompt_embeddings(
+    text: &text::TextTower,
+    heads: &[FoldHeads],
+    spec: &ZeroShotSpec,
+    context: usize,
+    device: &Device,
+) -> Result<Vec<Tensor>, ModelError> {
+    let prompts = spec.prompts();
+    let mut distinct: Vec<&str> = Vec::new();
+    let index: Vec<u32> = prompts
+        .iter()
+        .map(|p| {
+            let i = distinct.iter().position(|d| d == p).unwrap_or_else(|| {
+                distinct.push(p);
+                distinct.len() - 1
+            });
+            i as u32
+        })
+        .collect();
+    let tokenizer = tokenizer::PromptTokenizer::new(context);
+    let ids: Vec<Vec<u32>> = distinct.iter().map(|p| tokenizer.encode(p)).collect();
+    let pooled = text.forward(&ids, device)?;
+    let index = Tensor::from_vec(index, prompts.len(), device)?;
+    let u = distinct.len();
+    heads
+        .iter()
+        .enumerate()
+        .map(|(k, h)| {
+            let e = h
+                .text_head
+                .forward(&pooled.narrow(0, k * u, u)?)?
+                .to_dtype(DType::F64)?;
+            Ok(l2_normalize(&e)?.index_select(&index, 0)?)
+        })
+        .collect()
+}
+
+/// Descriptor probabilities averaged over folds: feature -> class -> p.
+pub fn descriptors(spec: &ZeroShotSpec, output: &NoduleOutput) -> crate::report::Descriptors {
+    let folds = output.folds.len().max(1) as f64;
+    spec.features
+        .iter()
+        .enumerate()
+        .map(|(fi, (name, f))| {
+            let classes = f
+                .classes
+                .iter()
+                .enumerate()
+                .map(|(ci, c)| {
+                    (
+                        c.clone(),
+                        output
+                            .folds
+                            .iter()
+                            .map(|fo| fo.zero_shot[fi][ci])
+                            .sum::<f64>()
+                            / folds,
+                    )
+                })
+                .collect();
+            (name.clone(), classes)
+        })
+        .collect()
+}

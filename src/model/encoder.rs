@@ -1,0 +1,159 @@
+//! The pre-LN transformer shared by both CLIP towers: blocks of
+//! `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`, with multi-head self-attention whose q, k and v
+//! carry per-fold LoRA, and an MLP `c_fc -> QuickGELU -> c_proj`.
+//!
+//! Activations are `[folds * n, tokens, width]`, fold-major (see [`super::linear`]).
+//! LayerNorm is written here in two passes (mean, then the mean of squared deviations, eps
+//! 1e-5), because candle-nn's fused kernel takes the variance as E[x^2] - E[x]^2 in f32,
+//! which loses digits on residual streams with a large mean.
+
+use super::linear::{Linear, LoraLinear};
+use super::weights::Weights;
+use candle_core::{Module, Result, Tensor, D};
+
+/// LayerNorm over the last axis with affine parameters.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// LayerNorm eps used throughout CLIP and the heads.
+    pub const EPS: f64 = 1e-5;
+
+    /// Reads `{prefix}.weight` and `{prefix}.bias`.
+    pub fn new(w: &Weights, prefix: &str) -> Result<Self> {
+        Ok(Self {
+            weight: w.base(&format!("{prefix}.weight"))?,
+            bias: w.base(&format!("{prefix}.bias"))?,
+            eps: Self::EPS,
+        })
+    }
+
+    /// From explicit parameters.
+    pub fn from_parts(weight: Tensor, bias: Tensor) -> Self {
+        Self {
+            weight,
+            bias,
+            eps: Self::EPS,
+        }
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mean = xs.mean_keepdim(D::Minus1)?;
+        let centred = xs.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+/// QuickGELU, x * sigmoid(1.702 x), CLIP's MLP activation.
+pub fn quick_gelu(xs: &Tensor) -> Result<Tensor> {
+    xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?
+}
+
+/// Multi-head self-attention with LoRA on q, k and v and a plain output projection.
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: LoraLinear,
+    k_proj: LoraLinear,
+    v_proj: LoraLinear,
+    proj: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    fn new(w: &Weights, prefix: &str, heads: usize) -> Result<Self> {
+        Ok(Self {
+            q_proj: w.lora_linear(&format!("{prefix}.q_proj"))?,
+            k_proj: w.lora_linear(&format!("{prefix}.k_proj"))?,
+            v_proj: w.lora_linear(&format!("{prefix}.v_proj"))?,
+            proj: w.linear(&format!("{prefix}.proj"))?,
+            heads,
+        })
+    }
+
+    /// `xs` [b, t, d]; `mask` [t, t] added to the scores (causal text mask) or none.
+    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, t, d) = xs.dims3()?;
+        let hd = d / self.heads;
+        let split = |x: Tensor| -> Result<Tensor> {
+            x.reshape((b, t, self.heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split(self.q_proj.forward(xs)?)?;
+        let k = split(self.k_proj.forward(xs)?)?;
+        let v = split(self.v_proj.forward(xs)?)?;
+        let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let att = candle_nn::ops::softmax_last_dim(&scores)?;
+        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        self.proj.forward(&y)
+    }
+}
+
+/// One residual block.
+#[derive(Debug, Clone)]
+struct Block {
+    ln_1: LayerNorm,
+    attn: Attention,
+    ln_2: LayerNorm,
+    c_fc: Linear,
+    c_proj: Linear,
+}
+
+impl Block {
+    fn new(w: &Weights, prefix: &str, heads: usize) -> Result<Self> {
+        Ok(Self {
+            ln_1: LayerNorm::new(w, &format!("{prefix}.ln_1"))?,
+            attn: Attention::new(w, &format!("{prefix}.attn"), heads)?,
+            ln_2: LayerNorm::new(w, &format!("{prefix}.ln_2"))?,
+            c_fc: w.linear(&format!("{prefix}.mlp.c_fc"))?,
+            c_proj: w.linear(&format!("{prefix}.mlp.c_proj"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let residual = xs;
+        let xs = (residual + self.attn.forward(&self.ln_1.forward(xs)?, mask)?)?;
+        let residual = &xs;
+        let h = quick_gelu(&self.c_fc.forward(&self.ln_2.forward(&xs)?)?)?;
+        residual + self.c_proj.forward(&h)?
+    }
+}
+
+/// A stack of residual blocks, `{prefix}.resblocks.{i}`.
+#[derive(Debug, Clone)]
+pub struct Encoder {
+    blocks: Vec<Block>,
+}
+
+impl Encoder {
+    /// Reads `layers` blocks under `{prefix}.resblocks`.
+    pub fn new(w: &Weights, prefix: &str, layers: usize, heads: usize) -> Result<Self> {
+        let blocks = (0..layers)
+            .map(|i| Block::new(w, &format!("{prefix}.resblocks.{i}"), heads))
+            .collect::<Result<_>>()?;
+        Ok(Self { blocks })
+    }
+
+    /// `xs` [folds * n, t, d] -> same shape.
+    pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for block in &self.blocks {
+            xs = block.forward(&xs, mask)?;
+        }
+        Ok(xs)
+    }
+}

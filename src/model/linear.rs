@@ -1,0 +1,166 @@
+//! Affine layers `y = x W^T + b` over the last axis, with the weight either float or
+//! quantised (so a bundle can hold a q8_0 base), and the per-fold LoRA layer built on them.
+//!
+//! LoRA is kept unmerged: `y = x W^T + b + s (x A_k^T) B_k^T`, s = alpha / sqrt(r), where W is
+//! the frozen base shared by every fold and A_k [r, in], B_k [out, r] belong to fold k. The
+//! input's leading axis is fold-major: rows `[k * n, (k + 1) * n)` belong to fold k, so the
+//! base matmul runs once over all folds and only the rank-r paths differ per fold.
+
+use candle_core::quantized::QMatMul;
+use candle_core::{Module, Result, Tensor, D};
+
+/// The weight of a base linear layer, [out, in].
+#[derive(Debug, Clone)]
+pub enum BaseWeight {
+    /// A float weight [out, in].
+    Float(Tensor),
+    /// A quantised weight (candle's `QMatMul` computes `x W^T`).
+    Quantized(QMatMul),
+}
+
+/// `y = x W^T + b` applied to the last axis of any-rank input.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: BaseWeight,
+    bias: Option<Tensor>,
+    in_dim: usize,
+    out_dim: usize,
+}
+
+impl Linear {
+    /// A float layer from `weight` [out, in] and an optional `bias` [out].
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (out_dim, in_dim) = weight.dims2()?;
+        Ok(Self {
+            weight: BaseWeight::Float(weight),
+            bias,
+            in_dim,
+            out_dim,
+        })
+    }
+
+    /// A layer from an already built base weight of shape [out_dim, in_dim].
+    pub fn from_base(
+        weight: BaseWeight,
+        bias: Option<Tensor>,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Self {
+        Self {
+            weight,
+            bias,
+            in_dim,
+            out_dim,
+        }
+    }
+
+    /// Output width.
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dims = xs.dims().to_vec();
+        let rows = xs.elem_count() / self.in_dim.max(1);
+        let x2 = xs.reshape((rows, self.in_dim))?;
+        let y = match &self.weight {
+            BaseWeight::Float(w) => x2.matmul(&w.t()?)?,
+            BaseWeight::Quantized(q) => q.forward(&x2)?,
+        };
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("rank >= 1") = self.out_dim;
+        y.reshape(out_dims)
+    }
+}
+
+/// A base linear layer plus one unmerged LoRA path per fold.
+#[derive(Debug, Clone)]
+pub struct LoraLinear {
+    base: Linear,
+    /// A_k^T stacked over folds: [folds, in, r].
+    a_t: Tensor,
+    /// B_k^T stacked over folds: [folds, r, out].
+    b_t: Tensor,
+    scale: f64,
+}
+
+impl LoraLinear {
+    /// Wraps `base` with per-fold factors `a` [folds, r, in] and `b` [folds, out, r].
+    pub fn new(base: Linear, a: &Tensor, b: &Tensor, scale: f64) -> Result<Self> {
+        let a_t = a.transpose(1, 2)?.contiguous()?;
+        let b_t = b.transpose(1, 2)?.contiguous()?;
+        Ok(Self {
+            base,
+            a_t,
+            b_t,
+            scale,
+        })
+    }
+
+    /// Number of folds.
+    pub fn folds(&self) -> usize {
+        self.a_t.dims()[0]
+    }
+}
+
+impl Module for LoraLinear {
+    /// `xs` [folds * n, ..., in] (fold-major) -> [folds * n, ..., out].
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let folds = self.folds();
+        let y = self.base.forward(xs)?;
+        let in_dim = xs.dim(D::Minus1)?;
+        let per_fold = xs.elem_count() / (folds * in_dim);
+        let x3 = xs.reshape((folds, per_fold, in_dim))?;
+        let low = x3.matmul(&self.a_t)?.matmul(&self.b_t)?;
+        let low = (low * self.scale)?.reshape(y.shape())?;
+        y + low
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// The batched unmerged layer equals, fold by fold, a plain layer with W + s B_k A_k.
+    #[test]
+    fn batched_lora_equals_merged_weight_per_fold() {
+        let dev = Device::Cpu;
+        let (folds, n, d_in, d_out, r, s) = (3, 4, 6, 5, 2, 0.7);
+        let w = Tensor::randn(0f64, 1.0, (d_out, d_in), &dev).unwrap();
+        let bias = Tensor::randn(0f64, 1.0, d_out, &dev).unwrap();
+        let a = Tensor::randn(0f64, 1.0, (folds, r, d_in), &dev).unwrap();
+        let b = Tensor::randn(0f64, 1.0, (folds, d_out, r), &dev).unwrap();
+        let x = Tensor::randn(0f64, 1.0, (folds * n, 2, d_in), &dev).unwrap();
+        let lora = LoraLinear::new(
+            Linear::new(w.clone(), Some(bias.clone())).unwrap(),
+            &a,
+            &b,
+            s,
+        )
+        .unwrap();
+        let y = lora.forward(&x).unwrap();
+        assert_eq!(y.dims(), &[folds * n, 2, d_out]);
+        for k in 0..folds {
+            let delta = (b.get(k).unwrap().matmul(&a.get(k).unwrap()).unwrap() * s).unwrap();
+            let merged = Linear::new((&w + delta).unwrap(), Some(bias.clone())).unwrap();
+            let want = merged.forward(&x.narrow(0, k * n, n).unwrap()).unwrap();
+            let got = y.narrow(0, k * n, n).unwrap();
+            let err = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap();
+            assert!(err.to_scalar::<f64>().unwrap() < 1e-12);
+        }
+    }
+}

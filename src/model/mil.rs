@@ -1,0 +1,41 @@
+//! Attention-MIL pooling over the nine planes of a nodule (Ilse et al., non-gated):
+//! `h = ReLU(projector.0(x))`, `a = softmax over planes of attention.2(tanh(attention.0(h)))`,
+//! output `sum_i a_i h_i`. One per fold.
+
+use super::linear::Linear;
+use super::weights::Weights;
+use crate::nodule::N_PLANES;
+use candle_core::{Module, Result, Tensor};
+
+/// One fold's MIL pooling (`image_projection.*`).
+#[derive(Debug, Clone)]
+pub struct Mil {
+    projector: Linear,
+    attention_hidden: Linear,
+    attention_out: Linear,
+}
+
+impl Mil {
+    /// Reads fold `k`'s `image_projection.{projector.0, attention.0, attention.2}`.
+    pub fn new(w: &Weights, k: usize) -> Result<Self> {
+        Ok(Self {
+            projector: w.fold_linear(k, "image_projection.projector.0")?,
+            attention_hidden: w.fold_linear(k, "image_projection.attention.0")?,
+            attention_out: w.fold_linear(k, "image_projection.attention.2")?,
+        })
+    }
+
+    /// `features` [nodules * 9, embed] -> (embedding [nodules, out_dim], attention [nodules, 9]).
+    pub fn forward(&self, features: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (rows, _embed) = features.dims2()?;
+        let nodules = rows / N_PLANES;
+        let h = self.projector.forward(features)?.relu()?;
+        let scores = self
+            .attention_out
+            .forward(&self.attention_hidden.forward(&h)?.tanh()?)?;
+        let att = candle_nn::ops::softmax_last_dim(&scores.reshape((nodules, N_PLANES))?)?;
+        let h = h.reshape((nodules, N_PLANES, self.projector.out_dim()))?;
+        let pooled = att.unsqueeze(1)?.matmul(&h)?.squeeze(1)?;
+        Ok((pooled, att))
+    }
+}

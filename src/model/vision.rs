@@ -1,0 +1,102 @@
+//! CLIP vision tower (ViT): patch embedding (a stride-`patch` conv without bias, computed as a
+//! matmul over flattened patches), class token, learned positions, `ln_pre`, the shared
+//! encoder with per-fold LoRA, `ln_post` on the class token, then `proj` ([width, embed],
+//! applied as x @ proj).
+//!
+//! Input pixels `[n, 3, image, image]` (CLIP-normalised RGB); output `[folds * n, embed]`,
+//! fold-major. Everything before the first block is fold-independent and computed once.
+
+use super::config::ModelConfig;
+use super::encoder::{Encoder, LayerNorm};
+use super::weights::Weights;
+use crate::nodule::{Planes01, N_PLANES, PLANE_SIDE};
+use candle_core::{Device, Module, Result, Tensor};
+
+/// CLIP's RGB normalisation mean.
+pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+/// CLIP's RGB normalisation standard deviation (digits as published; f32 rounds them).
+#[allow(clippy::excessive_precision)]
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+
+/// The vision tower.
+#[derive(Debug, Clone)]
+pub struct VisionTower {
+    /// conv1 weight flattened to [width, 3 * patch * patch].
+    patch_weight: Tensor,
+    class_embedding: Tensor,
+    positional_embedding: Tensor,
+    ln_pre: LayerNorm,
+    encoder: Encoder,
+    ln_post: LayerNorm,
+    proj: Tensor,
+    patch: usize,
+    width: usize,
+    folds: usize,
+}
+
+impl VisionTower {
+    /// Reads the `vision_model.*` tensors.
+    pub fn new(cfg: &ModelConfig, w: &Weights) -> Result<Self> {
+        let conv = w.base("vision_model.conv1.weight")?;
+        let width = cfg.vision_width;
+        Ok(Self {
+            patch_weight: conv.reshape((width, 3 * cfg.patch * cfg.patch))?,
+            class_embedding: w
+                .base("vision_model.class_embedding")?
+                .reshape((1, 1, width))?,
+            positional_embedding: w.base("vision_model.positional_embedding")?,
+            ln_pre: LayerNorm::new(w, "vision_model.ln_pre")?,
+            encoder: Encoder::new(
+                w,
+                "vision_model.transformer",
+                cfg.vision_layers,
+                cfg.vision_heads,
+            )?,
+            ln_post: LayerNorm::new(w, "vision_model.ln_post")?,
+            proj: w.base("vision_model.proj")?,
+            patch: cfg.patch,
+            width,
+            folds: w.n_folds(),
+        })
+    }
+
+    /// `pixels` [n, 3, image, image] -> slice features [folds * n, embed], fold-major.
+    pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (n, c, h, _w) = pixels.dims4()?;
+        let (p, g) = (self.patch, h / self.patch);
+        let patches = pixels
+            .reshape((n, c, g, p, g, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((n * g * g, c * p * p))?;
+        let tokens = patches
+            .matmul(&self.patch_weight.t()?)?
+            .reshape((n, g * g, self.width))?;
+        let cls = self.class_embedding.broadcast_as((n, 1, self.width))?;
+        let xs = Tensor::cat(&[&cls, &tokens], 1)?.broadcast_add(&self.positional_embedding)?;
+        let xs = self.ln_pre.forward(&xs)?;
+        let xs = xs.repeat((self.folds, 1, 1))?;
+        let xs = self.encoder.forward(&xs, None)?;
+        let cls = xs.narrow(1, 0, 1)?.squeeze(1)?;
+        self.ln_post.forward(&cls)?.matmul(&self.proj)
+    }
+}
+
+/// Nine-plane nodules -> CLIP input [9 * nodules, 3, 224, 224]: grey repeated to RGB,
+/// minus CLIP mean, over CLIP std (f32, as the reference computes it).
+pub fn clip_pixels(nodules: &[&Planes01], device: &Device) -> Result<Tensor> {
+    let plane = PLANE_SIDE * PLANE_SIDE;
+    let mut out = Vec::with_capacity(nodules.len() * N_PLANES * 3 * plane);
+    for planes in nodules {
+        for grey in planes.0.chunks_exact(plane) {
+            for ch in 0..3 {
+                out.extend(grey.iter().map(|&v| (v - CLIP_MEAN[ch]) / CLIP_STD[ch]));
+            }
+        }
+    }
+    Tensor::from_vec(
+        out,
+        (nodules.len() * N_PLANES, 3, PLANE_SIDE, PLANE_SIDE),
+        device,
+    )
+}

@@ -1,0 +1,82 @@
+//! The tensors of a loaded checkpoint set, by checkpoint key: one frozen base shared by all
+//! folds (q/k/v already reduced to W0), and per fold only its LoRA factors and heads.
+
+use super::linear::{Linear, LoraLinear};
+use candle_core::{Result, Tensor};
+use std::collections::HashMap;
+
+/// Base tensors plus per-fold tensors, keyed as in the checkpoints.
+#[derive(Debug, Clone)]
+pub struct Weights {
+    base: HashMap<String, Tensor>,
+    folds: Vec<HashMap<String, Tensor>>,
+    lora_scale: f64,
+}
+
+impl Weights {
+    /// From the shared base tensors, each fold's own tensors and the LoRA scaling.
+    pub fn new(
+        base: HashMap<String, Tensor>,
+        folds: Vec<HashMap<String, Tensor>>,
+        lora_scale: f64,
+    ) -> Self {
+        Self {
+            base,
+            folds,
+            lora_scale,
+        }
+    }
+
+    /// Number of folds.
+    pub fn n_folds(&self) -> usize {
+        self.folds.len()
+    }
+
+    /// A base tensor.
+    pub fn base(&self, key: &str) -> Result<Tensor> {
+        self.base
+            .get(key)
+            .cloned()
+            .ok_or_else(|| candle_core::Error::Msg(format!("missing base tensor `{key}`")))
+    }
+
+    /// Fold `k`'s own tensor.
+    pub fn fold(&self, k: usize, key: &str) -> Result<Tensor> {
+        self.folds
+            .get(k)
+            .and_then(|f| f.get(key))
+            .cloned()
+            .ok_or_else(|| candle_core::Error::Msg(format!("missing tensor `{key}` of fold {k}")))
+    }
+
+    /// A per-fold tensor stacked over folds on a new leading axis.
+    pub fn stacked(&self, key: &str) -> Result<Tensor> {
+        let parts = (0..self.n_folds())
+            .map(|k| self.fold(k, key))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::stack(&parts, 0)
+    }
+
+    /// The base layer `{prefix}.weight` [out, in] + `{prefix}.bias`.
+    pub fn linear(&self, prefix: &str) -> Result<Linear> {
+        Linear::new(
+            self.base(&format!("{prefix}.weight"))?,
+            Some(self.base(&format!("{prefix}.bias"))?),
+        )
+    }
+
+    /// Fold `k`'s own layer `{prefix}.weight` + `{prefix}.bias`.
+    pub fn fold_linear(&self, k: usize, prefix: &str) -> Result<Linear> {
+        Linear::new(
+            self.fold(k, &format!("{prefix}.weight"))?,
+            Some(self.fold(k, &format!("{prefix}.bias"))?),
+        )
+    }
+
+    /// The base layer under `prefix` with every fold's `w_lora_A` / `w_lora_B`.
+    pub fn lora_linear(&self, prefix: &str) -> Result<LoraLinear> {
+        let a = self.stacked(&format!("{prefix}.w_lora_A"))?;
+        let b = self.stacked(&format!("{prefix}.w_lora_B"))?;
+        LoraLinear::new(self.linear(prefix)?, &a, &b, self.lora_scale)
+    }
+}
