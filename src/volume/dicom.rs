@@ -674,14 +674,16 @@ fn build_volume(dir: &Path, series_uid: String, slices: Vec<Slice>) -> Result<Vo
     let (ni, nj) = (first.cols, first.rows);
     check_dims(dir, "Columns x Rows x slices", &[ni, nj, nk])?;
     // 2-3. pixel data, slice by slice, in parallel.
-    let planes: Vec<Vec<f32>> = order
-        .par_iter()
-        .map(|&idx| read_pixels(&slices[idx].path, &infos[idx]))
-        .collect::<Result<_, _>>()?;
-    let mut voxels = Vec::with_capacity(ni * nj * nk);
-    for p in planes {
-        voxels.extend_from_slice(&p);
-    }
+    // Each slice is decoded straight into its place in the volume.
+    let mut voxels = vec![0.0f32; ni * nj * nk];
+    voxels
+        .par_chunks_mut(ni * nj)
+        .zip(order.par_iter())
+        .try_for_each(|(dst, &idx)| {
+            let plane = read_pixels(&slices[idx].path, &infos[idx])?;
+            dst.copy_from_slice(&plane);
+            Ok::<(), DicomError>(())
+        })?;
     let direction = [
         [row[0], col[0], normal[0]],
         [row[1], col[1], normal[1]],

@@ -31,6 +31,11 @@ fn us(v: u16) -> Vec<u8> {
 }
 
 fn encode_elems(out: &mut Vec<u8>, elems: &mut [Elem]) {
+    encode_elems_as(out, elems, true)
+}
+
+/// Encodes elements in tag order, explicit or implicit VR little endian.
+fn encode_elems_as(out: &mut Vec<u8>, elems: &mut [Elem], explicit: bool) {
     elems.sort_by_key(|e| e.0);
     for ((g, e), vr, value) in elems.iter() {
         let mut value = value.clone();
@@ -39,6 +44,11 @@ fn encode_elems(out: &mut Vec<u8>, elems: &mut [Elem]) {
         }
         out.extend_from_slice(&g.to_le_bytes());
         out.extend_from_slice(&e.to_le_bytes());
+        if !explicit {
+            out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            out.extend_from_slice(&value);
+            continue;
+        }
         out.extend_from_slice(vr.as_bytes());
         if ["OB", "OW", "SQ", "UN", "UT", "OF"].contains(vr) {
             out.extend_from_slice(&[0, 0]);
@@ -91,7 +101,9 @@ fn dicom_file(s: &Slice) -> Vec<u8> {
             );
         }
     }
-    let encapsulated = s.ts != "1.2.840.10008.1.2.1";
+    const IMPLICIT: &str = "1.2.840.10008.1.2";
+    const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
+    let encapsulated = ![IMPLICIT, DEFLATED, "1.2.840.10008.1.2.1"].contains(&s.ts);
     let mut out = vec![0u8; 128];
     out.extend_from_slice(b"DICM");
     let mut meta_body = Vec::new();
@@ -148,6 +160,18 @@ fn dicom_file(s: &Slice) -> Vec<u8> {
     }
     if !encapsulated {
         elems.push(((0x7FE0, 0x0010), "OW", pixels));
+    }
+    if s.ts == IMPLICIT || s.ts == DEFLATED {
+        let mut data = Vec::new();
+        encode_elems_as(&mut data, &mut elems, s.ts == DEFLATED);
+        if s.ts == DEFLATED {
+            let mut enc =
+                flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+            enc.write_all(&data).unwrap();
+            data = enc.finish().unwrap();
+        }
+        out.extend_from_slice(&data);
+        return out;
     }
     encode_elems(&mut out, &mut elems);
     if encapsulated {
@@ -848,4 +872,31 @@ fn timing_full_size_series() {
         t.elapsed()
     );
     assert!(planes.0.iter().all(|v| (0.0..=1.0).contains(v)));
+}
+
+#[test]
+fn dicom_implicit_and_deflated_transfer_syntaxes_read_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut volumes = Vec::new();
+    for ts in [
+        "1.2.840.10008.1.2.1",
+        "1.2.840.10008.1.2",
+        "1.2.840.10008.1.2.1.99",
+    ] {
+        let sub = dir.path().join(ts);
+        std::fs::create_dir(&sub).unwrap();
+        for (i, z) in [0.0, 2.0, 4.0].into_iter().enumerate() {
+            let s = Slice { ts, ..Slice::ct(z) };
+            std::fs::write(sub.join(format!("{i}.dcm")), dicom_file(&s)).unwrap();
+        }
+        volumes.push(volume::read(&sub, None).unwrap_or_else(|e| panic!("{ts}: {e}")));
+    }
+    for v in &volumes[1..] {
+        assert_eq!(v.voxels, volumes[0].voxels);
+        assert_eq!(
+            (v.spacing, v.origin, v.direction),
+            (volumes[0].spacing, volumes[0].origin, volumes[0].direction)
+        );
+    }
+    assert_eq!(volumes[0].at(2, 1, 2), (10 + 2 + 4) as f32);
 }
