@@ -48,6 +48,16 @@ pub enum NiftiError {
         /// Bytes announced.
         expected: usize,
     },
+    /// The voxel data could not be read (a corrupt or cut gzip stream, an I/O error).
+    #[error("{path}: cannot read voxel data: {what} is corrupt or truncated ({err})")]
+    Data {
+        /// The file.
+        path: String,
+        /// "gzip stream" or "file".
+        what: &'static str,
+        /// Why.
+        err: std::io::Error,
+    },
     /// Decompression or reading failed.
     #[error("{path}: {err}")]
     Io {
@@ -222,7 +232,11 @@ pub fn read(path: &Path) -> Result<Volume, VolumeError> {
         }
         skipped += n;
     }
-    let raw = read_at_most(&mut reader, nbytes).map_err(io)?;
+    let raw = read_at_most(&mut reader, nbytes).map_err(|err| NiftiError::Data {
+        path: p.clone(),
+        what: if gz { "gzip stream" } else { "file" },
+        err,
+    })?;
     if raw.len() != nbytes {
         return Err(NiftiError::Truncated {
             path: p.clone(),
