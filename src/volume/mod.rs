@@ -365,8 +365,8 @@ pub(crate) fn det3(m: &[[f64; 3]; 3]) -> f64 {
         + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0])
 }
 
-/// Converts raw little/big-endian samples to f32 HU with `value * slope + intercept` in f64.
-/// `kind` is one of the sample kinds below; `bytes.len()` must be `count * kind.size()`.
+/// A scalar sample type of NIfTI / NRRD voxel data; [`Sample::decode`] turns raw little- or
+/// big-endian bytes into f32 HU with `value * slope + intercept` computed in f64.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Sample {
     I8,
