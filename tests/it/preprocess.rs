@@ -377,6 +377,12 @@ fn timing_read_and_preprocess() {
         let _ = preprocess::nodule_planes(&v, c).unwrap();
     }
     let per = t.elapsed() / runs;
+    let t = std::time::Instant::now();
+    let (crop, _) = preprocess::crop_at(&v, c).unwrap();
+    let crop_time = t.elapsed();
+    let t = std::time::Instant::now();
+    let _ = preprocess::nine_planes(&crop);
+    eprintln!("crop {crop_time:?}, planes {:?}", t.elapsed());
     eprintln!("read lung1_dicom: {read:?}; preprocess one nodule: {per:?}");
     assert!(per.as_millis() < 2000);
 }
