@@ -821,9 +821,34 @@ fn planes_png_is_a_three_by_three_grid() {
     assert_eq!(info.color_type, png::ColorType::Grayscale);
 }
 
-/// No torch is available to write a real bare-tensor crop, so the `.pt` reader is checked on
-/// the real torch archives at hand: the fixture checkpoints (a state dict, not a tensor) must be
-/// opened (zip + pickle) and refused with a clear error, by the library and the binary.
+/// A real crop in the reference's format (`torch.save` of a float32 [1,1,100,100,100] tensor,
+/// written by scripts/make-pt-crop.py from the fixture's synthetic0 crop) reads back exactly
+/// and gives synthetic0's planes.
+#[test]
+fn pt_crop_written_by_torch_reads_exactly() {
+    let path = crate::util::root().join("tests/fixtures/crops/synthetic0.pt");
+    let crop = volume::crop::read(&path).unwrap();
+    let st_bytes = std::fs::read(crate::util::reference().join("expected.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&st_bytes).unwrap();
+    let want = |name: &str| -> Vec<f32> {
+        let t = st.tensor(name).unwrap();
+        match t.dtype() {
+            safetensors::Dtype::F64 => t.data().chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
+            _ => t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+        }
+    };
+    let expected_crop = want("synthetic0.crop_hu");
+    for (i, e) in expected_crop.iter().enumerate() {
+        let (z, y, x) = (i / 10_000, (i / 100) % 100, i % 100);
+        assert_eq!(crop.at(z, y, x), *e, "voxel ({z},{y},{x})");
+    }
+    let planes = noduled::preprocess::nine_planes(&crop);
+    let err = planes.0.iter().zip(want("synthetic0.planes01")).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(err <= 1e-4, "planes01 max abs error {err}");
+}
+
+/// Other real torch archives are refused: the fixture checkpoints (a state dict, not a tensor)
+/// must be opened (zip + pickle) and refused with a clear error, by the library and the binary.
 #[test]
 fn pt_reader_opens_real_torch_archives_and_refuses_a_state_dict() {
     let ckpt = crate::util::reference().join("model/fold_0/best_both.pt");
