@@ -25,6 +25,8 @@ enum Command {
     Run(commands::run::Args),
     /// Run the daemon on embedded defaults, feed it the example CT, print the result.
     Demo(commands::demo::Args),
+    /// Draw the nine planes of one nodule into a PNG.
+    Planes(commands::planes::Args),
 }
 
 fn main() {
@@ -35,6 +37,7 @@ fn main() {
         Command::Bundle(args) => commands::bundle::run(args),
         Command::Run(args) => commands::run::run(args),
         Command::Demo(args) => commands::demo::run(args),
+        Command::Planes(args) => commands::planes::run(args),
     };
     if let Err(err) = result {
         eprintln!("noduled: {err:#}");

@@ -2,5 +2,6 @@
 
 pub mod bundle;
 pub mod demo;
+pub mod planes;
 pub mod run;
 pub mod score;

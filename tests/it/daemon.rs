@@ -5,8 +5,8 @@ use crate::daemon_support::*;
 use std::time::Duration;
 
 /// The job every test scores: the fixture's real chest CT at its lesion coordinate.
-fn job(d: &Daemon, job_id: &str, patient_id: &str, nodules: usize) -> String {
-    planes_job(&d.dir.join("data"), job_id, patient_id, nodules)
+fn job(_d: &Daemon, job_id: &str, patient_id: &str, nodules: usize) -> String {
+    ct_job(job_id, patient_id, nodules)
 }
 
 fn mqtt_conf(port: u16, client: &str, extra: &str) -> String {

@@ -3,6 +3,9 @@
 
 mod bundle_store;
 mod daemon;
+mod daemon_ct;
 mod daemon_support;
 mod model;
+mod preprocess;
 mod util;
+mod volume;
