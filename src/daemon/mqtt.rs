@@ -63,13 +63,14 @@ pub async fn run(
         if *stop.borrow() {
             return;
         }
-        let (client, mut el) = AsyncClient::new(options(&shared, &m), 256);
+        let (client, el) = AsyncClient::new(options(&shared, &m), 256);
+        let mut events = spawn_poller(el);
         let mut conn = Conn::default();
         let mut tick = tokio::time::interval(m.status_interval);
         let mut last_status = String::new();
         let stopping = loop {
             tokio::select! {
-                ev = el.poll() => match ev {
+                ev = events.recv() => match ev.unwrap_or(Err(rumqttc::v5::ConnectionError::RequestsDone)) {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                         tracing::info!(host = %m.host, port = m.port, session_present = ack.session_present, "MQTT connected");
                         conn.connected = true;
@@ -151,7 +152,7 @@ pub async fn run(
             .store(false, Ordering::Relaxed);
         if stopping {
             if conn.connected {
-                finish(&client, &mut el, &shared, &m, &mut conn).await;
+                finish(&client, &mut events, &shared, &m, &mut conn).await;
             }
             return;
         }
@@ -161,6 +162,26 @@ pub async fn run(
         }
         backoff = (backoff * 2).min(m.reconnect_max);
     }
+}
+
+/// Events of one connection, in order; ends after the first error.
+type Events = tokio::sync::mpsc::Receiver<Result<Event, rumqttc::v5::ConnectionError>>;
+
+/// Polls the event loop on its own task: `EventLoop::poll` must not be cancelled (a
+/// cancelled connect drops the fresh connection and fires the Last Will), and the
+/// daemon's loop selects over several sources.
+fn spawn_poller(mut el: rumqttc::v5::EventLoop) -> Events {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let ev = el.poll().await;
+            let failed = ev.is_err();
+            if tx.send(ev).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 fn options(shared: &Shared, m: &MqttSettings) -> MqttOptions {
@@ -281,7 +302,7 @@ fn fill(client: &AsyncClient, shared: &Shared, m: &MqttSettings, conn: &mut Conn
 /// Final status, outstanding acknowledgements (bounded wait), clean disconnect (no Will).
 async fn finish(
     client: &AsyncClient,
-    el: &mut rumqttc::v5::EventLoop,
+    events: &mut Events,
     shared: &Shared,
     m: &MqttSettings,
     conn: &mut Conn,
@@ -303,13 +324,13 @@ async fn finish(
             let _ = client.try_disconnect();
             disconnecting = true;
         }
-        match tokio::time::timeout_at(deadline, el.poll()).await {
-            Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) if pkid != 0 => {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(Ok(Event::Outgoing(Outgoing::Publish(pkid))))) if pkid != 0 => {
                 if let Some(tag) = conn.awaiting_pkid.pop_front() {
                     conn.inflight.insert(pkid, tag);
                 }
             }
-            Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
+            Ok(Some(Ok(Event::Incoming(Packet::PubAck(ack))))) => {
                 if let Some(Tag::Part(file)) = conn.inflight.remove(&ack.pkid) {
                     let left = conn.parts_left.entry(file.clone()).or_insert(1);
                     *left -= 1;
@@ -321,13 +342,13 @@ async fn finish(
                     }
                 }
             }
-            Ok(Ok(Event::Outgoing(Outgoing::Disconnect))) => {
+            Ok(Some(Ok(Event::Outgoing(Outgoing::Disconnect)))) => {
                 // Let the DISCONNECT reach the socket.
-                let _ = tokio::time::timeout(Duration::from_millis(200), el.poll()).await;
+                let _ = tokio::time::timeout(Duration::from_millis(200), events.recv()).await;
                 return;
             }
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) | Err(_) => return,
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(_))) | Ok(None) | Err(_) => return,
         }
         if tokio::time::Instant::now() >= deadline {
             return;

@@ -28,7 +28,6 @@ fn folder_jobs_good_and_bad_and_the_daemon_keeps_serving() {
             "[alert]\ncalibrated_threshold = 0.01\n",
         ),
     );
-    let data = d.dir.join("data");
 
     d.drop_job("good1.json", &job(&d, "good1", "P1", 1));
     let r = wait_for(30, "result of good1", || d.result_for("good1"));
@@ -81,10 +80,11 @@ fn folder_jobs_good_and_bad_and_the_daemon_keeps_serving() {
         ("huge", "1073741824 bytes is more than jobs.max_job_bytes"),
     ] {
         let err_file = format!("{name}.error.json");
+        let job_file = format!("{name}.json");
         wait_for(20, &err_file, || {
-            d.files("state/failed").contains(&err_file).then_some(())
+            let failed = d.files("state/failed");
+            (failed.contains(&err_file) && failed.contains(&job_file)).then_some(())
         });
-        assert!(d.files("state/failed").contains(&format!("{name}.json")));
         let e: serde_json::Value = serde_json::from_slice(
             &std::fs::read(d.dir.join("state/failed").join(&err_file)).unwrap(),
         )
@@ -109,14 +109,15 @@ fn folder_jobs_good_and_bad_and_the_daemon_keeps_serving() {
     assert_eq!(r2["status"], "ok");
     assert_eq!(r2["nodules"].as_array().unwrap().len(), 2);
 
+    wait_for(10, "6 jobs counted", || {
+        (d.metric("noduled_job_latency_seconds_count") == Some(6.0)).then_some(())
+    });
     assert_eq!(d.metric("noduled_jobs_done_total"), Some(2.0));
     assert_eq!(d.metric("noduled_jobs_failed_total"), Some(4.0));
-    assert_eq!(d.metric("noduled_job_latency_seconds_count"), Some(6.0));
     assert_eq!(d.metric("noduled_queue_depth"), Some(0.0));
     assert!(d.get("/metrics").unwrap().1.contains("noduled_model_info{"));
     assert_eq!(d.get("/healthz").unwrap().0, 200);
     assert_eq!(d.get("/nope").unwrap().0, 404);
-    let _ = data;
     let st = d.term(20);
     assert!(st.success(), "{st}: {}", d.log());
 }
@@ -162,7 +163,7 @@ fn mqtt_jobs_in_results_status_and_alerts_out() {
     let m1 = probe.wait(30, "nd/result/P-mqtt", |r| r["job_id"] == "m1");
     assert_eq!(m1.json["status"], "ok");
     assert_eq!(m1.json["input"]["origin"], "mqtt");
-    assert!(d.result_for("m1").is_some());
+    wait_for(5, "m1 in the outbox", || d.result_for("m1"));
 
     // Malformed payload: an error result on result/unknown; the daemon keeps serving.
     probe.publish("nd/job", b"{not json".to_vec());
@@ -208,10 +209,16 @@ fn mqtt_jobs_in_results_status_and_alerts_out() {
     assert!(st.success(), "{st}: {}", d.log());
     probe.wait(10, "nd/status", |s| s["state"] == "stopped");
     std::thread::sleep(Duration::from_millis(500));
-    assert!(!probe
+    let statuses: Vec<String> = probe
         .on("nd/status")
         .iter()
-        .any(|m| m.json["state"] == "lost"));
+        .map(|m| m.json["state"].to_string())
+        .collect();
+    assert!(
+        !statuses.iter().any(|s| s.contains("lost")),
+        "{statuses:?}\n{}",
+        d.log()
+    );
 }
 
 #[test]

@@ -362,14 +362,19 @@ impl Daemon {
         std::fs::rename(&tmp, self.dir.join("inbox").join(name)).unwrap();
     }
 
-    /// Result JSONs in the outbox (`sent/` too), parsed.
+    /// Result JSONs in the outbox (`sent/` too), parsed; a file moving to `sent/` while
+    /// listed counts once.
     pub fn results(&self) -> Vec<serde_json::Value> {
         let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for d in [self.dir.join("outbox"), self.dir.join("outbox/sent")] {
             for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
                 let n = e.file_name().to_string_lossy().into_owned();
-                if n.ends_with(".json") && !n.starts_with('.') {
-                    out.push(serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap());
+                if n.ends_with(".json") && !n.starts_with('.') && seen.insert(n.clone()) {
+                    let Ok(bytes) = std::fs::read(e.path()) else {
+                        continue;
+                    };
+                    out.push(serde_json::from_slice(&bytes).unwrap());
                 }
             }
         }
