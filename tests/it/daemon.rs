@@ -50,6 +50,24 @@ fn folder_jobs_good_and_bad_and_the_daemon_keeps_serving() {
             .then_some(())
     });
 
+    // A job written in place is taken only once closed, never half-written.
+    {
+        use std::io::Write;
+        let body = job(&d, "slow", "P1", 1);
+        let (a, b) = body.split_at(body.len() / 2);
+        let mut f = std::fs::File::create(d.dir.join("inbox/slow.json")).unwrap();
+        f.write_all(a.as_bytes()).unwrap();
+        f.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(d.files("state/failed").is_empty() && d.result_for("slow").is_none());
+        assert!(d.files("inbox").contains(&"slow.json".to_string()));
+        f.write_all(b.as_bytes()).unwrap();
+    }
+    assert_eq!(
+        wait_for(30, "result of slow", || d.result_for("slow"))["status"],
+        "ok"
+    );
+
     // Malformed JSON, an unknown field, a path outside the data roots, a 1 GiB job file
     // (sparse: no disk used; refused by its size before any read).
     std::fs::write(d.dir.join("bad_json.tmp"), b"{\"job_id\": \"x\", ").unwrap();
@@ -109,10 +127,10 @@ fn folder_jobs_good_and_bad_and_the_daemon_keeps_serving() {
     assert_eq!(r2["status"], "ok");
     assert_eq!(r2["nodules"].as_array().unwrap().len(), 2);
 
-    wait_for(10, "6 jobs counted", || {
-        (d.metric("noduled_job_latency_seconds_count") == Some(6.0)).then_some(())
+    wait_for(10, "7 jobs counted", || {
+        (d.metric("noduled_job_latency_seconds_count") == Some(7.0)).then_some(())
     });
-    assert_eq!(d.metric("noduled_jobs_done_total"), Some(2.0));
+    assert_eq!(d.metric("noduled_jobs_done_total"), Some(3.0));
     assert_eq!(d.metric("noduled_jobs_failed_total"), Some(4.0));
     assert_eq!(d.metric("noduled_queue_depth"), Some(0.0));
     assert!(d.get("/metrics").unwrap().1.contains("noduled_model_info{"));
