@@ -19,9 +19,13 @@
 pub mod calibration;
 pub mod commands;
 pub mod engine;
+pub mod eval;
 pub mod model;
 pub mod nodule;
 pub mod nodules;
 pub mod preprocess;
 pub mod report;
+pub mod rng;
+pub mod semantics;
+pub mod table;
 pub mod volume;

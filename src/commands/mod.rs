@@ -1,3 +1,4 @@
 //! One module per CLI subcommand; each has `Args` (clap) and `run(args) -> anyhow::Result<()>`.
 
+pub mod eval;
 pub mod score;
