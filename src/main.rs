@@ -5,11 +5,7 @@ use clap::{Parser, Subcommand};
 use noduled::commands;
 
 #[derive(Parser)]
-#[command(
-    name = "noduled",
-    version,
-    about = "Lung nodule malignancy scoring daemon (CLIP nodule model)"
-)]
+#[command(name = "noduled", version, about = "Lung nodule malignancy scoring daemon (CLIP nodule model)")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -27,10 +23,7 @@ fn main() {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("NODULED_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("NODULED_LOG").unwrap_or_else(|_| "warn".into()))
         .init();
     let result = match cli.command {
         Command::Score(args) => commands::score::run(args),

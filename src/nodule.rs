@@ -43,10 +43,7 @@ impl Planes01 {
     /// Wraps a buffer, checking its length and that every value is finite.
     pub fn new(values: Vec<f32>) -> Result<Self, String> {
         if values.len() != PLANES_LEN {
-            return Err(format!(
-                "expected {PLANES_LEN} values (9x224x224), got {}",
-                values.len()
-            ));
+            return Err(format!("expected {PLANES_LEN} values (9x224x224), got {}", values.len()));
         }
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             return Err(format!("value {i} is not finite"));
@@ -57,52 +54,28 @@ impl Planes01 {
     /// Reads tensor `name` (f32 or f64, shape [9,224,224]) from a safetensors file.
     pub fn read_safetensors(path: &Path, name: &str) -> Result<Self, PlanesError> {
         let p = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|source| PlanesError::Io {
-            path: p.clone(),
-            source,
-        })?;
-        let st =
-            safetensors::SafeTensors::deserialize(&bytes).map_err(|e| PlanesError::Format {
-                path: p.clone(),
-                msg: format!("not a safetensors file: {e}"),
-            })?;
+        let bytes = std::fs::read(path).map_err(|source| PlanesError::Io { path: p.clone(), source })?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| PlanesError::Format { path: p.clone(), msg: format!("not a safetensors file: {e}") })?;
         let t = st.tensor(name).map_err(|_| PlanesError::Format {
             path: p.clone(),
-            msg: format!(
-                "tensor `{name}` not found (have: {})",
-                st.names().join(", ")
-            ),
+            msg: format!("tensor `{name}` not found (have: {})", st.names().join(", ")),
         })?;
         if t.shape() != [N_PLANES, PLANE_SIDE, PLANE_SIDE] {
-            return Err(PlanesError::Format {
-                path: p,
-                msg: format!(
-                    "tensor `{name}` has shape {:?}, expected [9, 224, 224]",
-                    t.shape()
-                ),
-            });
+            return Err(PlanesError::Format { path: p, msg: format!("tensor `{name}` has shape {:?}, expected [9, 224, 224]", t.shape()) });
         }
         let data = t.data();
         let values: Vec<f32> = match t.dtype() {
-            safetensors::Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
+            safetensors::Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
             safetensors::Dtype::F64 => data
                 .chunks_exact(8)
                 .map(|c| f64::from_le_bytes(c.try_into().expect("8-byte chunk")) as f32)
                 .collect(),
             other => {
-                return Err(PlanesError::Format {
-                    path: p,
-                    msg: format!("tensor `{name}` has dtype {other:?}, expected F32 or F64"),
-                })
+                return Err(PlanesError::Format { path: p, msg: format!("tensor `{name}` has dtype {other:?}, expected F32 or F64") })
             }
         };
-        Self::new(values).map_err(|msg| PlanesError::Format {
-            path: p,
-            msg: format!("tensor `{name}`: {msg}"),
-        })
+        Self::new(values).map_err(|msg| PlanesError::Format { path: p, msg: format!("tensor `{name}`: {msg}") })
     }
 }
 

@@ -47,11 +47,7 @@ pub enum NoduleRequest {
 /// Loads and preprocesses every nodule a request names, in request order.
 pub fn load(request: &NoduleRequest) -> anyhow::Result<Vec<NoduleInput>> {
     match request {
-        NoduleRequest::Planes {
-            path,
-            patient_id,
-            nodule_id,
-        } => {
+        NoduleRequest::Planes { path, patient_id, nodule_id } => {
             let planes = Planes01::read_safetensors(path, "planes01")?;
             Ok(vec![NoduleInput {
                 patient_id: patient_id.clone(),

@@ -108,21 +108,13 @@ impl ScoreReport {
         order
             .into_iter()
             .map(|pid| {
-                let mine: Vec<&NoduleReport> =
-                    nodules.iter().filter(|n| n.patient_id == pid).collect();
+                let mine: Vec<&NoduleReport> = nodules.iter().filter(|n| n.patient_id == pid).collect();
                 let n_folds = mine[0].folds.len();
                 let mean = (0..n_folds)
-                    .map(|k| {
-                        mine.iter()
-                            .map(|n| n.folds[k].calibrated)
-                            .fold(f64::NEG_INFINITY, f64::max)
-                    })
+                    .map(|k| mine.iter().map(|n| n.folds[k].calibrated).fold(f64::NEG_INFINITY, f64::max))
                     .sum::<f64>()
                     / n_folds as f64;
-                PatientReport {
-                    patient_id: pid.to_string(),
-                    calibrated: mean,
-                }
+                PatientReport { patient_id: pid.to_string(), calibrated: mean }
             })
             .collect()
     }
