@@ -27,5 +27,6 @@ pub mod preprocess;
 pub mod report;
 pub mod rng;
 pub mod semantics;
+pub mod synth;
 pub mod table;
 pub mod volume;

@@ -17,6 +17,8 @@ enum Command {
     Score(commands::score::Args),
     /// Evaluate malignancy scores: AUROC/AUPRC with bootstrap CIs, calibration, plots.
     Eval(commands::eval::Args),
+    /// Write synthetic nodule CT volumes with known semantics and a manifest.
+    Synth(commands::synth::Args),
 }
 
 fn main() {
@@ -28,6 +30,7 @@ fn main() {
     let result = match cli.command {
         Command::Score(args) => commands::score::run(args),
         Command::Eval(args) => commands::eval::run(args),
+        Command::Synth(args) => commands::synth::run(args),
     };
     if let Err(err) = result {
         eprintln!("noduled: {err:#}");

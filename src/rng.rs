@@ -28,6 +28,12 @@ impl SplitMix64 {
         z ^ (z >> 31)
     }
 
+    /// The `index`-th (0-based) output of the stream seeded with `seed`, without drawing the
+    /// ones before it (SplitMix64's state is a counter).
+    pub fn nth(seed: u64, index: u64) -> u64 {
+        SplitMix64::new(seed.wrapping_add(index.wrapping_mul(0x9E37_79B9_7F4A_7C15))).next_u64()
+    }
+
     /// A uniform index in `0..n` (Lemire's multiply-and-reject, unbiased). `n` must be > 0.
     pub fn below(&mut self, n: usize) -> usize {
         assert!(n > 0, "SplitMix64::below(0)");
@@ -74,6 +80,7 @@ mod tests {
         let mut r = SplitMix64::new(1234567);
         assert_eq!(r.next_u64(), 6457827717110365317);
         assert_eq!(r.next_u64(), 3203168211198807973);
+        assert_eq!(SplitMix64::nth(1234567, 1), 3203168211198807973);
     }
 
     #[test]

@@ -2,4 +2,5 @@
 //! (copied from the project's reference fixtures; see tests/fixtures/reference/README.md).
 
 mod eval;
+mod synth;
 mod util;
