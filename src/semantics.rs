@@ -84,9 +84,12 @@ pub const SHAPE: usize = 2;
 /// Index of the margin-conspicuity feature in [`FEATURES`].
 pub const CONSPICUITY: usize = 3;
 
+/// Number of zero-shot features.
+pub const N_FEATURES: usize = 16;
+
 /// The 16 zero-shot features: 4 categorical, then 12 present/absent, in the reference
 /// fixtures' order. With `additional_nodule_margins` they are the method's 17 semantic columns.
-pub const FEATURES: [Feature; 16] = [
+pub const FEATURES: [Feature; N_FEATURES] = [
     Feature {
         key: "nodule_margin",
         column: "nodule_margins",
@@ -249,7 +252,7 @@ fn normalise(v: &str) -> String {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Semantics {
     /// Class index per feature of [`FEATURES`] (same order).
-    pub classes: [Option<usize>; 16],
+    pub classes: [Option<usize>; N_FEATURES],
     /// Second margin class (index into the margin classes).
     pub additional_margin: Option<usize>,
     /// Diameters in mm, as [`DIAMETER_COLUMNS`].
@@ -433,14 +436,25 @@ pub fn generate_report(s: &Semantics) -> Report {
             .filter_map(|&i| s.class_word(i))
             .map(String::from),
     );
+    descriptors.push("nodule".to_string());
+    let first = descriptors[0].as_str();
+    // "An 8 mm", "an 11 mm", "an 18 mm" (spoken eight, eleven, eighteen).
+    let article = if first.starts_with('8') || first.starts_with("11 ") || first.starts_with("18 ")
+    {
+        "An"
+    } else {
+        "A"
+    };
+    let last = descriptors.len() - 1;
     let mut impression = format!(
-        "A {}nodule",
-        descriptors
+        "{article} {}",
+        descriptors[..last]
             .iter()
             .map(|d| format!("{d}, "))
             .collect::<String>()
     );
-    impression = impression.replacen(", nodule", " nodule", 1);
+    impression = impression.trim_end_matches(", ").to_string();
+    impression.push_str(if last > 0 { " nodule" } else { "nodule" });
     if let Some(w) = s.class_word(CONSPICUITY) {
         impression.push_str(&format!(", {w}"));
     }
@@ -616,6 +630,21 @@ mod tests {
         assert_eq!(FEATURES[CONSISTENCY].class_of("pure_ground_glass"), Some(2));
         assert_eq!(FEATURES[CONSISTENCY].class_of("liquid"), None);
         assert_eq!(FEATURES.iter().filter(|f| f.is_binary()).count(), 12);
+    }
+
+    #[test]
+    fn impression_article_and_missing_values() {
+        let mut s = Semantics::default();
+        assert_eq!(generate_report(&s).impression, "A nodule.");
+        s.diameters_mm[2] = Some(8.2);
+        assert_eq!(generate_report(&s).impression, "An 8 mm nodule.");
+        s.diameters_mm[2] = Some(11.4);
+        s.classes[CONSISTENCY] = Some(1);
+        assert_eq!(generate_report(&s).impression, "An 11 mm, solid nodule.");
+        assert_eq!(
+            generate_report(&s).findings,
+            ["Size: mean diameter 11.4 mm.", "Consistency: solid."]
+        );
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! One case = one patient with one nodule. World coordinates are LPS mm (X to the patient's
 //! left, Y posterior, Z superior). A case is drawn in three steps:
 //!
-//! 1. Semantics ([`draw_case`]): mean diameter 4-30 mm (log-uniform), margin
+//! 1. Semantics ([`draw_case`]): diameter 4-30 mm (log-uniform; an ovoid nodule is this
+//!    sphere stretched, the manifest's `mean_diameter` is the mean of its axial axes), margin
 //!    smooth / lobulated / spiculated, consistency solid / part-solid / pure ground glass,
 //!    shape round / ovoid / irregular, margin conspicuity, eccentric calcification,
 //!    cavitation (diameter >= 8 mm only), pleural attachment.
@@ -491,7 +492,7 @@ impl Scene {
         s.diameters_mm = [
             Some(round1(longest)),
             Some(round1(short)),
-            Some(round1(spec.diameter_mm)),
+            Some(round1((longest + short) / 2.0)),
             (spec.consistency == Consistency::PartSolid).then(|| round1(spec.diameter_mm / 2.0)),
         ];
         s.suspicion = Some(

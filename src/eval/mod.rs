@@ -236,19 +236,16 @@ pub fn read_scores_csv(path: &Path) -> Result<Vec<EvalRecord>, EvalError> {
     // (feature index, probability columns in class order, truth column)
     let mut zs: Vec<(usize, Vec<usize>, Option<usize>)> = Vec::new();
     for (i, f) in FEATURES.iter().enumerate() {
-        let cols: Vec<Option<usize>> = (0..f.classes.len())
-            .map(|c| table.find(&format!("zs_{}_{c}", f.key)))
+        let names: Vec<String> = (0..f.classes.len())
+            .map(|c| format!("zs_{}_{c}", f.key))
             .collect();
-        if cols.iter().all(Option::is_none) {
+        if names.iter().all(|name| table.find(name).is_none()) {
             continue;
         }
-        let cols = cols
+        // Some of the feature's columns are present: all of them must be.
+        let cols = names
             .iter()
-            .enumerate()
-            .map(|(c, col)| {
-                col.ok_or(())
-                    .or_else(|_| table.column(&format!("zs_{}_{c}", f.key)))
-            })
+            .map(|name| table.column(name))
             .collect::<Result<Vec<usize>, TableError>>()?;
         zs.push((i, cols, table.find(f.column)));
     }
