@@ -25,6 +25,8 @@ use metrics::{MetricError, OperatingPoint, ReliabilityBin};
 pub const TARGET_RECALLS: [f64; 4] = [0.6, 0.7, 0.8, 0.9];
 /// Default bootstrap resamples.
 pub const DEFAULT_RESAMPLES: usize = 10_000;
+/// Most bootstrap resamples accepted (memory and time stay bounded).
+pub const MAX_RESAMPLES: usize = 1_000_000;
 /// Reliability bins.
 pub const RELIABILITY_BINS: usize = 10;
 
@@ -35,6 +37,9 @@ pub enum EvalError {
     /// Reading the input table failed.
     #[error(transparent)]
     Table(#[from] TableError),
+    /// An option is out of range.
+    #[error("{0}")]
+    Invalid(String),
     /// A metric is undefined for this input (e.g. one class only).
     #[error(transparent)]
     Metric(#[from] MetricError),
@@ -137,6 +142,18 @@ impl Default for EvalOptions {
 
 /// Evaluates `records`. Errors when the malignancy metrics are undefined (e.g. one class).
 pub fn evaluate(records: &[EvalRecord], options: &EvalOptions) -> Result<EvalReport, EvalError> {
+    if options.resamples > MAX_RESAMPLES {
+        return Err(EvalError::Invalid(format!(
+            "--resamples must be at most {MAX_RESAMPLES}, got {}",
+            options.resamples
+        )));
+    }
+    if !(options.level > 0.0 && options.level < 1.0) {
+        return Err(EvalError::Invalid(format!(
+            "confidence level must be in (0, 1), got {}",
+            options.level
+        )));
+    }
     let labels: Vec<bool> = records.iter().map(|r| r.label).collect();
     let scores: Vec<f64> = records.iter().map(|r| r.score).collect();
     let auroc = metrics::roc_auc(&labels, &scores)?;
