@@ -211,6 +211,18 @@ struct Vessel {
     radius: f64,
 }
 
+impl Vessel {
+    /// `hu` with this vessel drawn over it at `p`.
+    fn over(&self, p: [f64; 3], hu: f64) -> f64 {
+        let d = segment_distance(p, self);
+        if d < self.radius + 3.0 {
+            hu + (40.0 - hu) * step((self.radius - d) / 0.4)
+        } else {
+            hu
+        }
+    }
+}
+
 /// A spike of a spiculated nodule.
 #[derive(Debug, Clone, PartialEq)]
 struct Spike {
@@ -385,57 +397,77 @@ impl Scene {
 
     /// Noise-free HU at world point `p` (LPS mm).
     pub fn hu(&self, p: [f64; 3]) -> f64 {
-        // Chest wall.
+        let mut hu = self.background(p);
+        for v in &self.vessels {
+            hu = v.over(p, hu);
+        }
+        self.nodule_over(p, hu)
+    }
+
+    /// Lung parenchyma and chest wall at `p`.
+    fn background(&self, p: [f64; 3]) -> f64 {
         let mut hu = -850.0;
         if p[0] > self.wall_x - 6.0 {
             let wall = self.wall_x + 2.0 * (p[1] / 15.0).sin();
             hu += (35.0 + 850.0) * step((p[0] - wall) / 0.7);
         }
-        for v in &self.vessels {
-            let near = (0..3).all(|k| {
-                p[k] > v.a[k].min(v.b[k]) - v.radius - 3.0
-                    && p[k] < v.a[k].max(v.b[k]) + v.radius + 3.0
-            });
-            if !near {
-                continue;
-            }
-            let d = segment_distance(p, v);
-            if d < v.radius + 3.0 {
-                hu += (40.0 - hu) * step((v.radius - d) / 0.4);
-            }
-        }
+        hu
+    }
+
+    /// Half-width (mm) of the cube around the centre outside which the nodule leaves HU
+    /// unchanged (every logistic edge is under 1e-4 there), and the body's radial reach.
+    fn reach(&self) -> (f64, f64) {
+        let amp: f64 = self.harmonics.iter().map(|h| h.amp).sum();
+        let body = self.radius * (1.0 + amp) + 10.0 * self.edge_mm;
+        let spikes = self
+            .spikes
+            .iter()
+            .map(|s| self.radius + s.length + 5.0)
+            .fold(0.0, f64::max);
+        let stretch = self.stretch.iter().copied().fold(1.0, f64::max);
+        ((body * stretch).max(spikes), body)
+    }
+
+    /// `hu` with the nodule drawn over it at `p`.
+    fn nodule_over(&self, p: [f64; 3], hu: f64) -> f64 {
         let q = sub(p, self.centre);
-        let reach = self.radius * 2.6 + 4.0;
+        let (reach, body_reach) = self.reach();
         if q.iter().any(|c| c.abs() > reach) {
             return hu;
         }
-        let scaled = [
-            q[0] / self.stretch[0],
-            q[1] / self.stretch[1],
-            q[2] / self.stretch[2],
-        ];
+        let scaled = [0, 1, 2].map(|a| q[a] / self.stretch[a]);
         let r = norm(scaled);
-        let surface = if r > 1e-9 {
-            let u = [scaled[0] / r, scaled[1] / r, scaled[2] / r];
-            let wobble: f64 = self
-                .harmonics
-                .iter()
-                .map(|h| h.amp * (h.order * dot(u, h.axis).clamp(-1.0, 1.0).acos() + h.phase).cos())
-                .sum();
-            self.radius * (1.0 + wobble)
-        } else {
-            self.radius
-        };
-        let mut inside = step((surface - r) / self.edge_mm);
+        let mut inside = 0.0;
+        if r < body_reach {
+            let surface = if r > 1e-9 {
+                let u = scaled.map(|c| c / r);
+                let wobble: f64 = self
+                    .harmonics
+                    .iter()
+                    .map(|h| {
+                        h.amp * (h.order * dot(u, h.axis).clamp(-1.0, 1.0).acos() + h.phase).cos()
+                    })
+                    .sum();
+                self.radius * (1.0 + wobble)
+            } else {
+                self.radius
+            };
+            inside = step((surface - r) / self.edge_mm);
+        }
         for s in &self.spikes {
             let t = dot(q, s.dir);
-            if t <= 0.0 {
+            let tip = self.radius + s.length;
+            if t <= 0.0 || t > tip + 5.0 {
                 continue;
             }
-            let tip = self.radius + s.length;
             let perpendicular = norm(add_scaled(q, s.dir, -t));
             let width = s.width * (1.0 - (t / tip)).max(0.0);
-            inside = inside.max(step((width - perpendicular) / 0.3) * step((tip - t) / 0.5));
+            if perpendicular < width + 3.0 {
+                inside = f64::max(
+                    inside,
+                    step((width - perpendicular) / 0.3) * step((tip - t) / 0.5),
+                );
+            }
         }
         if inside < 1e-4 {
             return hu;
@@ -550,22 +582,105 @@ pub fn draw_case(seed: u64, index: usize) -> Case {
     }
 }
 
-/// Fills a grid with HU plus noise; `world(i)` maps a flat index to LPS mm.
-fn render(
-    scene: &Scene,
-    len: usize,
-    noise_seed: u64,
-    world: impl Fn(usize) -> [f64; 3],
-) -> Vec<f32> {
+/// An axis-aligned grid in LPS: voxel (x, y, z) sits at `origin + (x, y, z) * spacing`;
+/// values are stored in (z, y, x) C order (x fastest).
+struct Grid {
+    origin: [f64; 3],
+    spacing: [f64; 3],
+    dims: [usize; 3],
+}
+
+impl Grid {
+    fn world(&self, x: usize, y: usize, z: usize) -> [f64; 3] {
+        [
+            self.origin[0] + x as f64 * self.spacing[0],
+            self.origin[1] + y as f64 * self.spacing[1],
+            self.origin[2] + z as f64 * self.spacing[2],
+        ]
+    }
+
+    /// Index range along `axis` of the voxels within [lo, hi] mm.
+    fn span(&self, axis: usize, lo: f64, hi: f64) -> std::ops::Range<usize> {
+        let index = |v: f64| (v - self.origin[axis]) / self.spacing[axis];
+        let start = index(lo).ceil().max(0.0) as usize;
+        let end = (index(hi).floor() + 1.0).clamp(0.0, self.dims[axis] as f64) as usize;
+        start.min(end)..end
+    }
+
+    /// Applies `f` to every voxel of slices `zs` within [lo, hi] (mm) in x and y.
+    fn update_box(
+        &self,
+        values: &mut [f64],
+        zs: std::ops::Range<usize>,
+        lo: [f64; 2],
+        hi: [f64; 2],
+        f: impl Fn([f64; 3], f64) -> f64,
+    ) {
+        let [nx, ny, _] = self.dims;
+        for z in zs {
+            for y in self.span(1, lo[1], hi[1]) {
+                for x in self.span(0, lo[0], hi[0]) {
+                    let i = (z * ny + y) * nx + x;
+                    values[i] = f(self.world(x, y, z), values[i]);
+                }
+            }
+        }
+    }
+}
+
+/// Renders the scene on `grid`, noise-free: the same values as [`Scene::hu`] at every voxel
+/// centre, but vessels and the nodule are only evaluated in the boxes they can reach (per z
+/// slice for vessels).
+fn render(scene: &Scene, grid: &Grid) -> Vec<f64> {
+    let [nx, ny, nz] = grid.dims;
+    let mut values = Vec::with_capacity(nx * ny * nz);
+    for z in 0..nz {
+        for y in 0..ny {
+            for x in 0..nx {
+                values.push(scene.background(grid.world(x, y, z)));
+            }
+        }
+    }
+    for v in &scene.vessels {
+        let pad = v.radius + 3.0;
+        for z in grid.span(2, v.a[2].min(v.b[2]) - pad, v.a[2].max(v.b[2]) + pad) {
+            // The part of the segment within `pad` of this slice bounds the affected voxels.
+            let zw = grid.world(0, 0, z)[2];
+            let dz = v.b[2] - v.a[2];
+            let (t0, t1) = if dz.abs() < 1e-9 {
+                (0.0, 1.0)
+            } else {
+                let (ta, tb) = ((zw - pad - v.a[2]) / dz, (zw + pad - v.a[2]) / dz);
+                (ta.min(tb).max(0.0), ta.max(tb).min(1.0))
+            };
+            let (pa, pb) = (
+                add_scaled(v.a, sub(v.b, v.a), t0),
+                add_scaled(v.a, sub(v.b, v.a), t1),
+            );
+            let lo = [pa[0].min(pb[0]) - pad, pa[1].min(pb[1]) - pad];
+            let hi = [pa[0].max(pb[0]) + pad, pa[1].max(pb[1]) + pad];
+            grid.update_box(&mut values, z..z + 1, lo, hi, |p, hu| v.over(p, hu));
+        }
+    }
+    let (reach, _) = scene.reach();
+    let c = scene.centre;
+    let zs = grid.span(2, c[2] - reach, c[2] + reach);
+    let (lo, hi) = ([c[0] - reach, c[1] - reach], [c[0] + reach, c[1] + reach]);
+    grid.update_box(&mut values, zs, lo, hi, |p, hu| scene.nodule_over(p, hu));
+    values
+}
+
+/// Adds near-Gaussian noise of 18 HU (a sum of four 16-bit uniforms: mean 2, sd 0.577).
+fn add_noise(values: Vec<f64>, noise_seed: u64) -> Vec<f32> {
     let mut rng = SplitMix64::new(noise_seed);
-    (0..len)
-        .map(|i| {
-            // Sum of four 16-bit uniforms: mean 2, sd 0.577, near-Gaussian and cheap.
+    values
+        .into_iter()
+        .map(|hu| {
             let bits = rng.next_u64();
             let sum: f64 = (0..4)
                 .map(|k| ((bits >> (16 * k)) & 0xFFFF) as f64 / 65536.0)
                 .sum();
-            (scene.hu(world(i)) + (sum - 2.0) / 0.577 * 18.0) as f32
+            (hu + (sum - 2.0) / 0.577 * 18.0) as f32
         })
         .collect()
 }
@@ -582,20 +697,20 @@ fn write_volume(case: &Case, path: &Path) -> Result<(), SynthError> {
     let [nx, ny, nz] = VOLUME_DIMS;
     let [sx, sy, sz] = VOLUME_SPACING_MM;
     let o = case.origin;
-    // Flat index in (x, y, z) C order = x * ny * nz + y * nz + z.
-    let hu = render(&case.scene, nx * ny * nz, case_noise_seed(case), |i| {
-        let (x, y, z) = (i / (ny * nz), (i / nz) % ny, i % nz);
-        [
-            o[0] + x as f64 * sx,
-            o[1] + y as f64 * sy,
-            o[2] + z as f64 * sz,
-        ]
-    });
+    let grid = Grid {
+        origin: o,
+        spacing: VOLUME_SPACING_MM,
+        dims: VOLUME_DIMS,
+    };
+    let hu = add_noise(render(&case.scene, &grid), case_noise_seed(case));
     let data: Vec<i16> = hu
         .iter()
         .map(|&v| v.round().clamp(-1024.0, 3071.0) as i16)
         .collect();
-    let array = ndarray::Array3::from_shape_vec((nx, ny, nz), data).expect("shape matches length");
+    // (z, y, x) C order viewed as (x, y, z): the writer stores x fastest, as NIfTI requires.
+    let array = ndarray::Array3::from_shape_vec((nz, ny, nx), data)
+        .expect("shape matches length")
+        .reversed_axes();
     let header = nifti::NiftiHeader {
         pixdim: [1.0, sx as f32, sy as f32, sz as f32, 1.0, 1.0, 1.0, 1.0],
         xyzt_units: 2,
@@ -628,14 +743,12 @@ fn write_crop(case: &Case, path: &Path) -> Result<(), SynthError> {
     let n = CROP_VOXELS;
     let c = case.scene.centre;
     let half = (n / 2) as f64;
-    let hu = render(&case.scene, n * n * n, case_noise_seed(case), |i| {
-        let (z, y, x) = (i / (n * n), (i / n) % n, i % n);
-        [
-            c[0] + x as f64 - half,
-            c[1] + y as f64 - half,
-            c[2] + z as f64 - half,
-        ]
-    });
+    let grid = Grid {
+        origin: c.map(|v| v - half),
+        spacing: [1.0; 3],
+        dims: [n; 3],
+    };
+    let hu = add_noise(render(&case.scene, &grid), case_noise_seed(case));
     let mut header =
         format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({n}, {n}, {n}), }}");
     while (10 + header.len() + 1) % 64 != 0 {
@@ -730,4 +843,35 @@ pub fn generate(out: &Path, n: usize, seed: u64, crops: bool) -> Result<SynthSum
         cases: n,
         malignant,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splatted_render_equals_point_evaluation() {
+        for index in 0..6 {
+            let case = draw_case(3, index);
+            let grid = Grid {
+                origin: case.origin,
+                spacing: [1.7, 1.3, 2.5],
+                dims: [57, 74, 60],
+            };
+            let values = render(&case.scene, &grid);
+            let [nx, ny, nz] = grid.dims;
+            for z in 0..nz {
+                for y in 0..ny {
+                    for x in 0..nx {
+                        let want = case.scene.hu(grid.world(x, y, z));
+                        let got = values[(z * ny + y) * nx + x];
+                        assert!(
+                            (want - got).abs() < 1e-9,
+                            "case {index} voxel ({x}, {y}, {z}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
