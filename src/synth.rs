@@ -557,6 +557,8 @@ pub struct Case {
     pub risk: f64,
     /// Drawn malignancy label.
     pub malignant: bool,
+    /// Seed of the image noise.
+    pub noise_seed: u64,
 }
 
 /// Draws case `index` of the stream `seed`.
@@ -573,12 +575,14 @@ pub fn draw_case(seed: u64, index: usize) -> Case {
     ];
     let origin = origin.map(round1);
     let scene = Scene::new(spec, origin, &mut rng);
+    let noise_seed = rng.next_u64();
     Case {
         pid: format!("SYN{:05}", index + 1),
         origin,
         scene,
         risk,
         malignant,
+        noise_seed,
     }
 }
 
@@ -702,7 +706,7 @@ fn write_volume(case: &Case, path: &Path) -> Result<(), SynthError> {
         spacing: VOLUME_SPACING_MM,
         dims: VOLUME_DIMS,
     };
-    let hu = add_noise(render(&case.scene, &grid), case_noise_seed(case));
+    let hu = add_noise(render(&case.scene, &grid), case.noise_seed);
     let data: Vec<i16> = hu
         .iter()
         .map(|&v| v.round().clamp(-1024.0, 3071.0) as i16)
@@ -748,7 +752,7 @@ fn write_crop(case: &Case, path: &Path) -> Result<(), SynthError> {
         spacing: [1.0; 3],
         dims: [n; 3],
     };
-    let hu = add_noise(render(&case.scene, &grid), case_noise_seed(case));
+    let hu = add_noise(render(&case.scene, &grid), case.noise_seed);
     let mut header =
         format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({n}, {n}, {n}), }}");
     while (10 + header.len() + 1) % 64 != 0 {
@@ -763,15 +767,6 @@ fn write_crop(case: &Case, path: &Path) -> Result<(), SynthError> {
         bytes.extend_from_slice(&v.to_le_bytes());
     }
     std::fs::write(path, bytes).map_err(io_err(path))
-}
-
-fn case_noise_seed(case: &Case) -> u64 {
-    let mut r = SplitMix64::new(
-        case.origin
-            .iter()
-            .fold(case.risk.to_bits(), |a, v| a ^ v.to_bits().rotate_left(17)),
-    );
-    r.next_u64()
 }
 
 /// Summary of a generated set.
