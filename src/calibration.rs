@@ -134,30 +134,37 @@ pub fn fit(scores: &[f64], labels: &[bool]) -> Result<BetaCalibration, Calibrati
 /// Minimises `sum_i logloss(y_i, x_i.w + w0) + lambda/2 |w|^2` (intercept unpenalised) by
 /// Newton steps with halving; returns `[w..., w0]`.
 fn logistic_newton(x: &[Vec<f64>], y: &[f64], lambda: f64) -> Vec<f64> {
-    let d = x[0].len() + 1;
-    let row = |i: usize, k: usize| if k + 1 == d { 1.0 } else { x[i][k] };
+    // Rows with a trailing 1 for the intercept.
+    let rows: Vec<Vec<f64>> = x
+        .iter()
+        .map(|r| r.iter().copied().chain([1.0]).collect())
+        .collect();
+    let d = rows[0].len();
+    let linear = |row: &[f64], w: &[f64]| -> f64 { row.iter().zip(w).map(|(a, b)| a * b).sum() };
     let loss = |w: &[f64]| -> f64 {
-        let mut l = 0.0;
-        for i in 0..y.len() {
-            let z: f64 = (0..d).map(|k| row(i, k) * w[k]).sum();
-            // log(1 + e^z) - y z, computed stably.
-            l += z.max(0.0) + (-z.abs()).exp().ln_1p() - y[i] * z;
-        }
-        l + 0.5 * lambda * w[..d - 1].iter().map(|v| v * v).sum::<f64>()
+        let data: f64 = rows
+            .iter()
+            .zip(y)
+            .map(|(row, &yi)| {
+                let z = linear(row, w);
+                // log(1 + e^z) - y z, computed stably.
+                z.max(0.0) + (-z.abs()).exp().ln_1p() - yi * z
+            })
+            .sum();
+        data + 0.5 * lambda * w[..d - 1].iter().map(|v| v * v).sum::<f64>()
     };
     let mut w = vec![0.0; d];
     let mut current = loss(&w);
     for _ in 0..200 {
         let mut grad = vec![0.0; d];
         let mut hess = vec![vec![0.0; d]; d];
-        for i in 0..y.len() {
-            let z: f64 = (0..d).map(|k| row(i, k) * w[k]).sum();
-            let p = 1.0 / (1.0 + (-z).exp());
+        for (row, &yi) in rows.iter().zip(y) {
+            let p = 1.0 / (1.0 + (-linear(row, &w)).exp());
             let h = p * (1.0 - p);
-            for j in 0..d {
-                grad[j] += (p - y[i]) * row(i, j);
-                for k in 0..d {
-                    hess[j][k] += h * row(i, j) * row(i, k);
+            for (j, hess_row) in hess.iter_mut().enumerate() {
+                grad[j] += (p - yi) * row[j];
+                for (cell, &rk) in hess_row.iter_mut().zip(row) {
+                    *cell += h * row[j] * rk;
                 }
             }
         }
@@ -201,12 +208,14 @@ fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Option<Vec<f64>> {
         }
         a.swap(col, pivot);
         b.swap(col, pivot);
-        for r in col + 1..n {
-            let f = a[r][col] / a[col][col];
-            for c in col..n {
-                a[r][c] -= f * a[col][c];
+        let (upper, lower) = a.split_at_mut(col + 1);
+        let pivot_row = &upper[col];
+        for (offset, row) in lower.iter_mut().enumerate() {
+            let f = row[col] / pivot_row[col];
+            for (cell, &p) in row[col..].iter_mut().zip(&pivot_row[col..]) {
+                *cell -= f * p;
             }
-            b[r] -= f * b[col];
+            b[col + 1 + offset] -= f * b[col];
         }
     }
     let mut x = vec![0.0; n];

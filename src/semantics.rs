@@ -563,7 +563,9 @@ pub fn harmonise_lidc(path: &Path) -> Result<Vec<LidcLesion>, SemanticsError> {
         v.parse()
             .map_err(|_| table.bad(row, col, format!("`{v}` is not an integer")))
     };
-    let mut groups: BTreeMap<(i64, i64), (String, Vec<[f64; 9]>)> = BTreeMap::new();
+    // (scan_id, nodule_idx) -> (patient id, one rating row per reader)
+    type Readers = (String, Vec<[f64; 9]>);
+    let mut groups: BTreeMap<(i64, i64), Readers> = BTreeMap::new();
     for row in 0..table.rows.len() {
         let key = (integer(row, scan)?, integer(row, idx)?);
         let mut ratings = [0.0; 9];

@@ -330,7 +330,7 @@ impl Scene {
             harmonics.push(Harmonic {
                 axis: unit(rng),
                 order,
-                phase: rng.range(0.0, 6.28),
+                phase: rng.range(0.0, std::f64::consts::TAU),
                 amp,
             });
         }
