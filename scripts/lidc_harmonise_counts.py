@@ -47,3 +47,42 @@ for rows in groups.values():
     counts["readers>=3"] += len(rows) >= 3
 for k, v in sorted(counts.items()):
     print(f"{k}: {v}")
+
+# Semantic sampler weights (the reference's weighted="semantic"), lesions sorted by
+# (scan_id, nodule_idx): per column, missing -> most frequent class (ties: first met),
+# weight += ln(1 / count of the lesion's class); then (w - min + 1e-6) / (max - min).
+# Columns LIDC does not rate are entirely missing and skipped.
+import math
+
+lesions = []
+for key in sorted(groups):
+    rows = groups[key]
+    t = med(rows, "texture")
+    lesions.append({
+        "consistency": "Pure ground glass" if t < 2 else "Solid" if t > 4 else "Part-solid",
+        "shape": "Round" if med(rows, "sphericity") > 3 else "Ovoid",
+        "conspicuity": "Well" if med(rows, "margin") >= 3 else "Poorly",
+        "margin": "Lobulated" if med(rows, "lobulation") >= 3 else None,
+        "additional": "Spiculated" if med(rows, "spiculation") >= 3 else None,
+        "cyst": "Present" if mode(rows, "internalStructure") == 4 else "Absent",
+        "eccentric": "Present" if mode(rows, "calcification") == 4 else "Absent",
+    })
+weights = [0.0] * len(lesions)
+for col in lesions[0]:
+    values = [l[col] for l in lesions]
+    seen = {}
+    for v in values:
+        if v is not None:
+            seen[v] = seen.get(v, 0) + 1
+    if not seen:
+        continue
+    top = max(seen.values())
+    fill = next(v for v, n in seen.items() if n == top)
+    values = [fill if v is None else v for v in values]
+    count = Counter(values)
+    for i, v in enumerate(values):
+        weights[i] += math.log(1.0 / count[v])
+lo, hi = min(weights), max(weights)
+normalised = [(w - lo + 1e-6) / (hi - lo) for w in weights]
+print(f"weights: sum {sum(normalised)!r}, first {normalised[:3]!r}, "
+      f"argmax {normalised.index(max(normalised))}, zeros {sum(1 for w in normalised if w < 1e-5)}")

@@ -13,6 +13,8 @@
 //!   per known feature (absences included); the impression summarises size, consistency,
 //!   shape, margins and present findings, then the suspicion level; missing values are
 //!   skipped. The text then gets the reference's clean-up ([`reference_cleanup`]).
+//! - Zero-shot prompts: [`Feature::prompts`]; training sampler weights of the reference's
+//!   `weighted="semantic"`: [`semantic_sampling_weights`].
 //! - LIDC: [`harmonise_lidc`] maps radiologist ratings to these features (rules on the function).
 
 use std::collections::BTreeMap;
@@ -56,6 +58,23 @@ impl Feature {
         self.spellings
             .iter()
             .position(|alts| alts.iter().any(|s| normalise(s) == v))
+    }
+
+    /// Zero-shot prompts, one per class in class order (the paper's templates, as the
+    /// reference fixtures spell them): "This nodule <name> is <class>." for categorical
+    /// features; "There is <name>." and "No findings." for present / absent.
+    pub fn prompts(&self) -> Vec<String> {
+        if self.is_binary() {
+            vec![
+                format!("There is {}.", self.name),
+                "No findings.".to_string(),
+            ]
+        } else {
+            self.classes
+                .iter()
+                .map(|c| format!("This nodule {} is {c}.", self.name))
+                .collect()
+        }
     }
 }
 
@@ -485,6 +504,56 @@ pub fn generate_report(s: &Semantics) -> Report {
     }
 }
 
+/// Per-sample weights of the reference's `weighted="semantic"` sampler, for a training fold:
+/// for each of the 17 semantic columns (the 16 features plus the additional margin), missing
+/// values take the column's most frequent class (ties to the class met first), and a sample
+/// scores ln(1 / count of its class); the scores are summed over columns and min-max
+/// normalised as `(w - min + 1e-6) / (max - min)`. A column with no value at all is skipped
+/// (the reference would fail on it); when every sample scores the same, all weights are 1
+/// (the reference would divide by zero).
+pub fn semantic_sampling_weights(samples: &[Semantics]) -> Vec<f64> {
+    let mut weights = vec![0.0; samples.len()];
+    let columns = (0..N_FEATURES)
+        .map(|i| samples.iter().map(|s| s.classes[i]).collect::<Vec<_>>())
+        .chain(std::iter::once(
+            samples.iter().map(|s| s.additional_margin).collect(),
+        ));
+    for column in columns {
+        let mut counts: Vec<(usize, usize)> = Vec::new(); // (class, count) in order first met
+        for class in column.iter().flatten() {
+            match counts.iter_mut().find(|(c, _)| c == class) {
+                Some(entry) => entry.1 += 1,
+                None => counts.push((*class, 1)),
+            }
+        }
+        // Most frequent class; ties to the one met first.
+        let most = counts
+            .iter()
+            .enumerate()
+            .max_by_key(|&(order, &(_, n))| (n, std::cmp::Reverse(order)));
+        let Some((_, &(mode, _))) = most else {
+            continue;
+        };
+        if let Some(entry) = counts.iter_mut().find(|(c, _)| *c == mode) {
+            entry.1 += column.iter().filter(|v| v.is_none()).count();
+        }
+        for (w, value) in weights.iter_mut().zip(&column) {
+            let class = value.unwrap_or(mode);
+            let count = counts.iter().find(|(c, _)| *c == class).map_or(1, |e| e.1);
+            *w += (1.0 / count as f64).ln();
+        }
+    }
+    let min = weights.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = weights.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if !(max > min) {
+        return vec![1.0; samples.len()];
+    }
+    weights
+        .iter()
+        .map(|w| (w - min + 1e-6) / (max - min))
+        .collect()
+}
+
 /// One LIDC lesion after harmonisation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LidcLesion {
@@ -647,6 +716,24 @@ mod tests {
             generate_report(&s).findings,
             ["Size: mean diameter 11.4 mm.", "Consistency: solid."]
         );
+    }
+
+    #[test]
+    fn sampling_weights_favour_rare_classes_and_fill_missing_with_the_mode() {
+        let with = |shape: Option<usize>| {
+            let mut s = Semantics::default();
+            s.classes[SHAPE] = shape;
+            s
+        };
+        assert_eq!(
+            semantic_sampling_weights(&[with(Some(1)), with(Some(1))]),
+            [1.0, 1.0]
+        );
+        // Ovoid x2 (+1 missing filled with ovoid), round x1: ln(1/3) vs ln(1/1).
+        let w =
+            semantic_sampling_weights(&[with(Some(1)), with(None), with(Some(3)), with(Some(1))]);
+        let lo = 1e-6 / 3f64.ln();
+        assert_eq!(w, [lo, lo, (3f64.ln() + 1e-6) / 3f64.ln(), lo]);
     }
 
     #[test]

@@ -421,6 +421,15 @@ fn lidc_harmonisation_counts_match_python() {
     );
     assert_eq!(count(key("cyst_like_spaces"), 0), 4);
     assert_eq!(count(key("eccentric_calcification"), 0), 13);
+    // Sampler weights: the last line of the same script.
+    let samples: Vec<Semantics> = lesions.iter().map(|l| l.semantics.clone()).collect();
+    let w = semantics::semantic_sampling_weights(&samples);
+    close(w.iter().sum(), 296.12059056734006, 1e-9, "sum of weights");
+    close(w[0], 1.1494608630166375e-07, 1e-15, "weight 0");
+    close(w[1], 0.19657029538471113, 1e-12, "weight 1");
+    let argmax = (0..w.len()).max_by(|&a, &b| w[a].total_cmp(&w[b])).unwrap();
+    assert_eq!(argmax, 22);
+    assert_eq!(w.iter().filter(|&&x| x < 1e-5).count(), 1382);
     // Features LIDC does not rate stay missing, not absent.
     assert!(lesions
         .iter()
@@ -478,6 +487,31 @@ fn manifest_semantics_and_reports() {
     let err = Semantics::from_row(&bad, 0).unwrap_err().to_string();
     assert!(err.ends_with("line 2, column `nodule_shape`: `Triangular` is not one of Complex/Irregular, Ovoid, Polygonal, Round"), "{err}");
     assert_eq!(FEATURES.len(), 16);
+}
+
+#[test]
+fn zero_shot_prompts_equal_the_reference_fixtures() {
+    let text = std::fs::read_to_string(crate::util::reference().join("cases.json")).unwrap();
+    let cases: Value = serde_json::from_str(&text).unwrap();
+    let table = cases["zero_shot"].as_object().unwrap();
+    assert_eq!(table.len(), FEATURES.len());
+    for f in &FEATURES {
+        let entry = &table[f.key];
+        let classes: Vec<&str> = entry["classes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap())
+            .collect();
+        let prompts: Vec<&str> = entry["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap())
+            .collect();
+        assert_eq!(classes, f.classes, "{}", f.key);
+        assert_eq!(f.prompts(), prompts, "{}", f.key);
+    }
 }
 
 #[test]
