@@ -545,7 +545,7 @@ pub fn semantic_sampling_weights(samples: &[Semantics]) -> Vec<f64> {
     }
     let min = weights.iter().copied().fold(f64::INFINITY, f64::min);
     let max = weights.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    if !(max > min) {
+    if max <= min {
         return vec![1.0; samples.len()];
     }
     weights
