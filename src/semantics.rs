@@ -61,8 +61,8 @@ impl Feature {
     }
 
     /// Zero-shot prompts, one per class in class order (the paper's templates, as the
-    /// reference fixtures spell them): "This nodule <name> is <class>." for categorical
-    /// features; "There is <name>." and "No findings." for present / absent.
+    /// reference fixtures spell them): `This nodule <name> is <class>.` for categorical
+    /// features; `There is <name>.` and `No findings.` for present / absent.
     pub fn prompts(&self) -> Vec<String> {
         if self.is_binary() {
             vec![
