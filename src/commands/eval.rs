@@ -11,7 +11,7 @@ use anyhow::Context;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Scores CSV: columns label (0/1), score (probability) and optionally patient_id
-    /// (bootstrap resamples patients when present) and `zs_<feature>_<class>` zero-shot columns.
+    /// (bootstrap resamples patients when present) and `zs_<feature key>_<class index>` zero-shot probabilities (truth in the feature's manifest column).
     #[arg(long)]
     pub scores: PathBuf,
     /// Output folder for eval.json and the PNG plots (created if needed).
