@@ -2,4 +2,6 @@
 
 pub mod bundle;
 pub mod planes;
+pub mod eval;
 pub mod score;
+pub mod synth;

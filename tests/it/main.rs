@@ -4,5 +4,7 @@
 mod bundle_store;
 mod model;
 mod preprocess;
+mod eval;
+mod synth;
 mod util;
 mod volume;
