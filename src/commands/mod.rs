@@ -1,7 +1,7 @@
 //! One module per CLI subcommand; each has `Args` (clap) and `run(args) -> anyhow::Result<()>`.
 
 pub mod bundle;
-pub mod planes;
 pub mod eval;
+pub mod planes;
 pub mod score;
 pub mod synth;

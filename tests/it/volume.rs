@@ -833,8 +833,16 @@ fn pt_crop_written_by_torch_reads_exactly() {
     let want = |name: &str| -> Vec<f32> {
         let t = st.tensor(name).unwrap();
         match t.dtype() {
-            safetensors::Dtype::F64 => t.data().chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
-            _ => t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+            safetensors::Dtype::F64 => t
+                .data()
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
+                .collect(),
+            _ => t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
         }
     };
     let expected_crop = want("synthetic0.crop_hu");
@@ -843,7 +851,12 @@ fn pt_crop_written_by_torch_reads_exactly() {
         assert_eq!(crop.at(z, y, x), *e, "voxel ({z},{y},{x})");
     }
     let planes = noduled::preprocess::nine_planes(&crop);
-    let err = planes.0.iter().zip(want("synthetic0.planes01")).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let err = planes
+        .0
+        .iter()
+        .zip(want("synthetic0.planes01"))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     assert!(err <= 1e-4, "planes01 max abs error {err}");
 }
 
