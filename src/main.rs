@@ -27,6 +27,10 @@ enum Command {
     Demo(commands::demo::Args),
     /// Draw the nine planes of one nodule into a PNG.
     Planes(commands::planes::Args),
+    /// Evaluate malignancy scores: AUROC/AUPRC with bootstrap CIs, calibration, plots.
+    Eval(commands::eval::Args),
+    /// Write synthetic nodule CT volumes with known semantics and a manifest.
+    Synth(commands::synth::Args),
 }
 
 fn main() {
@@ -38,6 +42,8 @@ fn main() {
         Command::Run(args) => commands::run::run(args),
         Command::Demo(args) => commands::demo::run(args),
         Command::Planes(args) => commands::planes::run(args),
+        Command::Eval(args) => commands::eval::run(args),
+        Command::Synth(args) => commands::synth::run(args),
     };
     if let Err(err) = result {
         eprintln!("noduled: {err:#}");

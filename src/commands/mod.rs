@@ -2,6 +2,8 @@
 
 pub mod bundle;
 pub mod demo;
+pub mod eval;
 pub mod planes;
 pub mod run;
 pub mod score;
+pub mod synth;

@@ -37,7 +37,7 @@ pub struct Args {
 }
 
 /// Parses "X,Y,Z" into three finite numbers.
-fn parse_coord(s: &str) -> Result<[f64; 3], String> {
+pub fn parse_coord(s: &str) -> Result<[f64; 3], String> {
     let v: Vec<f64> = s
         .split(',')
         .map(|t| {
