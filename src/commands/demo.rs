@@ -3,7 +3,9 @@
 //! chest CT region with its nodule coordinate) into its inbox, waits for the result in the
 //! outbox and prints it.
 
-use crate::config::Config;
+use crate::config::{
+    Config, HealthConfig, InboxConfig, JobsConfig, ModelConfig, MqttConfig, OutboxConfig,
+};
 use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -76,14 +78,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&state).with_context(|| state.display().to_string())?;
     let state = state.canonicalize()?;
 
-    let mut cfg = Config::default();
-    cfg.state_dir = state.clone();
-    cfg.inbox.path = state.join("inbox");
-    cfg.outbox.path = state.join("outbox");
-    cfg.model.path = model.clone();
-    cfg.jobs.data_roots = vec![job_dir.clone()];
-    cfg.mqtt.enabled = false;
-    cfg.health.enabled = false;
+    let defaults = Config::default();
+    let cfg = Config {
+        state_dir: state.clone(),
+        inbox: InboxConfig {
+            enabled: true,
+            path: state.join("inbox"),
+        },
+        outbox: OutboxConfig {
+            path: state.join("outbox"),
+            ..defaults.outbox
+        },
+        model: ModelConfig {
+            path: model.clone(),
+        },
+        jobs: JobsConfig {
+            data_roots: vec![job_dir.clone()],
+            ..defaults.jobs
+        },
+        mqtt: MqttConfig {
+            enabled: false,
+            ..defaults.mqtt
+        },
+        health: HealthConfig {
+            enabled: false,
+            ..defaults.health
+        },
+        ..defaults
+    };
     let settings = cfg.validate(&std::env::current_dir()?)?;
     let outbox = settings.outbox.clone();
     let inbox = state.join("inbox");

@@ -139,6 +139,17 @@ impl Inbox {
     }
 }
 
+/// What [`JobQueue::pop_timeout`] found.
+#[derive(Debug)]
+pub enum Pop {
+    /// A job file and when it was noticed.
+    Job(PathBuf, Instant),
+    /// Nothing within the timeout.
+    Empty,
+    /// The queue was closed (shutdown).
+    Closed,
+}
+
 /// Jobs waiting for the worker: file paths (in the inbox, or in `processing/` when
 /// recovered), de-duplicated, with the time each was noticed.
 #[derive(Debug, Default)]
@@ -164,8 +175,9 @@ impl JobQueue {
         }
     }
 
-    /// Takes the next job, waiting at most `timeout`. `Err(())` once closed.
-    pub fn pop_timeout(&self, timeout: Duration) -> Result<Option<(PathBuf, Instant)>, ()> {
+    /// Takes the next job (its path and when it was noticed), waiting at most `timeout`;
+    /// `Pop::Closed` once closed.
+    pub fn pop_timeout(&self, timeout: Duration) -> Pop {
         let mut q = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if q.items.is_empty() && !q.closed {
             q = self
@@ -175,13 +187,16 @@ impl JobQueue {
                 .0;
         }
         if q.closed {
-            return Err(());
+            return Pop::Closed;
         }
         let item = q.items.pop_front();
         if let Some((p, _)) = &item {
             q.queued.remove(p);
         }
-        Ok(item)
+        match item {
+            Some((p, t)) => Pop::Job(p, t),
+            None => Pop::Empty,
+        }
     }
 
     /// Jobs waiting.

@@ -139,7 +139,7 @@ impl Outbox {
                 all.push((p, t, len, unsent));
             }
         }
-        all.sort_by(|a, b| a.1.cmp(&b.1));
+        all.sort_by_key(|f| f.1);
         let mut total: u64 = all.iter().map(|f| f.2).sum();
         let mut dropped = 0;
         for (p, t, len, unsent) in all {

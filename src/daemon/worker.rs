@@ -4,6 +4,7 @@
 //! loop and checks the stop flag between nodules: on SIGTERM it finishes the nodule in hand
 //! and leaves the job in `processing/`, where the next start picks it up.
 
+use super::inbox::Pop;
 use super::job::{self, CheckedJob, JobError, JobResult, PathPolicy, Timings};
 use super::systemd::Watchdog;
 use super::Shared;
@@ -35,9 +36,9 @@ pub fn run(shared: Arc<Shared>, policy: PathPolicy, watchdog: Arc<Watchdog>) {
             last_prune = Instant::now();
         }
         match shared.queue.pop_timeout(watchdog.poll_every()) {
-            Err(()) => return,
-            Ok(None) => {}
-            Ok(Some((path, noticed))) => {
+            Pop::Closed => return,
+            Pop::Empty => {}
+            Pop::Job(path, noticed) => {
                 shared.status_changed.notify_one();
                 process(&shared, &policy, &watchdog, &path, noticed);
                 prune(&shared);
