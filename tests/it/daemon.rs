@@ -506,3 +506,23 @@ fn sigterm_mid_job_finishes_the_nodule_then_resumes_after_restart() {
     assert_eq!(r["status"], "ok");
     assert_eq!(r["nodules"].as_array().unwrap().len(), 12);
 }
+
+#[test]
+fn outbox_bounds_drop_results_and_say_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A 1-byte bound: every unpublished result is dropped as soon as it is written.
+    let cfg = config_text(tmp.path(), &model(), "", "")
+        .replace("[outbox]\n", "[outbox]\nmax_bytes = 1\n");
+    let d = Daemon::start(tmp.path(), &cfg);
+    d.drop_job("a.json", &job(&d, "a", "P1", 1));
+    d.drop_job("b.json", &job(&d, "b", "P1", 1));
+    wait_for(30, "two jobs done", || {
+        (d.metric("noduled_jobs_done_total") == Some(2.0)).then_some(())
+    });
+    wait_for(10, "two results dropped", || {
+        (d.metric("noduled_outbox_dropped_total") == Some(2.0)).then_some(())
+    });
+    assert!(d.results().is_empty());
+    assert_eq!(d.metric("noduled_outbox_bytes"), Some(0.0));
+    assert!(d.log().contains("outbox bound reached"));
+}
