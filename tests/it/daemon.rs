@@ -491,7 +491,7 @@ fn sigterm_mid_job_finishes_the_nodule_then_resumes_after_restart() {
     assert!(st.success(), "{st}: {}", d.log());
     // It stopped after the nodule in hand, not after the whole job.
     assert!(
-        t0.elapsed() < Duration::from_secs(5),
+        t0.elapsed() < Duration::from_secs(10),
         "took {:?}",
         t0.elapsed()
     );
