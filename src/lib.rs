@@ -19,6 +19,7 @@
 pub mod bundle;
 pub mod calibration;
 pub mod commands;
+pub mod convert;
 pub mod engine;
 pub mod model;
 pub mod nodule;

@@ -21,6 +21,8 @@ enum Command {
     Score(commands::score::Args),
     /// Model bundles: keys, sign, verify, install, rollback.
     Bundle(commands::bundle::Args),
+    /// Convert released checkpoints into a model bundle.
+    Convert(commands::convert::Args),
 }
 
 fn main() {
@@ -35,6 +37,7 @@ fn main() {
     let result = match cli.command {
         Command::Score(args) => commands::score::run(args),
         Command::Bundle(args) => commands::bundle::run(args),
+        Command::Convert(args) => commands::convert::run(args),
     };
     if let Err(err) = result {
         eprintln!("noduled: {err:#}");
