@@ -146,3 +146,61 @@ impl Module for MappedQ8 {
         xs.contiguous()?.apply_op1_no_bwd(self)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{DType, Device};
+    use std::io::Write;
+
+    /// Blocks written by `quantize_q8_0` and read from a mapping equal candle's own q8_0
+    /// quantisation, and the in-place matmul matches x W^T on the dequantised weight to the
+    /// q8_0 rounding of x.
+    #[test]
+    fn mapped_blocks_match_candle_q8_0_and_matmul() {
+        let dev = Device::Cpu;
+        let (out_dim, in_dim, rows) = (40, 96, 7);
+        let w = Tensor::randn(0f32, 0.05, (out_dim, in_dim), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (rows, in_dim), &dev).unwrap();
+        let bytes = quantize_q8_0(&w).unwrap();
+        assert_eq!(bytes.len(), MappedQ8::byte_len(out_dim, in_dim));
+        let mut file = tempfile_in_target();
+        file.1.write_all(&[0u8; 2]).unwrap();
+        file.1.write_all(&bytes).unwrap();
+        file.1.flush().unwrap();
+        let reader = std::fs::File::open(&file.0).unwrap();
+        let map = Arc::new(unsafe { memmap2::Mmap::map(&reader).unwrap() });
+        let q = MappedQ8::new(map.clone(), 2, out_dim, in_dim).unwrap();
+        assert!(MappedQ8::new(map.clone(), 1, out_dim, in_dim).is_err());
+        assert!(MappedQ8::new(map, 4, out_dim, in_dim).is_err());
+        let deq = q.dequantize().unwrap();
+        let candle = QTensor::quantize(&w, GgmlDType::Q8_0)
+            .unwrap()
+            .dequantize(&dev)
+            .unwrap();
+        let diff = |a: &Tensor, b: &Tensor| -> f32 {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        assert_eq!(diff(&deq, &candle), 0.0);
+        let y = q.forward(&x).unwrap();
+        let want = x.matmul(&deq.t().unwrap()).unwrap();
+        let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(diff(&y, &want) <= 0.02 * scale, "{}", diff(&y, &want));
+        std::fs::remove_file(&file.0).ok();
+    }
+
+    fn tempfile_in_target() -> (std::path::PathBuf, std::fs::File) {
+        let path = std::env::temp_dir().join(format!("mapped-q8-{}.bin", std::process::id()));
+        (path.clone(), std::fs::File::create(&path).unwrap())
+    }
+}
