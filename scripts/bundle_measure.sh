@@ -23,7 +23,7 @@ done
 for p in f32 f16 q8_0; do
   for i in 1 2; do
     s=$(date +%s%N)
-    "$BIN" score --model "$W/$p" --planes "$W/nodule.safetensors" > /dev/null
+    NODULED_LOG=info "$BIN" score --model "$W/$p" --planes "$W/nodule.safetensors" 2>&1 > /dev/null | grep -o 'bundle loaded.*\|nodules scored.*' 
     e=$(date +%s%N)
     echo "$p run $i: process start to first score $(( (e - s) / 1000000 )) ms"
   done
@@ -31,6 +31,7 @@ done
 "$EX/bundle_bench" "$W/f32" --save "$W/f32.json"
 "$EX/bundle_bench" "$W/f16" --compare "$W/f32.json"
 "$EX/bundle_bench" "$W/q8_0" --compare "$W/f32.json"
+NODULED_Q8_KERNEL=inplace "$EX/bundle_bench" "$W/q8_0" --compare "$W/f32.json"
 if [ "${2:-}" = "--checkpoint-baseline" ]; then
   "$EX/bundle_bench" "$W/ckpt" --compare "$W/f32.json"
 fi

@@ -18,7 +18,7 @@ use super::checkpoint::{specs, Role};
 use super::config::{LoraLayout, ModelConfig};
 use super::heads::FoldHeads;
 use super::linear::BaseWeight;
-use super::mapped::{MappedQ8, SharedMap, Q8_0_BLOCK_BYTES, Q8_0_BLOCK_VALUES};
+use super::mapped::{MappedQ8, Q8Kernel, SharedMap, Q8_0_BLOCK_BYTES, Q8_0_BLOCK_VALUES};
 use super::prompts::{Feature, ZeroShotSpec};
 use super::weights::Weights;
 use super::{ModelError, NoduleModel};
@@ -278,13 +278,7 @@ impl MappedFile {
                 path: self.path.clone(),
                 msg: format!("`{key}`: {e}"),
             })?;
-        let finite = t
-            .to_dtype(DType::F64)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f64>())?
-            .iter()
-            .all(|v| v.is_finite());
-        if !finite {
+        if !all_finite(&t)? {
             return Err(ModelError::Read {
                 path: self.path.clone(),
                 msg: format!("`{key}` has non-finite values"),
@@ -327,6 +321,23 @@ impl MappedFile {
     }
 }
 
+/// Whether every value of a contiguous CPU tensor is finite, read in place.
+fn all_finite(t: &Tensor) -> Result<bool, ModelError> {
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("tensor is not contiguous".into()))?;
+    Ok(match &*storage {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
+            v[start..end].iter().all(|x| x.is_finite())
+        }
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F64(v)) => {
+            v[start..end].iter().all(|x| x.is_finite())
+        }
+        _ => return Err(candle_core::Error::Msg("expected an f32 or f64 CPU tensor".into()).into()),
+    })
+}
+
 /// Reads the golden input `planes01` (U8, value / 255) from `dir/<golden.file>`.
 pub fn read_golden(dir: &Path, golden: &Golden) -> Result<Planes01, ModelError> {
     let f = MappedFile::open(&dir.join(&golden.file))?;
@@ -348,6 +359,7 @@ impl NoduleModel {
         let base = MappedFile::open(&dir.join(&payload.base))?;
         let q8: std::collections::HashSet<&str> = payload.q8_0.iter().map(String::as_str).collect();
         let all_specs = specs(cfg);
+        let kernel = Q8Kernel::from_env();
         let mut base_tensors = HashMap::new();
         let mut special = HashMap::new();
         for spec in all_specs
@@ -357,7 +369,11 @@ impl NoduleModel {
             if q8.contains(spec.key.as_str()) {
                 let (o, i) = (spec.shape[0], spec.shape[1]);
                 let w = base.q8_0(&spec.key, o, i)?;
-                special.insert(spec.key.clone(), (BaseWeight::Mapped(w), o, i));
+                let w = match kernel {
+                    Q8Kernel::InPlace => BaseWeight::Mapped(w),
+                    Q8Kernel::Candle => BaseWeight::Quantized(w.to_qmatmul()?),
+                };
+                special.insert(spec.key.clone(), (w, o, i));
             } else {
                 base_tensors.insert(
                     spec.key.clone(),

@@ -99,6 +99,79 @@ impl MappedQ8 {
     }
 }
 
+/// How a mapped q8_0 weight is multiplied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Q8Kernel {
+    /// candle's q8_0 row-by-row kernel directly on the mapped blocks: no copy at all.
+    InPlace,
+    /// candle's `QMatMul` over the mapped blocks: where candle has a repacked kernel (x86 with
+    /// AVX-512 VNNI) it builds the repacked copy on the heap on first use (faster, more
+    /// resident memory); elsewhere it computes on the mapping as `InPlace` does.
+    Candle,
+}
+
+impl Q8Kernel {
+    /// From `NODULED_Q8_KERNEL` (`inplace` or `candle`); default `candle`.
+    pub fn from_env() -> Self {
+        match std::env::var("NODULED_Q8_KERNEL").as_deref() {
+            Ok("inplace") => Self::InPlace,
+            _ => Self::Candle,
+        }
+    }
+}
+
+impl MappedQ8 {
+    /// The weight as a candle `QMatMul` whose storage is the mapping (see [`Q8Kernel`]).
+    pub fn to_qmatmul(&self) -> Result<candle_core::quantized::QMatMul> {
+        use candle_core::quantized::{QMatMul, QStorage, QTensor};
+        let storage = QStorage::Cpu(Box::new(MappedBlocks(self.clone())));
+        QMatMul::from_qtensor(QTensor::new(storage, (self.out_dim, self.in_dim))?)
+    }
+}
+
+/// A mapped q8_0 matrix as candle quantised storage (read-only: the `from_float` methods,
+/// which only quantisation calls, leave it unchanged).
+struct MappedBlocks(MappedQ8);
+
+impl candle_core::quantized::QuantizedType for MappedBlocks {
+    fn dtype(&self) -> candle_core::quantized::GgmlDType {
+        candle_core::quantized::GgmlDType::Q8_0
+    }
+    fn matmul_t(&self, mkn: (usize, usize, usize), lhs: &[f32], dst: &mut [f32]) -> Result<()> {
+        k_quants::matmul(mkn, lhs, self.0.blocks(), dst)
+    }
+    fn matmul_t_f16(
+        &self,
+        mkn: (usize, usize, usize),
+        lhs: &[half::f16],
+        dst: &mut [half::f16],
+    ) -> Result<()> {
+        k_quants::matmul_f16(mkn, lhs, self.0.blocks(), dst)
+    }
+    fn embedding(&self, _ids: &[u32], _rows: usize, _hidden: usize) -> Result<CpuStorage> {
+        candle_core::bail!("mapped q8_0 weights are not embeddings")
+    }
+    fn dequantize(&self, elem_count: usize) -> Result<CpuStorage> {
+        let mut ys = vec![0f32; elem_count];
+        BlockQ8_0::to_float(self.0.blocks(), &mut ys);
+        Ok(CpuStorage::F32(ys))
+    }
+    fn storage_size_in_bytes(&self) -> usize {
+        self.0.blocks().len() * Q8_0_BLOCK_BYTES
+    }
+    fn as_ptr(&self) -> *const u8 {
+        self.0.blocks().as_ptr() as *const u8
+    }
+    fn block_size(&self) -> usize {
+        Q8_0_BLOCK_VALUES
+    }
+    fn from_float(&mut self, _xs: &[f32]) {}
+    fn from_float_imatrix(&mut self, _xs: &[f32], _w: &[f32], _n: usize) {}
+    fn size(&self) -> usize {
+        self.storage_size_in_bytes()
+    }
+}
+
 /// Quantises a float matrix [out, in] to q8_0 bytes in the layout [`MappedQ8`] reads.
 pub fn quantize_q8_0(weight: &Tensor) -> Result<Vec<u8>> {
     let (out_dim, in_dim) = weight.dims2()?;
