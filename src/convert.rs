@@ -14,7 +14,7 @@
 //! fixed synthetic nodule crop); those outputs are recorded in the manifest for the self-test.
 
 use crate::bundle::{self, FoldEntry, Manifest, Provenance};
-use crate::model::bundle::{Golden, Payload, PromptFeature, GOLDEN_KEY, TEXT_EMBEDDINGS_KEY};
+use crate::model::bundle::{Golden, Payload, GOLDEN_KEY, TEXT_EMBEDDINGS_KEY};
 use crate::model::mapped::quantize_q8_0;
 use crate::model::{checkpoint, read_prompts, ModelError, NoduleModel};
 use crate::nodule::{Planes01, N_PLANES, PLANE_SIDE};
@@ -384,20 +384,16 @@ pub fn convert(src: &Path, out: &Path, opts: &Options) -> Result<Manifest, Conve
         q8_0: q8_keys,
         f16: f16_keys,
         source_layout: layout,
-        prompts: Payload::prompts_of(&zero_shot)
-            .into_iter()
-            .collect::<Vec<PromptFeature>>(),
+        prompts: Payload::prompts_of(&zero_shot),
         golden: Golden {
             file: GOLDEN_FILE.into(),
             tolerance: opts.tolerance,
             probs: source_probs.clone(),
-            zero_shot: vec![vec![]; source_probs.len()],
+            // Placeholders of the right size until the bundle has scored the golden input.
+            zero_shot: vec![vec![0.0; zero_shot.prompts().len()]; source_probs.len()],
             source_probs,
         },
     };
-    for z in payload.golden.zero_shot.iter_mut() {
-        *z = vec![0.0; zero_shot.prompts().len()];
-    }
     manifest.model = serde_json::to_value(&payload).expect("payload serialises");
     manifest.write(&staging)?;
 

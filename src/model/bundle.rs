@@ -334,7 +334,9 @@ fn all_finite(t: &Tensor) -> Result<bool, ModelError> {
         candle_core::Storage::Cpu(candle_core::CpuStorage::F64(v)) => {
             v[start..end].iter().all(|x| x.is_finite())
         }
-        _ => return Err(candle_core::Error::Msg("expected an f32 or f64 CPU tensor".into()).into()),
+        _ => {
+            return Err(candle_core::Error::Msg("expected an f32 or f64 CPU tensor".into()).into())
+        }
     })
 }
 
@@ -424,5 +426,42 @@ impl NoduleModel {
             device: Device::Cpu,
         };
         Ok((model, info))
+    }
+}
+
+impl NoduleModel {
+    /// Computes every fold's L2-normalised embeddings of `spec`'s prompts from the bundle's
+    /// text tower (`text.safetensors` plus each fold's text LoRA and head), as f64
+    /// [prompts, out_dim] per fold: what a new prompt set needs. Scoring never calls this.
+    pub fn bundle_prompt_embeddings(
+        dir: &Path,
+        spec: &ZeroShotSpec,
+    ) -> Result<Vec<Tensor>, ModelError> {
+        let info = BundleInfo::read(dir)?;
+        let cfg = &info.config;
+        let text = MappedFile::open(&dir.join(&info.payload.text))?;
+        let all_specs = specs(cfg);
+        let mut base = HashMap::new();
+        for s in all_specs
+            .iter()
+            .filter(|s| s.role != Role::Fold && !s.key.starts_with("vision_model."))
+        {
+            base.insert(s.key.clone(), text.float(&s.key, &s.shape, DType::F32)?);
+        }
+        let mut folds = Vec::new();
+        for entry in &info.manifest.folds {
+            let f = MappedFile::open(&dir.join(&entry.file))?;
+            let mut own = HashMap::new();
+            for s in all_specs.iter().filter(|s| s.role == Role::Fold) {
+                own.insert(s.key.clone(), f.float(&s.key, &s.shape, DType::F32)?);
+            }
+            folds.push(own);
+        }
+        let weights = Weights::new(base, folds, cfg.lora_scale());
+        let tower = super::text::TextTower::new(cfg, &weights)?;
+        let heads = (0..weights.n_folds())
+            .map(|k| FoldHeads::new(&weights, k))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        super::prompt_embeddings(&tower, &heads, spec, cfg.context, &Device::Cpu)
     }
 }

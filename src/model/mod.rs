@@ -331,7 +331,7 @@ pub fn read_prompts(dir: &Path) -> Result<ZeroShotSpec, ModelError> {
 }
 
 /// Runs the text tower once over the distinct prompts for all folds, then each fold's head.
-fn prompt_embeddings(
+pub(crate) fn prompt_embeddings(
     text: &text::TextTower,
     heads: &[FoldHeads],
     spec: &ZeroShotSpec,
