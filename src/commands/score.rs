@@ -7,7 +7,8 @@ use std::path::PathBuf;
 /// Arguments of `noduled score`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Model: a checkpoint folder (fold_k/best_both.pt + fold_k/calibration.json).
+    /// Model: a bundle directory, a model store (its `current` bundle) or a checkpoint folder
+    /// (fold_k/best_both.pt + fold_k/calibration.json).
     #[arg(long)]
     pub model: PathBuf,
     /// A safetensors file with tensor `planes01` [9,224,224] in [0,1].

@@ -142,7 +142,7 @@ impl BundleInfo {
             path: path.clone(),
             msg,
         };
-        let manifest = Manifest::read(dir).map_err(|e| err(e.to_string()))?;
+        let manifest = Manifest::read(dir)?;
         let config: ModelConfig = serde_json::from_value(manifest.config.clone())
             .map_err(|e| err(format!("`config`: {e}")))?;
         config

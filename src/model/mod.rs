@@ -122,6 +122,9 @@ pub enum ModelError {
         /// What is wrong.
         msg: String,
     },
+    /// A bundle's manifest could not be read.
+    #[error(transparent)]
+    Bundle(#[from] crate::bundle::BundleError),
     /// A tensor operation failed.
     #[error("model computation: {0}")]
     Compute(#[from] candle_core::Error),
