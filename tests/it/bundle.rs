@@ -407,3 +407,46 @@ fn verify_checks_the_config_against_the_weight_files() {
         "base.safetensors",
     );
 }
+
+/// A set whose folds do not share one base is refused, naming the file and the tensor, and no
+/// bundle directory is left behind.
+#[test]
+fn convert_refuses_folds_with_different_bases() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("model");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::copy(
+        reference().join("model/config.json"),
+        src.join("config.json"),
+    )
+    .unwrap();
+    let key = "vision_model.ln_post.bias";
+    for k in 0..3 {
+        let from = reference().join(format!("model/fold_{k}"));
+        let to = src.join(format!("fold_{k}"));
+        std::fs::create_dir_all(&to).unwrap();
+        std::fs::copy(from.join("calibration.json"), to.join("calibration.json")).unwrap();
+        let mut sd: HashMap<String, Tensor> =
+            candle_core::pickle::read_all_with_key(from.join("best_both.pt"), Some("model"))
+                .unwrap()
+                .into_iter()
+                .collect();
+        if k == 2 {
+            let t = (&sd[key] + 0.01).unwrap();
+            sd.insert(key.to_string(), t);
+        }
+        candle_core::safetensors::save(&sd, to.join("model.safetensors")).unwrap();
+    }
+    let out = tmp.path().join("b");
+    fails(
+        run(&[
+            OsStr::new("convert"),
+            "--checkpoints".as_ref(),
+            src.as_os_str(),
+            "--out".as_ref(),
+            out.as_os_str(),
+        ]),
+        &format!("fold_2/model.safetensors: tensor `{key}` differs from the shared base"),
+    );
+    assert!(!out.exists());
+}
