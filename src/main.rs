@@ -23,6 +23,12 @@ enum Command {
     Bundle(commands::bundle::Args),
     /// Convert released checkpoints into a model bundle.
     Convert(commands::convert::Args),
+    /// Draw the nine planes of one nodule into a PNG.
+    Planes(commands::planes::Args),
+    /// Evaluate malignancy scores: AUROC/AUPRC with bootstrap CIs, calibration, plots.
+    Eval(commands::eval::Args),
+    /// Write synthetic nodule CT volumes with known semantics and a manifest.
+    Synth(commands::synth::Args),
 }
 
 fn main() {
@@ -38,6 +44,9 @@ fn main() {
         Command::Score(args) => commands::score::run(args),
         Command::Bundle(args) => commands::bundle::run(args),
         Command::Convert(args) => commands::convert::run(args),
+        Command::Planes(args) => commands::planes::run(args),
+        Command::Eval(args) => commands::eval::run(args),
+        Command::Synth(args) => commands::synth::run(args),
     };
     if let Err(err) = result {
         eprintln!("noduled: {err:#}");

@@ -3,5 +3,10 @@
 
 mod bundle;
 mod bundle_store;
+mod eval;
 mod model;
+mod preprocess;
+mod score_ct;
+mod synth;
 mod util;
+mod volume;
