@@ -25,6 +25,8 @@ enum Command {
     Run(commands::run::Args),
     /// Run the daemon on embedded defaults, feed it the example CT, print the result.
     Demo(commands::demo::Args),
+    /// Convert released checkpoints into a model bundle.
+    Convert(commands::convert::Args),
     /// Draw the nine planes of one nodule into a PNG.
     Planes(commands::planes::Args),
     /// Evaluate malignancy scores: AUROC/AUPRC with bootstrap CIs, calibration, plots.
@@ -41,6 +43,7 @@ fn main() {
         Command::Bundle(args) => commands::bundle::run(args),
         Command::Run(args) => commands::run::run(args),
         Command::Demo(args) => commands::demo::run(args),
+        Command::Convert(args) => commands::convert::run(args),
         Command::Planes(args) => commands::planes::run(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Synth(args) => commands::synth::run(args),

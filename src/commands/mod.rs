@@ -1,6 +1,7 @@
 //! One module per CLI subcommand; each has `Args` (clap) and `run(args) -> anyhow::Result<()>`.
 
 pub mod bundle;
+pub mod convert;
 pub mod demo;
 pub mod eval;
 pub mod planes;
