@@ -71,6 +71,9 @@ pub struct ModelConfig {
     /// A checkpoint folder or a model bundle (typically a `current` link that an update
     /// switches; SIGHUP reloads whatever it points to).
     pub path: PathBuf,
+    /// Ed25519 public key file (minisign format). When set, only bundles signed with it are
+    /// loaded, at start and on reload; checkpoint folders and unsigned bundles are refused.
+    pub public_key: Option<PathBuf>,
 }
 
 /// `[jobs]`.
@@ -186,6 +189,7 @@ impl Default for ModelConfig {
     fn default() -> Self {
         Self {
             path: PathBuf::from("/var/lib/noduled/models/current"),
+            public_key: None,
         }
     }
 }
@@ -266,6 +270,8 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     /// Model path (absolute).
     pub model_path: PathBuf,
+    /// When set, only bundles signed with this key are loaded.
+    pub model_public_key: Option<crate::bundle::sign::PublicKey>,
     /// Allowed data roots (canonical where they exist).
     pub data_roots: Vec<PathBuf>,
     /// Largest job in bytes.
@@ -428,7 +434,15 @@ impl Config {
         } else {
             None
         };
+        let model_public_key = match &self.model.public_key {
+            Some(p) => Some(
+                crate::bundle::sign::PublicKey::read(&abs(p))
+                    .map_err(|e| invalid("model.public_key", e.to_string()))?,
+            ),
+            None => None,
+        };
         Ok(Settings {
+            model_public_key,
             state_dir: abs(&self.state_dir),
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
             model_path: abs(&self.model.path),

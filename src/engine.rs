@@ -31,6 +31,17 @@ pub fn load_verified(
     path: &std::path::Path,
     public_key: Option<&crate::bundle::sign::PublicKey>,
 ) -> anyhow::Result<Arc<dyn Scorer>> {
+    verify_signed(path, public_key)?;
+    load(&resolve(path))
+}
+
+/// Checks a model path as [`load_verified`] does, without loading it: a bundle (or a store's
+/// `current` bundle) verifies (hashes, and the signature when `public_key` is given); with a
+/// key, anything that is not a bundle is refused.
+pub fn verify_signed(
+    path: &std::path::Path,
+    public_key: Option<&crate::bundle::sign::PublicKey>,
+) -> anyhow::Result<()> {
     let path = resolve(path);
     if path.join(crate::bundle::MANIFEST).is_file() {
         crate::bundle::verify(&path, public_key)?;
@@ -40,7 +51,7 @@ pub fn load_verified(
             path.display()
         );
     }
-    load(&path)
+    Ok(())
 }
 
 /// A store directory resolves to its `current` bundle; anything else to itself.

@@ -91,6 +91,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
         model: ModelConfig {
             path: model.clone(),
+            public_key: None,
         },
         jobs: JobsConfig {
             data_roots: vec![job_dir.clone()],

@@ -172,11 +172,19 @@ impl Shared {
 
 /// Loads a model and runs its self-test: nine synthetic planes (a bright disc on lung-dark
 /// background) must give finite probabilities in [0, 1] and attention summing to 1.
-pub fn load_checked(loader: ModelLoader, path: &Path) -> Result<Arc<dyn Scorer>, DaemonError> {
+/// With `public_key`, the model must be a bundle signed with it (checked before loading).
+pub fn load_checked(
+    loader: ModelLoader,
+    path: &Path,
+    public_key: Option<&crate::bundle::sign::PublicKey>,
+) -> Result<Arc<dyn Scorer>, DaemonError> {
     let err = |msg: String| DaemonError::Model {
         path: path.display().to_string(),
         msg,
     };
+    if public_key.is_some() {
+        crate::engine::verify_signed(path, public_key).map_err(|e| err(format!("{e:#}")))?;
+    }
     let scorer = loader(path).map_err(|e| err(format!("{e:#}")))?;
     let mut planes = vec![0.1f32; N_PLANES * PLANE_SIDE * PLANE_SIDE];
     let c = PLANE_SIDE as f32 / 2.0;
@@ -262,13 +270,15 @@ pub async fn run_with(
 
     systemd::status("loading model");
     let model_path = settings.model_path.clone();
+    let model_key = settings.model_public_key.clone();
     let t = Instant::now();
-    let scorer = tokio::task::spawn_blocking(move || load_checked(loader, &model_path))
-        .await
-        .map_err(|e| DaemonError::Model {
-            path: settings.model_path.display().to_string(),
-            msg: e.to_string(),
-        })??;
+    let scorer =
+        tokio::task::spawn_blocking(move || load_checked(loader, &model_path, model_key.as_ref()))
+            .await
+            .map_err(|e| DaemonError::Model {
+                path: settings.model_path.display().to_string(),
+                msg: e.to_string(),
+            })??;
     let info = scorer.model_info();
     tracing::info!(model = %info.id, version = ?info.version, backend = %info.backend, ms = t.elapsed().as_millis() as u64, "model loaded and self-tested");
 
@@ -415,9 +425,10 @@ async fn reload(shared: &Arc<Shared>, loader: ModelLoader) {
     shared.set_state("reloading");
     systemd::reloading();
     let path = shared.settings.model_path.clone();
+    let key = shared.settings.model_public_key.clone();
     tracing::info!(model = %path.display(), "reloading the model");
     let loaded = tokio::task::spawn_blocking(move || {
-        let scorer = load_checked(loader, &path)?;
+        let scorer = load_checked(loader, &path, key.as_ref())?;
         // A bundle also carries a golden input recorded at convert time: check it too.
         if path.join(crate::bundle::MANIFEST).exists() {
             crate::engine::self_test(&path).map_err(|e| DaemonError::Model {

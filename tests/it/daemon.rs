@@ -526,3 +526,79 @@ fn outbox_bounds_drop_results_and_say_so() {
     assert_eq!(d.metric("noduled_outbox_bytes"), Some(0.0));
     assert!(d.log().contains("outbox bound reached"));
 }
+
+/// With `model.public_key` set, the daemon loads only bundles signed with that key: a
+/// checkpoint folder or an unsigned bundle is refused at start (exit 2, one line), a signed
+/// bundle serves.
+#[test]
+fn public_key_admits_only_signed_bundles() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(crate::util::bin())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let bundle = tmp.path().join("bundle");
+    let keybase = tmp.path().join("site");
+    run(&[
+        "convert",
+        "--checkpoints",
+        crate::util::reference().join("model").to_str().unwrap(),
+        "--out",
+        bundle.to_str().unwrap(),
+    ]);
+    run(&["bundle", "keygen", "--out", keybase.to_str().unwrap()]);
+    let key_line = format!(
+        "public_key = \"{}\"\n",
+        tmp.path().join("site.pub").display()
+    );
+    let refused = |model: &std::path::Path, want: &str| {
+        let dir = tmp.path().join(format!("d{}", want.len()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = config_text(&dir, model, "", "").replacen(
+            "[model]\n",
+            &format!("[model]\n{key_line}"),
+            1,
+        );
+        let path = dir.join("noduled.toml");
+        std::fs::write(&path, cfg).unwrap();
+        let out = std::process::Command::new(crate::util::bin())
+            .args(["run", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err.lines().last().unwrap_or("");
+        assert!(last.contains(want), "{err}");
+    };
+    refused(&crate::util::reference().join("model"), "not a bundle");
+    refused(&bundle, "only signed bundles");
+    run(&[
+        "bundle",
+        "sign",
+        bundle.to_str().unwrap(),
+        "--key",
+        tmp.path().join("site.key").to_str().unwrap(),
+    ]);
+    let dir = tmp.path().join("ok");
+    let cfg = config_text(&dir, &bundle, "", "").replacen(
+        "[model]\n",
+        &format!("[model]\n{key_line}"),
+        1,
+    );
+    let mut d = Daemon::start(&dir, &cfg);
+    assert_eq!(d.get("/readyz").map(|(code, _)| code), Some(200));
+    d.term(30);
+}
