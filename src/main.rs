@@ -21,6 +21,8 @@ enum Command {
     Score(commands::score::Args),
     /// Model bundles: keys, sign, verify, install, rollback.
     Bundle(commands::bundle::Args),
+    /// Per-nodule latency and peak memory of a model (or a random full-size one).
+    Bench(commands::bench::Args),
 }
 
 fn main() {
@@ -35,6 +37,7 @@ fn main() {
     let result = match cli.command {
         Command::Score(args) => commands::score::run(args),
         Command::Bundle(args) => commands::bundle::run(args),
+        Command::Bench(args) => commands::bench::run(args),
     };
     if let Err(err) = result {
         eprintln!("noduled: {err:#}");

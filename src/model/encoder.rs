@@ -6,8 +6,15 @@
 //! LayerNorm is written here in two passes (mean, then the mean of squared deviations, eps
 //! 1e-5), because candle-nn's fused kernel takes the variance as E[x^2] - E[x]^2 in f32,
 //! which loses digits on residual streams with a large mean.
+//!
+//! On the CPU in f32 the memory-bound steps run as fused kernels ([`super::kernels`]): each
+//! bias is applied in the pass that follows its GEMM (LoRA update, QuickGELU, residual add),
+//! and attention runs per batch and head without transposed copies. Elsewhere the same maths
+//! runs as plain candle ops.
 
+use super::kernels;
 use super::linear::{Linear, LoraLinear};
+use super::profile::timed;
 use super::weights::Weights;
 use candle_core::{Module, Result, Tensor, D};
 
@@ -44,6 +51,17 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        timed("layernorm", || {
+            match kernels::layer_norm(xs, &self.weight, &self.bias, self.eps)? {
+                Some(out) => Ok(out),
+                None => self.forward_unfused(xs),
+            }
+        })
+    }
+}
+
+impl LayerNorm {
+    fn forward_unfused(&self, xs: &Tensor) -> Result<Tensor> {
         let mean = xs.mean_keepdim(D::Minus1)?;
         let centred = xs.broadcast_sub(&mean)?;
         let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
@@ -81,26 +99,53 @@ impl Attention {
     }
 
     /// `xs` [b, t, d]; `mask` [t, t] added to the scores (causal text mask) or none.
+    /// Returns the heads' outputs side by side, [b, t, d], before the output projection
+    /// (the block fuses its bias with the residual add).
     fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, t, d) = xs.dims3()?;
         let hd = d / self.heads;
         let split = |x: Tensor| -> Result<Tensor> {
-            x.reshape((b, t, self.heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()
+            timed("attn.split", || {
+                x.reshape((b, t, self.heads, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            })
         };
-        let q = split(self.q_proj.forward(xs)?)?;
-        let k = split(self.k_proj.forward(xs)?)?;
-        let v = split(self.v_proj.forward(xs)?)?;
-        let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
-        let att = candle_nn::ops::softmax_last_dim(&scores)?;
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
-        self.proj.forward(&y)
+        let (q, k, v) = (
+            self.q_proj.forward(xs)?,
+            self.k_proj.forward(xs)?,
+            self.v_proj.forward(xs)?,
+        );
+        if let Some(y) = timed("attn.fused", || {
+            kernels::attention(&q, &k, &v, self.heads, mask)
+        })? {
+            return Ok(y);
+        }
+        let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+        let scores = timed("attn.scores", || {
+            let s = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+            match mask {
+                Some(m) => s.broadcast_add(m),
+                None => Ok(s),
+            }
+        })?;
+        let att = timed("attn.softmax", || candle_nn::ops::softmax_last_dim(&scores))?;
+        let y = timed("attn.av", || att.matmul(&v))?;
+        timed("attn.merge", || y.transpose(1, 2)?.reshape((b, t, d)))
     }
+}
+
+/// `residual + y + bias`, fused on the f32 CPU path.
+fn add_bias_residual(residual: &Tensor, y: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    timed("residual", || {
+        match kernels::bias_residual(residual, y, bias)? {
+            Some(out) => Ok(out),
+            None => match bias {
+                Some(b) => residual + y.broadcast_add(b)?,
+                None => residual + y,
+            },
+        }
+    })
 }
 
 /// One residual block.
@@ -126,10 +171,21 @@ impl Block {
 
     fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let residual = xs;
-        let xs = (residual + self.attn.forward(&self.ln_1.forward(xs)?, mask)?)?;
-        let residual = &xs;
-        let h = quick_gelu(&self.c_fc.forward(&self.ln_2.forward(&xs)?)?)?;
-        residual + self.c_proj.forward(&h)?
+        let a = self.attn.forward(&self.ln_1.forward(xs)?, mask)?;
+        let a = self.attn.proj.forward_no_bias(&a)?;
+        let xs = add_bias_residual(residual, &a, self.attn.proj.bias())?;
+        let f = self.c_fc.forward_no_bias(&self.ln_2.forward(&xs)?)?;
+        let h = timed("gelu", || {
+            match kernels::bias_quick_gelu(&f, self.c_fc.bias())? {
+                Some(h) => Ok(h),
+                None => quick_gelu(&match self.c_fc.bias() {
+                    Some(b) => f.broadcast_add(b)?,
+                    None => f,
+                }),
+            }
+        })?;
+        let m = self.c_proj.forward_no_bias(&h)?;
+        add_bias_residual(&xs, &m, self.c_proj.bias())
     }
 }
 
