@@ -196,9 +196,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut samples = Vec::with_capacity(args.nodules);
     crate::model::profile::enable(false);
     let mut check = 0.0;
+    let mut cpu_start = 0.0;
     for i in 0..args.warmup + args.nodules {
         if i == args.warmup {
             crate::model::profile::enable(args.profile);
+            cpu_start = crate::model::profile::process_cpu_s();
         }
         let t = Instant::now();
         let loaded;
@@ -241,10 +243,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ("model", stage(|s| s.model)),
         ("post", stage(|s| s.post)),
     ];
+    let cpu_s = crate::model::profile::process_cpu_s() - cpu_start;
     let per_nodule = 1.0 / args.nodules as f64;
     let mut ops = crate::model::profile::totals();
     crate::model::profile::enable(false);
-    ops.sort_by(|a, b| b.1.total_cmp(&a.1));
+    ops.sort_by(|a, b| b.cpu_s.total_cmp(&a.cpu_s));
     let model_total: f64 = samples.iter().map(|s| s.model).sum();
     let rss = peak_rss_mib();
     let backend = backend(threads);
@@ -276,10 +279,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "stages": stages_json,
             "peak_rss_mb": rss,
             "check": check,
-            "ops": ops.iter().map(|(l, s, c)| serde_json::json!({
-                "op": l,
-                "s_per_nodule": s * per_nodule,
-                "calls_per_nodule": *c as f64 * per_nodule,
+            "cpu_s_per_nodule": cpu_s * per_nodule,
+            "ops": ops.iter().map(|o| serde_json::json!({
+                "op": o.label,
+                "wall_s_per_nodule": o.wall_s * per_nodule,
+                "cpu_s_per_nodule": o.cpu_s * per_nodule,
+                "calls_per_nodule": o.calls as f64 * per_nodule,
             })).collect::<Vec<_>>(),
         });
         println!("{j}");
@@ -299,18 +304,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Some(r) => println!("peak RSS   {r:.0} MiB"),
             None => println!("peak RSS   unknown"),
         }
+        println!(
+            "CPU        {:.2} s per nodule (all threads)",
+            cpu_s * per_nodule
+        );
         if !ops.is_empty() {
-            println!("{:<14}{:>10}{:>8}{:>8}", "op", "ms/nod", "calls", "% model");
-            for (label, secs, calls) in &ops {
+            println!(
+                "{:<14}{:>10}{:>10}{:>8}{:>8}",
+                "op", "wall ms", "CPU ms", "calls", "% CPU"
+            );
+            let cpu_sum: f64 = ops.iter().map(|o| o.cpu_s).sum();
+            for o in &ops {
                 println!(
-                    "{label:<14}{:>10.1}{:>8.0}{:>8.1}",
-                    secs * per_nodule * 1e3,
-                    *calls as f64 * per_nodule,
-                    100.0 * secs / model_total
+                    "{:<14}{:>10.1}{:>10.1}{:>8.0}{:>8.1}",
+                    o.label,
+                    o.wall_s * per_nodule * 1e3,
+                    o.cpu_s * per_nodule * 1e3,
+                    o.calls as f64 * per_nodule,
+                    100.0 * o.cpu_s / cpu_sum
                 );
             }
-            let sum: f64 = ops.iter().map(|o| o.1).sum();
-            println!("{:<14}{:>10.1}", "(sum)", sum * per_nodule * 1e3);
+            let wall: f64 = ops.iter().map(|o| o.wall_s).sum();
+            println!(
+                "{:<14}{:>10.1}{:>10.1}   (per nodule, model {:.1} ms wall)",
+                "(sum)",
+                wall * per_nodule * 1e3,
+                cpu_sum * per_nodule * 1e3,
+                model_total * per_nodule * 1e3
+            );
         }
     }
     Ok(())

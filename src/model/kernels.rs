@@ -64,7 +64,38 @@ pub fn exp(x: f32) -> f32 {
     p * scale
 }
 
-/// Sum of a slice with eight independent lanes (vectorises without reassociation flags).
+/// Defines `$name(args)`, which runs `$body::<true>(args)` compiled for AVX2 + FMA when the
+/// CPU has them and `$body::<false>(args)` (baseline instructions) otherwise.
+macro_rules! dispatch {
+    ($name:ident => $body:ident($($arg:ident: $ty:ty),* $(,)?)) => {
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    #[target_feature(enable = "avx2,fma")]
+                    unsafe fn wide($($arg: $ty),*) {
+                        $body::<true>($($arg),*)
+                    }
+                    // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            $body::<false>($($arg),*)
+        }
+    };
+}
+
+/// `a * b + c`, fused where the CPU has FMA (the `FMA` paths are only called there).
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// Sum of `f` over a slice with eight independent lanes (vectorises without reassociation).
 #[inline(always)]
 fn sum8(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut acc = [0f32; 8];
@@ -81,27 +112,27 @@ fn sum8(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     s
 }
 
+/// The bias as a Vec of length `d` (zeros when absent), or `None` when it does not fit.
+fn bias_vec(bias: Option<&Tensor>, d: usize) -> Option<Vec<f32>> {
+    match bias {
+        Some(b) => with_f32(b, |b| b.to_vec()).filter(|b| b.len() == d),
+        None => Some(vec![0.0; d]),
+    }
+}
+
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let mut ca = a.chunks_exact(8);
-    let mut cb = b.chunks_exact(8);
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
+fn ln_rows<const FMA: bool>(o: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) {
+    let d = w.len();
+    for (o, x) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+        let mean = sum8(x, |v| v) / d as f32;
+        let var = sum8(x, |v| (v - mean) * (v - mean)) / d as f32;
+        let inv = 1.0 / (var + eps).sqrt();
+        for i in 0..d {
+            o[i] = madd::<FMA>((x[i] - mean) * inv, w[i], b[i]);
         }
     }
-    let mut s: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for v in acc {
-        s += v;
-    }
-    s
 }
+dispatch!(ln_task => ln_rows(o: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32));
 
 /// LayerNorm over the last axis (two passes per row: mean, then mean squared deviation).
 pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Option<Tensor>> {
@@ -120,47 +151,54 @@ pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resu
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(d * ROWS_PER_TASK)
             .zip(x.par_chunks(d * ROWS_PER_TASK))
-            .for_each(|(o, x)| {
-                for (o, x) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-                    let mean = sum8(x, |v| v) / d as f32;
-                    let var = sum8(x, |v| (v - mean) * (v - mean)) / d as f32;
-                    let inv = 1.0 / (var + eps).sqrt();
-                    for i in 0..d {
-                        o[i] = (x[i] - mean) * inv * w[i] + b[i];
-                    }
-                }
-            });
+            .for_each(|(o, x)| ln_task(o, x, &w, &b, eps));
         out
     });
     out.map(|v| from_vec(v, xs)).transpose()
 }
 
+#[inline(always)]
+fn gelu_rows<const FMA: bool>(o: &mut [f32], x: &[f32], b: &[f32]) {
+    let d = b.len();
+    for (o, x) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+        for i in 0..d {
+            let v = x[i] + b[i];
+            o[i] = v / (1.0 + exp(-1.702 * v));
+        }
+    }
+}
+dispatch!(gelu_task => gelu_rows(o: &mut [f32], x: &[f32], b: &[f32]));
+
 /// `QuickGELU(y + bias)`, QuickGELU(x) = x * sigmoid(1.702 x), bias over the last axis.
 pub fn bias_quick_gelu(y: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
     let d = y.dim(candle_core::D::Minus1)?;
-    let b = match bias {
-        Some(b) => match with_f32(b, |b| b.to_vec()) {
-            Some(b) if b.len() == d => b,
-            _ => return Ok(None),
-        },
-        None => vec![0.0; d],
+    let Some(b) = bias_vec(bias, d).filter(|_| d > 0) else {
+        return Ok(None);
     };
     let out = with_f32(y, |x| {
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(d * ROWS_PER_TASK)
             .zip(x.par_chunks(d * ROWS_PER_TASK))
-            .for_each(|(o, x)| {
-                for (o, x) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-                    for i in 0..d {
-                        let v = x[i] + b[i];
-                        o[i] = v / (1.0 + exp(-1.702 * v));
-                    }
-                }
-            });
+            .for_each(|(o, x)| gelu_task(o, x, &b));
         out
     });
     out.map(|v| from_vec(v, y)).transpose()
 }
+
+#[inline(always)]
+fn residual_rows<const FMA: bool>(o: &mut [f32], x: &[f32], r: &[f32], b: &[f32]) {
+    let d = b.len();
+    for ((o, x), r) in o
+        .chunks_exact_mut(d)
+        .zip(x.chunks_exact(d))
+        .zip(r.chunks_exact(d))
+    {
+        for i in 0..d {
+            o[i] = r[i] + x[i] + b[i];
+        }
+    }
+}
+dispatch!(residual_task => residual_rows(o: &mut [f32], x: &[f32], r: &[f32], b: &[f32]));
 
 /// `residual + y + bias` (bias over the last axis).
 pub fn bias_residual(
@@ -172,12 +210,8 @@ pub fn bias_residual(
     if residual.shape() != y.shape() {
         return Ok(None);
     }
-    let b = match bias {
-        Some(b) => match with_f32(b, |b| b.to_vec()) {
-            Some(b) if b.len() == d => b,
-            _ => return Ok(None),
-        },
-        None => vec![0.0; d],
+    let Some(b) = bias_vec(bias, d).filter(|_| d > 0) else {
+        return Ok(None);
     };
     let out = with_f32(residual, |r| {
         with_f32(y, |x| {
@@ -185,23 +219,53 @@ pub fn bias_residual(
             out.par_chunks_mut(d * ROWS_PER_TASK)
                 .zip(x.par_chunks(d * ROWS_PER_TASK))
                 .zip(r.par_chunks(d * ROWS_PER_TASK))
-                .for_each(|((o, x), r)| {
-                    for ((o, x), r) in o
-                        .chunks_exact_mut(d)
-                        .zip(x.chunks_exact(d))
-                        .zip(r.chunks_exact(d))
-                    {
-                        for i in 0..d {
-                            o[i] = r[i] + x[i] + b[i];
-                        }
-                    }
-                });
+                .for_each(|((o, x), r)| residual_task(o, x, r, &b));
             out
         })
     })
     .flatten();
     out.map(|v| from_vec(v, y)).transpose()
 }
+
+/// Rows `first..` of the LoRA update: `o = x + bias + u_row (s B_k^T)`, k = row / per_fold;
+/// `u` holds these rows' `rank` values each, `bs` all folds' [rank, d] blocks.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn lora_rows<const FMA: bool>(
+    o: &mut [f32],
+    x: &[f32],
+    bias: &[f32],
+    bs: &[f32],
+    u: &[f32],
+    rank: usize,
+    per_fold: usize,
+    first: usize,
+) {
+    let d = bias.len();
+    for (j, (o, x)) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)).enumerate() {
+        let k = (first + j) / per_fold;
+        let bk = &bs[k * rank * d..(k + 1) * rank * d];
+        let ur = &u[j * rank..(j + 1) * rank];
+        for i in 0..d {
+            o[i] = x[i] + bias[i];
+        }
+        for (c, &uc) in ur.iter().enumerate() {
+            for (oi, &bv) in o.iter_mut().zip(&bk[c * d..(c + 1) * d]) {
+                *oi = madd::<FMA>(uc, bv, *oi);
+            }
+        }
+    }
+}
+dispatch!(lora_task => lora_rows(
+    o: &mut [f32],
+    x: &[f32],
+    bias: &[f32],
+    bs: &[f32],
+    u: &[f32],
+    rank: usize,
+    per_fold: usize,
+    first: usize,
+));
 
 /// `y + bias + u_k B_k` per row, where row block k (fold-major, `rows / folds` rows each)
 /// uses fold k's `b_scaled` [r, out] (B_k^T already times the LoRA scale) and `u` [rows, r]
@@ -213,18 +277,14 @@ pub fn bias_lora(
     b_scaled: &Tensor,
 ) -> Result<Option<Tensor>> {
     let d = y.dim(candle_core::D::Minus1)?;
-    let (folds, r, out_dim) = b_scaled.dims3()?;
+    let (folds, rank, out_dim) = b_scaled.dims3()?;
     let rows = y.elem_count() / d.max(1);
-    if out_dim != d || u.elem_count() != rows * r || folds == 0 || rows % folds != 0 {
+    if d == 0 || out_dim != d || u.elem_count() != rows * rank || folds == 0 || rows % folds != 0 {
         return Ok(None);
     }
     let per_fold = rows / folds;
-    let bias = match bias {
-        Some(b) => match with_f32(b, |b| b.to_vec()) {
-            Some(b) if b.len() == d => b,
-            _ => return Ok(None),
-        },
-        None => vec![0.0; d],
+    let Some(bias) = bias_vec(bias, d) else {
+        return Ok(None);
     };
     let (Some(bs), Some(uv)) = (
         with_f32(b_scaled, |b| b.to_vec()),
@@ -236,28 +296,79 @@ pub fn bias_lora(
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(d * ROWS_PER_TASK)
             .zip(x.par_chunks(d * ROWS_PER_TASK))
+            .zip(uv.par_chunks(rank * ROWS_PER_TASK))
             .enumerate()
-            .for_each(|(task, (o, x))| {
-                for (j, (o, x)) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)).enumerate() {
-                    let row = task * ROWS_PER_TASK + j;
-                    let k = row / per_fold;
-                    let bk = &bs[k * r * d..(k + 1) * r * d];
-                    let ur = &uv[row * r..(row + 1) * r];
-                    for i in 0..d {
-                        o[i] = x[i] + bias[i];
-                    }
-                    for (c, &uc) in ur.iter().enumerate() {
-                        let brow = &bk[c * d..(c + 1) * d];
-                        for i in 0..d {
-                            o[i] += uc * brow[i];
-                        }
-                    }
-                }
+            .for_each(|(task, ((o, x), u))| {
+                lora_task(o, x, &bias, &bs, u, rank, per_fold, task * ROWS_PER_TASK)
             });
         out
     });
     out.map(|v| from_vec(v, y)).transpose()
 }
+
+/// One batch item of attention: `q`, `k`, `v`, `o` are [t, d] with the heads side by side.
+#[inline(always)]
+fn attention_item<const FMA: bool>(
+    o: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    t: usize,
+    heads: usize,
+    mask: Option<&[f32]>,
+) {
+    let d = q.len() / t;
+    let hd = d / heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    // Scores as axpys over the keys (independent lanes), from this head's K^T [hd, t].
+    let mut kt = vec![0f32; hd * t];
+    let mut p = vec![0f32; t];
+    for h in 0..heads {
+        let cols = h * hd..(h + 1) * hd;
+        for j in 0..t {
+            for (c, &kv) in k[j * d..][cols.clone()].iter().enumerate() {
+                kt[c * t + j] = kv;
+            }
+        }
+        for i in 0..t {
+            let qi = &q[i * d..][cols.clone()];
+            match mask {
+                Some(m) => p.copy_from_slice(&m[i * t..(i + 1) * t]),
+                None => p.fill(0.0),
+            }
+            for (c, &qc) in qi.iter().enumerate() {
+                let qc = qc * scale;
+                for (pj, &kv) in p.iter_mut().zip(&kt[c * t..(c + 1) * t]) {
+                    *pj = madd::<FMA>(qc, kv, *pj);
+                }
+            }
+            let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for pj in p.iter_mut() {
+                *pj = exp(*pj - max);
+                sum += *pj;
+            }
+            let inv = 1.0 / sum;
+            let oi = &mut o[i * d..][cols.clone()];
+            oi.fill(0.0);
+            for (j, &pj) in p.iter().enumerate() {
+                let w = pj * inv;
+                for (oc, &vc) in oi.iter_mut().zip(&v[j * d..][cols.clone()]) {
+                    *oc = madd::<FMA>(w, vc, *oc);
+                }
+            }
+        }
+    }
+}
+dispatch!(attention_task => attention_item(
+    o: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    t: usize,
+    heads: usize,
+    mask: Option<&[f32]>,
+));
 
 /// Multi-head attention on `[b, t, d]` q, k, v (heads side by side along d, as the
 /// projections produce them): per batch and head, `softmax(q k^T / sqrt(hd) + mask) v`,
@@ -270,7 +381,7 @@ pub fn attention(
     mask: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
     let (b, t, d) = q.dims3()?;
-    if k.dims() != q.dims() || v.dims() != q.dims() || heads == 0 || d % heads != 0 {
+    if k.dims() != q.dims() || v.dims() != q.dims() || heads == 0 || d % heads != 0 || t == 0 {
         return Ok(None);
     }
     let mask = match mask {
@@ -280,51 +391,17 @@ pub fn attention(
         },
         None => None,
     };
-    let hd = d / heads;
-    let scale = 1.0 / (hd as f32).sqrt();
     let out = with_f32(q, |q| {
         with_f32(k, |k| {
             with_f32(v, |v| {
                 let mut out = vec![0f32; b * t * d];
-                out.par_chunks_mut(t * d).enumerate().for_each(|(bi, o)| {
-                    let base = bi * t * d;
-                    let (q, k, v) = (
-                        &q[base..base + t * d],
-                        &k[base..base + t * d],
-                        &v[base..base + t * d],
-                    );
-                    let mut p = vec![0f32; t];
-                    for h in 0..heads {
-                        let cols = h * hd..(h + 1) * hd;
-                        for i in 0..t {
-                            let qi = &q[i * d..][cols.clone()];
-                            let mut max = f32::NEG_INFINITY;
-                            for (j, pj) in p.iter_mut().enumerate() {
-                                let mut s = dot(qi, &k[j * d..][cols.clone()]) * scale;
-                                if let Some(m) = &mask {
-                                    s += m[i * t + j];
-                                }
-                                *pj = s;
-                                max = max.max(s);
-                            }
-                            let mut sum = 0.0;
-                            for pj in p.iter_mut() {
-                                *pj = exp(*pj - max);
-                                sum += *pj;
-                            }
-                            let inv = 1.0 / sum;
-                            let oi = &mut o[i * d..][cols.clone()];
-                            oi.fill(0.0);
-                            for (j, &pj) in p.iter().enumerate() {
-                                let w = pj * inv;
-                                let vj = &v[j * d..][cols.clone()];
-                                for c in 0..hd {
-                                    oi[c] += w * vj[c];
-                                }
-                            }
-                        }
-                    }
-                });
+                let n = t * d;
+                out.par_chunks_mut(n)
+                    .zip(q.par_chunks(n))
+                    .zip(k.par_chunks(n).zip(v.par_chunks(n)))
+                    .for_each(|((o, q), (k, v))| {
+                        attention_task(o, q, k, v, t, heads, mask.as_deref())
+                    });
                 out
             })
         })
