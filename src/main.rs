@@ -21,6 +21,12 @@ enum Command {
     Score(commands::score::Args),
     /// Model bundles: keys, sign, verify, install, rollback.
     Bundle(commands::bundle::Args),
+    /// Draw the nine planes of one nodule into a PNG.
+    Planes(commands::planes::Args),
+    /// Evaluate malignancy scores: AUROC/AUPRC with bootstrap CIs, calibration, plots.
+    Eval(commands::eval::Args),
+    /// Write synthetic nodule CT volumes with known semantics and a manifest.
+    Synth(commands::synth::Args),
     /// Per-nodule latency and peak memory of a model (or a random full-size one).
     Bench(commands::bench::Args),
 }
@@ -37,6 +43,9 @@ fn main() {
     let result = match cli.command {
         Command::Score(args) => commands::score::run(args),
         Command::Bundle(args) => commands::bundle::run(args),
+        Command::Planes(args) => commands::planes::run(args),
+        Command::Eval(args) => commands::eval::run(args),
+        Command::Synth(args) => commands::synth::run(args),
         Command::Bench(args) => commands::bench::run(args),
     };
     if let Err(err) = result {

@@ -3,7 +3,10 @@
 //! file, or a manifest CSV of many nodules.
 
 use crate::nodule::{NoduleInput, Planes01};
-use std::path::PathBuf;
+use crate::preprocess;
+use crate::volume::{self, Volume};
+use anyhow::Context;
+use std::path::{Path, PathBuf};
 
 /// One request for nodules to score.
 #[derive(Debug, Clone)]
@@ -44,7 +47,8 @@ pub enum NoduleRequest {
     },
 }
 
-/// Loads and preprocesses every nodule a request names, in request order.
+/// Loads and preprocesses every nodule a request names, in request order. A volume is read
+/// once per file, however many nodules it holds.
 pub fn load(request: &NoduleRequest) -> anyhow::Result<Vec<NoduleInput>> {
     match request {
         NoduleRequest::Planes {
@@ -61,6 +65,260 @@ pub fn load(request: &NoduleRequest) -> anyhow::Result<Vec<NoduleInput>> {
                 label: None,
             }])
         }
-        other => anyhow::bail!("input not supported yet: {other:?}"),
+        NoduleRequest::Volume {
+            path,
+            series_uid,
+            patient_id,
+            nodules,
+        } => {
+            let volume = volume::read(path, series_uid.as_deref())?;
+            let patient_id = patient_id
+                .clone()
+                .or_else(|| volume.ids.patient_id.clone())
+                .unwrap_or_else(|| file_stem(path));
+            nodules
+                .iter()
+                .map(|(nodule_id, coord)| {
+                    let (planes, source) = from_volume(&volume, *coord)?;
+                    Ok(NoduleInput {
+                        patient_id: patient_id.clone(),
+                        nodule_id: nodule_id.clone(),
+                        planes,
+                        source,
+                        label: None,
+                    })
+                })
+                .collect()
+        }
+        NoduleRequest::Crop {
+            path,
+            patient_id,
+            nodule_id,
+        } => {
+            let (planes, source) = from_crop(path)?;
+            Ok(vec![NoduleInput {
+                patient_id: patient_id.clone(),
+                nodule_id: nodule_id.clone(),
+                planes,
+                source,
+                label: None,
+            }])
+        }
+        NoduleRequest::Manifest { path } => load_manifest(path),
     }
+}
+
+/// One nodule's planes from a loaded volume, with its source identifiers.
+pub fn from_volume(
+    volume: &Volume,
+    coord_lps: [f64; 3],
+) -> anyhow::Result<(Planes01, serde_json::Value)> {
+    let (_, info, planes) = preprocess::nodule_planes(volume, coord_lps)?;
+    let ids = &volume.ids;
+    let source = serde_json::json!({
+        "volume": ids.path.display().to_string(),
+        "format": ids.format.name(),
+        "series_uid": ids.series_uid,
+        "study_uid": ids.study_uid,
+        "patient_id": ids.patient_id,
+        "coord_lps_mm": coord_lps,
+        "crop_centre_voxel_lps": info.centre_voxel_lps,
+    });
+    Ok((planes, source))
+}
+
+/// One nodule's planes from a crop file (.npy or .pt), with its source identifiers.
+pub fn from_crop(path: &Path) -> anyhow::Result<(Planes01, serde_json::Value)> {
+    let crop = volume::crop::read(path)?;
+    let planes = preprocess::nine_planes(&crop);
+    Ok((
+        planes,
+        serde_json::json!({ "crop": path.display().to_string() }),
+    ))
+}
+
+fn file_stem(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| path.display().to_string());
+    for ext in [".nii.gz", ".nii", ".nrrd", ".nhdr", ".npy", ".pt"] {
+        if let Some(stem) = name.strip_suffix(ext) {
+            return stem.to_string();
+        }
+    }
+    name
+}
+
+/// One manifest row.
+struct Row {
+    line: usize,
+    pid: String,
+    nodule_id: String,
+    image: PathBuf,
+    series_uid: Option<String>,
+    coord: [f64; 3],
+    label: Option<u8>,
+}
+
+/// Reads a manifest CSV (`pid,nodule_id,image_path,coordX,coordY,coordZ[,malignant]`, any
+/// column order, extra columns ignored, optional `series_uid`); relative image paths are
+/// resolved against the CSV's folder. Each image is read once; rows keep their order.
+fn load_manifest(path: &Path) -> anyhow::Result<Vec<NoduleInput>> {
+    let rows = read_manifest(path)?;
+    let mut out: Vec<Option<NoduleInput>> = (0..rows.len()).map(|_| None).collect();
+    let mut done = vec![false; rows.len()];
+    for first in 0..rows.len() {
+        if done[first] {
+            continue;
+        }
+        let key = (&rows[first].image, &rows[first].series_uid);
+        let members: Vec<usize> = (first..rows.len())
+            .filter(|&i| !done[i] && (&rows[i].image, &rows[i].series_uid) == key)
+            .collect();
+        let ctx = |r: &Row| {
+            format!(
+                "{}: line {} ({} / {})",
+                path.display(),
+                r.line,
+                r.pid,
+                r.nodule_id
+            )
+        };
+        if volume::is_crop_file(&rows[first].image) {
+            for &i in &members {
+                let r = &rows[i];
+                let (planes, source) = from_crop(&r.image).with_context(|| ctx(r))?;
+                out[i] = Some(input(path, r, planes, source));
+            }
+        } else {
+            let r0 = &rows[first];
+            let vol = volume::read(&r0.image, r0.series_uid.as_deref()).with_context(|| ctx(r0))?;
+            for &i in &members {
+                let r = &rows[i];
+                let (planes, source) = from_volume(&vol, r.coord).with_context(|| ctx(r))?;
+                out[i] = Some(input(path, r, planes, source));
+            }
+        }
+        for &i in &members {
+            done[i] = true;
+        }
+    }
+    Ok(out
+        .into_iter()
+        .map(|n| n.expect("every row loaded"))
+        .collect())
+}
+
+fn input(manifest: &Path, r: &Row, planes: Planes01, mut source: serde_json::Value) -> NoduleInput {
+    source["manifest"] = serde_json::json!(manifest.display().to_string());
+    source["manifest_line"] = serde_json::json!(r.line);
+    NoduleInput {
+        patient_id: r.pid.clone(),
+        nodule_id: r.nodule_id.clone(),
+        planes,
+        source,
+        label: r.label,
+    }
+}
+
+fn read_manifest(path: &Path) -> anyhow::Result<Vec<Row>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty());
+    let (_, header) = lines
+        .next()
+        .with_context(|| format!("{}: empty manifest", path.display()))?;
+    let header: Vec<String> = split_csv(header)
+        .into_iter()
+        .map(|h| h.trim().to_ascii_lowercase())
+        .collect();
+    let col = |name: &str| header.iter().position(|h| h == name);
+    let need = |name: &str| {
+        col(name).with_context(|| {
+            format!("{}: header lacks column `{name}` (expected pid,nodule_id,image_path,coordX,coordY,coordZ[,malignant])", path.display())
+        })
+    };
+    let (c_pid, c_nid, c_img) = (need("pid")?, need("nodule_id")?, need("image_path")?);
+    let c_xyz = [need("coordx")?, need("coordy")?, need("coordz")?];
+    let (c_mal, c_series) = (col("malignant"), col("series_uid"));
+    let mut rows = Vec::new();
+    for (n, line) in lines {
+        let line_no = n + 1;
+        let f = split_csv(line);
+        let get = |c: usize| f.get(c).map(|s| s.trim()).unwrap_or("");
+        let at = |what: &str| format!("{}: line {line_no}: {what}", path.display());
+        let mut coord = [0.0; 3];
+        for (a, &c) in c_xyz.iter().enumerate() {
+            let v = get(c);
+            coord[a] = v
+                .parse::<f64>()
+                .ok()
+                .filter(|x| x.is_finite())
+                .with_context(|| at(&format!("`{}` = `{v}` is not a finite number", header[c])))?;
+        }
+        let label = match c_mal.map(get) {
+            None | Some("") => None,
+            Some(v) => match v.to_ascii_lowercase().as_str() {
+                "nan" => None,
+                "true" => Some(1),
+                "false" => Some(0),
+                _ => match v.parse::<f64>() {
+                    Ok(0.0) => Some(0),
+                    Ok(1.0) => Some(1),
+                    _ => anyhow::bail!(at(&format!("`malignant` = `{v}` is not 0 or 1"))),
+                },
+            },
+        };
+        let img = get(c_img);
+        if img.is_empty() {
+            anyhow::bail!(at("`image_path` is empty"));
+        }
+        let image = if Path::new(img).is_absolute() {
+            PathBuf::from(img)
+        } else {
+            base.join(img)
+        };
+        let series_uid = c_series
+            .map(get)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string);
+        rows.push(Row {
+            line: line_no,
+            pid: get(c_pid).to_string(),
+            nodule_id: get(c_nid).to_string(),
+            image,
+            series_uid,
+            coord,
+            label,
+        });
+    }
+    if rows.is_empty() {
+        anyhow::bail!("{}: the manifest has no rows", path.display());
+    }
+    Ok(rows)
+}
+
+/// Splits one CSV line on commas, honouring double quotes (`""` inside quotes is a quote).
+fn split_csv(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                cur.push('"');
+                chars.next();
+            }
+            ('"', _) => quoted = !quoted,
+            (',', false) => out.push(std::mem::take(&mut cur)),
+            _ => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out
 }

@@ -2,4 +2,7 @@
 
 pub mod bench;
 pub mod bundle;
+pub mod eval;
+pub mod planes;
 pub mod score;
+pub mod synth;

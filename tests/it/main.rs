@@ -2,5 +2,10 @@
 //! (copied from the project's reference fixtures; see tests/fixtures/reference/README.md).
 
 mod bundle_store;
+mod eval;
 mod model;
+mod preprocess;
+mod score_ct;
+mod synth;
 mod util;
+mod volume;

@@ -1,0 +1,872 @@
+//! Synthetic chest CT of lung nodules with known semantics: the test bed for fine-tuning,
+//! calibration and zero-shot evaluation.
+//!
+//! One case = one patient with one nodule. World coordinates are LPS mm (X to the patient's
+//! left, Y posterior, Z superior). A case is drawn in three steps:
+//!
+//! 1. Semantics ([`draw_case`]): diameter 4-30 mm (log-uniform; an ovoid nodule is this
+//!    sphere stretched, the manifest's `mean_diameter` is the mean of its axial axes), margin
+//!    smooth / lobulated / spiculated, consistency solid / part-solid / pure ground glass,
+//!    shape round / ovoid / irregular, margin conspicuity, eccentric calcification,
+//!    cavitation (diameter >= 8 mm only), pleural attachment.
+//! 2. Malignancy from the documented logistic risk rule [`risk_logit`] plus N(0, 0.5) noise:
+//!    `logit = -4.2 + 0.11 d + 1.6 spiculated + 0.8 lobulated + 1.0 part-solid
+//!    + 0.3 ground glass + 0.6 irregular + 0.8 cavitation + 0.4 pleural attachment
+//!    - 2.0 calcification`, label ~ Bernoulli(sigmoid(logit)).
+//! 3. The image ([`Scene::hu`]): lung parenchyma at -850 HU, a chest wall (+35 HU) beyond a
+//!    gently curved sagittal surface on the patient's left, 5-8 vessels (tubes of
+//!    0.6-2.5 mm radius, +40 HU), and the nodule: a radial surface with harmonics (lobulation,
+//!    irregularity), tapered spikes (spiculation), solid +30 HU / ground glass -620 HU /
+//!    part-solid (ground glass with a solid core of half the radius), an eccentric +450 HU
+//!    calcification, a -980 HU cavity, edges blurred over 0.3 mm (well marginated) or 1.5 mm
+//!    (poorly marginated); then Gaussian-like noise of 18 HU.
+//!
+//! Outputs ([`generate`]): `volumes/<pid>.nii.gz` (int16 HU, 120 x 120 x 60 voxels of
+//! 0.8 x 0.8 x 2.5 mm, NIfTI sform = qform = diag(-0.8, -0.8, 2.5) plus origin: RAS as NIfTI
+//! requires, so the manifest's LPS coordinate is the nodule centre after the usual LPS->RAS
+//! negation of X and Y), or with `crops` `crops/<pid>_0.npy` (float32 HU, 100^3 at 1 mm,
+//! axes (z, y, x) increasing toward S, P, L, nodule at index 50 on each axis, as the
+//! reference's crops), plus `manifest.csv` (`pid,nodule_id,image_path,coordX,coordY,coordZ,
+//! malignant` then [`crate::semantics::SEMANTIC_COLUMNS`]; image paths relative to the
+//! manifest's folder). Features not modelled are left missing.
+//!
+//! Determinism: case i draws from its own SplitMix64 stream seeded by the i-th output of a
+//! SplitMix64 seeded with the seed, so output depends only on (seed, i) and not on threads.
+//! Cases are written in parallel; memory is one volume per worker thread.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+
+use crate::rng::SplitMix64;
+use crate::semantics::{self, Semantics, CONSISTENCY, CONSPICUITY, FEATURES, MARGIN, SHAPE};
+
+/// Volume size (x, y, z) in voxels.
+pub const VOLUME_DIMS: [usize; 3] = [120, 120, 60];
+/// Voxel spacing (x, y, z) in mm.
+pub const VOLUME_SPACING_MM: [f64; 3] = [0.8, 0.8, 2.5];
+/// Crop edge in voxels (1 mm each).
+pub const CROP_VOXELS: usize = 100;
+/// Most cases one call generates.
+pub const MAX_CASES: usize = 100_000;
+
+/// Errors of the generator.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SynthError {
+    /// A file or folder could not be written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The NIfTI writer failed.
+    #[error("{path}: writing NIfTI failed: {message}")]
+    Nifti {
+        /// The file.
+        path: PathBuf,
+        /// The writer's message.
+        message: String,
+    },
+    /// The request is out of range.
+    #[error("synth: {0}")]
+    Invalid(String),
+}
+
+/// Nodule margin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Margin {
+    /// Smooth.
+    Smooth,
+    /// Lobulated.
+    Lobulated,
+    /// Spiculated.
+    Spiculated,
+}
+
+/// Nodule consistency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consistency {
+    /// Solid.
+    Solid,
+    /// Part-solid.
+    PartSolid,
+    /// Pure ground glass.
+    GroundGlass,
+}
+
+/// Nodule shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// Round.
+    Round,
+    /// Ovoid.
+    Ovoid,
+    /// Irregular.
+    Irregular,
+}
+
+/// The semantics of one synthetic nodule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NoduleSpec {
+    /// Mean diameter, mm.
+    pub diameter_mm: f64,
+    /// Margin.
+    pub margin: Margin,
+    /// Consistency.
+    pub consistency: Consistency,
+    /// Shape.
+    pub shape: Shape,
+    /// Poorly (true) or well (false) marginated.
+    pub poorly_marginated: bool,
+    /// Eccentric calcification.
+    pub calcification: bool,
+    /// Cavitation.
+    pub cavitation: bool,
+    /// Touches the chest wall.
+    pub pleural_attachment: bool,
+}
+
+/// The documented risk rule's logit (without noise).
+pub fn risk_logit(n: &NoduleSpec) -> f64 {
+    let f = |b: bool| if b { 1.0 } else { 0.0 };
+    -4.2 + 0.11 * n.diameter_mm
+        + 1.6 * f(n.margin == Margin::Spiculated)
+        + 0.8 * f(n.margin == Margin::Lobulated)
+        + 1.0 * f(n.consistency == Consistency::PartSolid)
+        + 0.3 * f(n.consistency == Consistency::GroundGlass)
+        + 0.6 * f(n.shape == Shape::Irregular)
+        + 0.8 * f(n.cavitation)
+        + 0.4 * f(n.pleural_attachment)
+        - 2.0 * f(n.calcification)
+}
+
+fn pick<T: Copy>(rng: &mut SplitMix64, options: &[(T, f64)]) -> T {
+    let mut u = rng.uniform() * options.iter().map(|o| o.1).sum::<f64>();
+    for &(v, w) in options {
+        if u < w {
+            return v;
+        }
+        u -= w;
+    }
+    options[options.len() - 1].0
+}
+
+/// Draws a nodule's semantics.
+pub fn draw_spec(rng: &mut SplitMix64) -> NoduleSpec {
+    let diameter_mm = (4f64.ln() + rng.uniform() * (30f64.ln() - 4f64.ln())).exp();
+    let margin = pick(
+        rng,
+        &[
+            (Margin::Smooth, 0.5),
+            (Margin::Lobulated, 0.25),
+            (Margin::Spiculated, 0.25),
+        ],
+    );
+    let consistency = pick(
+        rng,
+        &[
+            (Consistency::Solid, 0.65),
+            (Consistency::PartSolid, 0.15),
+            (Consistency::GroundGlass, 0.2),
+        ],
+    );
+    let shape = pick(
+        rng,
+        &[
+            (Shape::Round, 0.4),
+            (Shape::Ovoid, 0.4),
+            (Shape::Irregular, 0.2),
+        ],
+    );
+    let poorly_marginated = rng.bernoulli(if consistency == Consistency::Solid {
+        0.15
+    } else {
+        0.6
+    });
+    let calcification = consistency == Consistency::Solid && rng.bernoulli(0.12);
+    let cavitation =
+        diameter_mm >= 8.0 && consistency != Consistency::GroundGlass && rng.bernoulli(0.1);
+    let pleural_attachment = rng.bernoulli(0.2);
+    NoduleSpec {
+        diameter_mm,
+        margin,
+        consistency,
+        shape,
+        poorly_marginated,
+        calcification,
+        cavitation,
+        pleural_attachment,
+    }
+}
+
+/// A tube segment.
+#[derive(Debug, Clone, PartialEq)]
+struct Vessel {
+    a: [f64; 3],
+    b: [f64; 3],
+    radius: f64,
+}
+
+impl Vessel {
+    /// `hu` with this vessel drawn over it at `p`.
+    fn over(&self, p: [f64; 3], hu: f64) -> f64 {
+        let d = segment_distance(p, self);
+        if d < self.radius + 3.0 {
+            hu + (40.0 - hu) * step((self.radius - d) / 0.4)
+        } else {
+            hu
+        }
+    }
+}
+
+/// A spike of a spiculated nodule.
+#[derive(Debug, Clone, PartialEq)]
+struct Spike {
+    dir: [f64; 3],
+    length: f64,
+    width: f64,
+}
+
+/// A radial harmonic `amp * cos(order * angle(u, axis) + phase)`.
+#[derive(Debug, Clone, PartialEq)]
+struct Harmonic {
+    axis: [f64; 3],
+    order: f64,
+    phase: f64,
+    amp: f64,
+}
+
+/// Everything needed to evaluate HU anywhere (LPS mm).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scene {
+    /// Nodule centre (LPS mm).
+    pub centre: [f64; 3],
+    /// Nodule semantics.
+    pub spec: NoduleSpec,
+    radius: f64,
+    stretch: [f64; 3],
+    harmonics: Vec<Harmonic>,
+    spikes: Vec<Spike>,
+    edge_mm: f64,
+    calcification: Option<([f64; 3], f64)>,
+    cavity: Option<([f64; 3], f64)>,
+    wall_x: f64,
+    vessels: Vec<Vessel>,
+}
+
+fn sub(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
+    [a[0] - b[0], a[1] - b[1], a[2] - b[2]]
+}
+fn dot(a: [f64; 3], b: [f64; 3]) -> f64 {
+    a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+}
+fn norm(a: [f64; 3]) -> f64 {
+    dot(a, a).sqrt()
+}
+fn add_scaled(a: [f64; 3], b: [f64; 3], s: f64) -> [f64; 3] {
+    [a[0] + s * b[0], a[1] + s * b[1], a[2] + s * b[2]]
+}
+fn unit(rng: &mut SplitMix64) -> [f64; 3] {
+    loop {
+        let v = [rng.normal(), rng.normal(), rng.normal()];
+        let n = norm(v);
+        if n > 1e-6 {
+            return [v[0] / n, v[1] / n, v[2] / n];
+        }
+    }
+}
+/// Logistic step: 1 well inside (x >> 0), 0 outside.
+fn step(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+fn segment_distance(p: [f64; 3], v: &Vessel) -> f64 {
+    let ab = sub(v.b, v.a);
+    let t = (dot(sub(p, v.a), ab) / dot(ab, ab)).clamp(0.0, 1.0);
+    norm(sub(p, add_scaled(v.a, ab, t)))
+}
+
+/// Field of view (LPS mm) of a case volume whose origin voxel centre is `origin`.
+fn volume_extent(origin: [f64; 3]) -> ([f64; 3], [f64; 3]) {
+    let hi = [0, 1, 2].map(|a| origin[a] + (VOLUME_DIMS[a] - 1) as f64 * VOLUME_SPACING_MM[a]);
+    (origin, hi)
+}
+
+impl Scene {
+    /// Lays out a scene for `spec` in the volume whose first voxel centre is `origin`.
+    pub fn new(spec: NoduleSpec, origin: [f64; 3], rng: &mut SplitMix64) -> Scene {
+        let (lo, hi) = volume_extent(origin);
+        let radius = spec.diameter_mm / 2.0;
+        // Chest wall: the last 12-16 mm of the field of view on the patient's left (+X).
+        let wall_x = hi[0] - rng.range(12.0, 16.0);
+        let margin_y = radius + 14.0;
+        let cy = rng.range(lo[1] + margin_y.min(40.0), hi[1] - margin_y.min(40.0));
+        let cz = rng.range(lo[2] + 40.0, hi[2] - 40.0);
+        let cx = if spec.pleural_attachment {
+            wall_x + 2.0 * (cy / 15.0).sin() - 0.85 * radius
+        } else {
+            let far = wall_x - 3.0 - radius - 8.0;
+            rng.range((lo[0] + radius + 12.0).min(far), far)
+        };
+        let centre = [cx, cy, cz];
+        let stretch = match spec.shape {
+            Shape::Ovoid => {
+                let e = rng.range(1.25, 1.45);
+                [e, 1.0, 1.0 / e.sqrt()]
+            }
+            _ => [1.0, 1.0, 1.0],
+        };
+        let mut harmonics = Vec::new();
+        let (count, amp, orders) = match (spec.margin, spec.shape) {
+            (_, Shape::Irregular) => (3, 0.22, [1.0, 2.0]),
+            (Margin::Lobulated, _) => (4, 0.14, [3.0, 4.0]),
+            _ => (2, 0.03, [2.0, 3.0]),
+        };
+        for k in 0..count {
+            let order = orders[k % 2];
+            harmonics.push(Harmonic {
+                axis: unit(rng),
+                order,
+                phase: rng.range(0.0, std::f64::consts::TAU),
+                amp,
+            });
+        }
+        if spec.margin == Margin::Lobulated && spec.shape == Shape::Irregular {
+            harmonics.push(Harmonic {
+                axis: unit(rng),
+                order: 4.0,
+                phase: 0.0,
+                amp: 0.12,
+            });
+        }
+        let spikes = if spec.margin == Margin::Spiculated {
+            let n = 8 + rng.below(9);
+            (0..n)
+                .map(|_| Spike {
+                    dir: unit(rng),
+                    length: radius * rng.range(0.5, 1.1) + 2.0,
+                    width: (radius * 0.18).clamp(0.5, 1.6),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let edge_mm = if spec.poorly_marginated { 1.5 } else { 0.3 };
+        let calcification = spec.calcification.then(|| {
+            let r = (radius * 0.25).max(1.0);
+            (add_scaled(centre, unit(rng), radius * 0.5), r)
+        });
+        let cavity = spec
+            .cavitation
+            .then(|| (add_scaled(centre, unit(rng), radius * 0.1), radius * 0.4));
+        let mut vessels = Vec::new();
+        let n_vessels = 5 + rng.below(4);
+        let mut tries = 0;
+        while vessels.len() < n_vessels && tries < 200 {
+            tries += 1;
+            let a = [0, 1, 2].map(|k| rng.range(lo[k], hi[k]));
+            let b = [0, 1, 2].map(|k| rng.range(lo[k], hi[k]));
+            let v = Vessel {
+                a,
+                b,
+                radius: rng.range(0.6, 2.5),
+            };
+            let clear_of_nodule = segment_distance(centre, &v) > 1.6 * radius + v.radius + 6.0;
+            let in_lung = a[0].max(b[0]) < wall_x - v.radius - 1.0;
+            if clear_of_nodule && in_lung {
+                vessels.push(v);
+            }
+        }
+        Scene {
+            centre,
+            spec,
+            radius,
+            stretch,
+            harmonics,
+            spikes,
+            edge_mm,
+            calcification,
+            cavity,
+            wall_x,
+            vessels,
+        }
+    }
+
+    /// Noise-free HU at world point `p` (LPS mm).
+    pub fn hu(&self, p: [f64; 3]) -> f64 {
+        let mut hu = self.background(p);
+        for v in &self.vessels {
+            hu = v.over(p, hu);
+        }
+        self.nodule_over(p, hu)
+    }
+
+    /// Lung parenchyma and chest wall at `p`.
+    fn background(&self, p: [f64; 3]) -> f64 {
+        let mut hu = -850.0;
+        if p[0] > self.wall_x - 6.0 {
+            let wall = self.wall_x + 2.0 * (p[1] / 15.0).sin();
+            hu += (35.0 + 850.0) * step((p[0] - wall) / 0.7);
+        }
+        hu
+    }
+
+    /// Half-width (mm) of the cube around the centre outside which the nodule leaves HU
+    /// unchanged (every logistic edge is under 1e-4 there), and the body's radial reach.
+    fn reach(&self) -> (f64, f64) {
+        let amp: f64 = self.harmonics.iter().map(|h| h.amp).sum();
+        let body = self.radius * (1.0 + amp) + 10.0 * self.edge_mm;
+        let spikes = self
+            .spikes
+            .iter()
+            .map(|s| self.radius + s.length + 5.0)
+            .fold(0.0, f64::max);
+        let stretch = self.stretch.iter().copied().fold(1.0, f64::max);
+        ((body * stretch).max(spikes), body)
+    }
+
+    /// `hu` with the nodule drawn over it at `p`.
+    fn nodule_over(&self, p: [f64; 3], hu: f64) -> f64 {
+        let q = sub(p, self.centre);
+        let (reach, body_reach) = self.reach();
+        if q.iter().any(|c| c.abs() > reach) {
+            return hu;
+        }
+        let scaled = [0, 1, 2].map(|a| q[a] / self.stretch[a]);
+        let r = norm(scaled);
+        let mut inside = 0.0;
+        if r < body_reach {
+            let surface = if r > 1e-9 {
+                let u = scaled.map(|c| c / r);
+                let wobble: f64 = self
+                    .harmonics
+                    .iter()
+                    .map(|h| {
+                        h.amp * (h.order * dot(u, h.axis).clamp(-1.0, 1.0).acos() + h.phase).cos()
+                    })
+                    .sum();
+                self.radius * (1.0 + wobble)
+            } else {
+                self.radius
+            };
+            inside = step((surface - r) / self.edge_mm);
+        }
+        for s in &self.spikes {
+            let t = dot(q, s.dir);
+            let tip = self.radius + s.length;
+            if t <= 0.0 || t > tip + 5.0 {
+                continue;
+            }
+            let perpendicular = norm(add_scaled(q, s.dir, -t));
+            let width = s.width * (1.0 - (t / tip)).max(0.0);
+            if perpendicular < width + 3.0 {
+                inside = f64::max(
+                    inside,
+                    step((width - perpendicular) / 0.3) * step((tip - t) / 0.5),
+                );
+            }
+        }
+        if inside < 1e-4 {
+            return hu;
+        }
+        let mut nodule = match self.spec.consistency {
+            Consistency::Solid => 30.0,
+            Consistency::GroundGlass => -620.0,
+            Consistency::PartSolid => -620.0 + 650.0 * step((0.5 * self.radius - r) / 0.5),
+        };
+        if let Some((c, rc)) = self.calcification {
+            nodule += (450.0 - nodule) * step((rc - norm(sub(p, c))) / 0.4);
+        }
+        if let Some((c, rc)) = self.cavity {
+            nodule += (-980.0 - nodule) * step((rc - norm(sub(p, c))) / 0.4);
+        }
+        hu + (nodule - hu) * inside
+    }
+
+    /// The semantics record of the manifest.
+    pub fn semantics(&self, risk: f64) -> Semantics {
+        let spec = &self.spec;
+        let mut s = Semantics::default();
+        let margin = match spec.margin {
+            Margin::Smooth => "smooth",
+            Margin::Lobulated => "lobulated",
+            Margin::Spiculated => "spiculated",
+        };
+        let consistency = match spec.consistency {
+            Consistency::Solid => "solid",
+            Consistency::PartSolid => "part-solid",
+            Consistency::GroundGlass => "pure ground glass",
+        };
+        let shape = match spec.shape {
+            Shape::Round => "round",
+            Shape::Ovoid => "ovoid",
+            Shape::Irregular => "irregular",
+        };
+        let class = |i: usize, word: &str| FEATURES[i].classes.iter().position(|c| *c == word);
+        s.classes[MARGIN] = class(MARGIN, margin);
+        s.classes[CONSISTENCY] = class(CONSISTENCY, consistency);
+        s.classes[SHAPE] = class(SHAPE, shape);
+        s.classes[CONSPICUITY] = Some(spec.poorly_marginated as usize);
+        for (key, present) in [
+            ("eccentric_calcification", spec.calcification),
+            ("cavitation", spec.cavitation),
+            ("pleural_attachment", spec.pleural_attachment),
+        ] {
+            let (i, _) = semantics::feature(key).expect("known feature");
+            s.classes[i] = Some(if present { 0 } else { 1 });
+        }
+        // Axial (x, y) extent of the stretched sphere.
+        let longest = spec.diameter_mm * self.stretch[0].max(self.stretch[1]);
+        let short = spec.diameter_mm * self.stretch[0].min(self.stretch[1]);
+        s.diameters_mm = [
+            Some(round1(longest)),
+            Some(round1(short)),
+            Some(round1((longest + short) / 2.0)),
+            (spec.consistency == Consistency::PartSolid).then(|| round1(spec.diameter_mm / 2.0)),
+        ];
+        s.suspicion = Some(
+            match risk {
+                r if r < 0.15 => "Low",
+                r if r < 0.35 => "Intermediate",
+                r if r < 0.6 => "Moderately High",
+                _ => "High",
+            }
+            .to_string(),
+        );
+        s
+    }
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+/// One drawn case.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Case {
+    /// Patient id (`SYN00001`).
+    pub pid: String,
+    /// First voxel centre of the volume (LPS mm).
+    pub origin: [f64; 3],
+    /// The scene.
+    pub scene: Scene,
+    /// Risk-rule probability (before the label draw).
+    pub risk: f64,
+    /// Drawn malignancy label.
+    pub malignant: bool,
+    /// Seed of the image noise.
+    pub noise_seed: u64,
+}
+
+/// Draws case `index` of the stream `seed`.
+pub fn draw_case(seed: u64, index: usize) -> Case {
+    let mut rng = SplitMix64::new(SplitMix64::nth(seed, index as u64));
+    let spec = draw_spec(&mut rng);
+    let risk = step(risk_logit(&spec) + 0.5 * rng.normal());
+    let malignant = rng.bernoulli(risk);
+    let half = [0, 1, 2].map(|a| (VOLUME_DIMS[a] - 1) as f64 * VOLUME_SPACING_MM[a] / 2.0);
+    let origin = [
+        rng.range(-60.0, 20.0) - half[0],
+        rng.range(-40.0, 40.0) - half[1],
+        rng.range(-200.0, -80.0) - half[2],
+    ];
+    let origin = origin.map(round1);
+    let scene = Scene::new(spec, origin, &mut rng);
+    let noise_seed = rng.next_u64();
+    Case {
+        pid: format!("SYN{:05}", index + 1),
+        origin,
+        scene,
+        risk,
+        malignant,
+        noise_seed,
+    }
+}
+
+/// An axis-aligned grid in LPS: voxel (x, y, z) sits at `origin + (x, y, z) * spacing`;
+/// values are stored in (z, y, x) C order (x fastest).
+struct Grid {
+    origin: [f64; 3],
+    spacing: [f64; 3],
+    dims: [usize; 3],
+}
+
+impl Grid {
+    fn world(&self, x: usize, y: usize, z: usize) -> [f64; 3] {
+        [
+            self.origin[0] + x as f64 * self.spacing[0],
+            self.origin[1] + y as f64 * self.spacing[1],
+            self.origin[2] + z as f64 * self.spacing[2],
+        ]
+    }
+
+    /// Index range along `axis` of the voxels within [lo, hi] mm.
+    fn span(&self, axis: usize, lo: f64, hi: f64) -> std::ops::Range<usize> {
+        let index = |v: f64| (v - self.origin[axis]) / self.spacing[axis];
+        let start = index(lo).ceil().max(0.0) as usize;
+        let end = (index(hi).floor() + 1.0).clamp(0.0, self.dims[axis] as f64) as usize;
+        start.min(end)..end
+    }
+
+    /// Applies `f` to every voxel of slices `zs` within [lo, hi] (mm) in x and y.
+    fn update_box(
+        &self,
+        values: &mut [f64],
+        zs: std::ops::Range<usize>,
+        lo: [f64; 2],
+        hi: [f64; 2],
+        f: impl Fn([f64; 3], f64) -> f64,
+    ) {
+        let [nx, ny, _] = self.dims;
+        for z in zs {
+            for y in self.span(1, lo[1], hi[1]) {
+                for x in self.span(0, lo[0], hi[0]) {
+                    let i = (z * ny + y) * nx + x;
+                    values[i] = f(self.world(x, y, z), values[i]);
+                }
+            }
+        }
+    }
+}
+
+/// Renders the scene on `grid`, noise-free: the same values as [`Scene::hu`] at every voxel
+/// centre, but vessels and the nodule are only evaluated in the boxes they can reach (per z
+/// slice for vessels).
+fn render(scene: &Scene, grid: &Grid) -> Vec<f64> {
+    let [nx, ny, nz] = grid.dims;
+    let mut values = Vec::with_capacity(nx * ny * nz);
+    for z in 0..nz {
+        for y in 0..ny {
+            for x in 0..nx {
+                values.push(scene.background(grid.world(x, y, z)));
+            }
+        }
+    }
+    for v in &scene.vessels {
+        let pad = v.radius + 3.0;
+        for z in grid.span(2, v.a[2].min(v.b[2]) - pad, v.a[2].max(v.b[2]) + pad) {
+            // The part of the segment within `pad` of this slice bounds the affected voxels.
+            let zw = grid.world(0, 0, z)[2];
+            let dz = v.b[2] - v.a[2];
+            let (t0, t1) = if dz.abs() < 1e-9 {
+                (0.0, 1.0)
+            } else {
+                let (ta, tb) = ((zw - pad - v.a[2]) / dz, (zw + pad - v.a[2]) / dz);
+                (ta.min(tb).max(0.0), ta.max(tb).min(1.0))
+            };
+            let (pa, pb) = (
+                add_scaled(v.a, sub(v.b, v.a), t0),
+                add_scaled(v.a, sub(v.b, v.a), t1),
+            );
+            let lo = [pa[0].min(pb[0]) - pad, pa[1].min(pb[1]) - pad];
+            let hi = [pa[0].max(pb[0]) + pad, pa[1].max(pb[1]) + pad];
+            grid.update_box(&mut values, z..z + 1, lo, hi, |p, hu| v.over(p, hu));
+        }
+    }
+    let (reach, _) = scene.reach();
+    let c = scene.centre;
+    let zs = grid.span(2, c[2] - reach, c[2] + reach);
+    let (lo, hi) = ([c[0] - reach, c[1] - reach], [c[0] + reach, c[1] + reach]);
+    grid.update_box(&mut values, zs, lo, hi, |p, hu| scene.nodule_over(p, hu));
+    values
+}
+
+/// Adds near-Gaussian noise of 18 HU (a sum of four 16-bit uniforms: mean 2, sd 0.577).
+fn add_noise(values: Vec<f64>, noise_seed: u64) -> Vec<f32> {
+    let mut rng = SplitMix64::new(noise_seed);
+    values
+        .into_iter()
+        .map(|hu| {
+            let bits = rng.next_u64();
+            let sum: f64 = (0..4)
+                .map(|k| ((bits >> (16 * k)) & 0xFFFF) as f64 / 65536.0)
+                .sum();
+            (hu + (sum - 2.0) / 0.577 * 18.0) as f32
+        })
+        .collect()
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SynthError + '_ {
+    move |source| SynthError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes the case volume as int16 NIfTI (RAS sform and qform).
+fn write_volume(case: &Case, path: &Path) -> Result<(), SynthError> {
+    let [nx, ny, nz] = VOLUME_DIMS;
+    let [sx, sy, sz] = VOLUME_SPACING_MM;
+    let o = case.origin;
+    let grid = Grid {
+        origin: o,
+        spacing: VOLUME_SPACING_MM,
+        dims: VOLUME_DIMS,
+    };
+    let hu = add_noise(render(&case.scene, &grid), case.noise_seed);
+    let data: Vec<i16> = hu
+        .iter()
+        .map(|&v| v.round().clamp(-1024.0, 3071.0) as i16)
+        .collect();
+    // (z, y, x) C order viewed as (x, y, z): the writer stores x fastest, as NIfTI requires.
+    let array = ndarray::Array3::from_shape_vec((nz, ny, nx), data)
+        .expect("shape matches length")
+        .reversed_axes();
+    let header = nifti::NiftiHeader {
+        pixdim: [1.0, sx as f32, sy as f32, sz as f32, 1.0, 1.0, 1.0, 1.0],
+        xyzt_units: 2,
+        qform_code: 1,
+        sform_code: 1,
+        // diag(-1, -1, 1) is a 180 degree turn about z: quaternion (0, 0, 0, 1).
+        quatern_b: 0.0,
+        quatern_c: 0.0,
+        quatern_d: 1.0,
+        quatern_x: -o[0] as f32,
+        quatern_y: -o[1] as f32,
+        quatern_z: o[2] as f32,
+        srow_x: [-sx as f32, 0.0, 0.0, -o[0] as f32],
+        srow_y: [0.0, -sy as f32, 0.0, -o[1] as f32],
+        srow_z: [0.0, 0.0, sz as f32, o[2] as f32],
+        descrip: b"noduled synth".to_vec(),
+        ..nifti::NiftiHeader::default()
+    };
+    nifti::writer::WriterOptions::new(path)
+        .reference_header(&header)
+        .write_nifti(&array)
+        .map_err(|e| SynthError::Nifti {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+}
+
+/// Writes the 100^3 crop centred on the nodule as float32 .npy, axes (z, y, x).
+fn write_crop(case: &Case, path: &Path) -> Result<(), SynthError> {
+    let n = CROP_VOXELS;
+    let c = case.scene.centre;
+    let half = (n / 2) as f64;
+    let grid = Grid {
+        origin: c.map(|v| v - half),
+        spacing: [1.0; 3],
+        dims: [n; 3],
+    };
+    let hu = add_noise(render(&case.scene, &grid), case.noise_seed);
+    let mut header =
+        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({n}, {n}, {n}), }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = Vec::with_capacity(10 + header.len() + 4 * hu.len());
+    bytes.extend_from_slice(b"\x93NUMPY\x01\x00");
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    for v in hu {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    std::fs::write(path, bytes).map_err(io_err(path))
+}
+
+/// Summary of a generated set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SynthSummary {
+    /// The manifest written.
+    pub manifest: PathBuf,
+    /// Cases.
+    pub cases: usize,
+    /// Malignant cases.
+    pub malignant: usize,
+}
+
+/// Generates `n` cases into `out` (volumes or crops, plus manifest.csv).
+pub fn generate(out: &Path, n: usize, seed: u64, crops: bool) -> Result<SynthSummary, SynthError> {
+    if n == 0 || n > MAX_CASES {
+        return Err(SynthError::Invalid(format!(
+            "--n must be 1..={MAX_CASES}, got {n}"
+        )));
+    }
+    let sub = if crops { "crops" } else { "volumes" };
+    let folder = out.join(sub);
+    std::fs::create_dir_all(&folder).map_err(io_err(&folder))?;
+    let rows: Vec<String> = (0..n)
+        .into_par_iter()
+        .map(|i| {
+            let case = draw_case(seed, i);
+            let file = if crops {
+                format!("{}_0.npy", case.pid)
+            } else {
+                format!("{}.nii.gz", case.pid)
+            };
+            let path = folder.join(&file);
+            if crops {
+                write_crop(&case, &path)?;
+            } else {
+                write_volume(&case, &path)?;
+            }
+            let c = case.scene.centre;
+            let mut fields = vec![
+                case.pid.clone(),
+                "0".to_string(),
+                format!("{sub}/{file}"),
+                format!("{:.3}", c[0]),
+                format!("{:.3}", c[1]),
+                format!("{:.3}", c[2]),
+                (case.malignant as u8).to_string(),
+            ];
+            fields.extend(case.scene.semantics(case.risk).csv_fields());
+            Ok(fields.join(","))
+        })
+        .collect::<Result<_, SynthError>>()?;
+    let malignant = rows
+        .iter()
+        .filter(|r| r.split(',').nth(6) == Some("1"))
+        .count();
+    let manifest = out.join("manifest.csv");
+    let mut text = String::from("pid,nodule_id,image_path,coordX,coordY,coordZ,malignant,");
+    text.push_str(&semantics::SEMANTIC_COLUMNS.join(","));
+    text.push('\n');
+    for r in &rows {
+        text.push_str(r);
+        text.push('\n');
+    }
+    let mut file = std::fs::File::create(&manifest).map_err(io_err(&manifest))?;
+    file.write_all(text.as_bytes()).map_err(io_err(&manifest))?;
+    Ok(SynthSummary {
+        manifest,
+        cases: n,
+        malignant,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splatted_render_equals_point_evaluation() {
+        for index in 0..6 {
+            let case = draw_case(3, index);
+            let grid = Grid {
+                origin: case.origin,
+                spacing: [1.7, 1.3, 2.5],
+                dims: [57, 74, 60],
+            };
+            let values = render(&case.scene, &grid);
+            let [nx, ny, nz] = grid.dims;
+            for z in 0..nz {
+                for y in 0..ny {
+                    for x in 0..nx {
+                        let want = case.scene.hu(grid.world(x, y, z));
+                        let got = values[(z * ny + y) * nx + x];
+                        assert!(
+                            (want - got).abs() < 1e-9,
+                            "case {index} voxel ({x}, {y}, {z}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
