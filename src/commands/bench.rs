@@ -70,13 +70,8 @@ pub struct Args {
     #[arg(long, requires = "coord")]
     pub ct: Option<PathBuf>,
     /// ... at this LPS world coordinate in mm, `X,Y,Z`.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        num_args = 3,
-        allow_negative_numbers = true
-    )]
-    pub coord: Option<Vec<f64>>,
+    #[arg(long, allow_hyphen_values = true, value_parser = super::planes::parse_coord, requires = "ct")]
+    pub coord: Option<[f64; 3]>,
     /// Also time each op of the towers (summed over the timed nodules, per nodule).
     #[arg(long)]
     pub profile: bool,
@@ -182,7 +177,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             path: path.clone(),
             series_uid: None,
             patient_id: Some("bench".into()),
-            nodules: vec![("bench".into(), [c[0], c[1], c[2]])],
+            nodules: vec![("bench".into(), *c)],
         }),
         _ => None,
     };
