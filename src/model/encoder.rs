@@ -98,40 +98,56 @@ impl Attention {
         })
     }
 
-    /// `xs` [b, t, d]; `mask` [t, t] added to the scores (causal text mask) or none.
-    /// Returns the heads' outputs side by side, [b, t, d], before the output projection
+    /// `xs` [b, t, d]; `mask` [t, t] added to the scores (causal text mask) or none;
+    /// `queries`: only the first so many tokens' outputs (all when `None`).
+    /// Returns the heads' outputs side by side, [b, queries, d], before the output projection
     /// (the block fuses its bias with the residual add).
-    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        mask: Option<&Tensor>,
+        queries: Option<usize>,
+    ) -> Result<Tensor> {
         let (b, t, d) = xs.dims3()?;
+        let tq = queries.unwrap_or(t).min(t);
         let hd = d / self.heads;
-        let split = |x: Tensor| -> Result<Tensor> {
+        let split = |x: Tensor, t: usize| -> Result<Tensor> {
             timed("attn.split", || {
                 x.reshape((b, t, self.heads, hd))?
                     .transpose(1, 2)?
                     .contiguous()
             })
         };
+        let q_in = if tq < t {
+            xs.narrow(1, 0, tq)?.contiguous()?
+        } else {
+            xs.clone()
+        };
+        let mask = match mask {
+            Some(m) if tq < t => Some(m.narrow(0, 0, tq)?.contiguous()?),
+            m => m.cloned(),
+        };
         let (q, k, v) = (
-            self.q_proj.forward(xs)?,
+            self.q_proj.forward(&q_in)?,
             self.k_proj.forward(xs)?,
             self.v_proj.forward(xs)?,
         );
         if let Some(y) = timed("attn.fused", || {
-            kernels::attention(&q, &k, &v, self.heads, mask)
+            kernels::attention(&q, &k, &v, self.heads, mask.as_ref())
         })? {
             return Ok(y);
         }
-        let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+        let (q, k, v) = (split(q, tq)?, split(k, t)?, split(v, t)?);
         let scores = timed("attn.scores", || {
             let s = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
-            match mask {
+            match &mask {
                 Some(m) => s.broadcast_add(m),
                 None => Ok(s),
             }
         })?;
         let att = timed("attn.softmax", || candle_nn::ops::softmax_last_dim(&scores))?;
         let y = timed("attn.av", || att.matmul(&v))?;
-        timed("attn.merge", || y.transpose(1, 2)?.reshape((b, t, d)))
+        timed("attn.merge", || y.transpose(1, 2)?.reshape((b, tq, d)))
     }
 }
 
@@ -169,9 +185,20 @@ impl Block {
         })
     }
 
-    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let residual = xs;
-        let a = self.attn.forward(&self.ln_1.forward(xs)?, mask)?;
+    /// `xs` [b, t, d] -> [b, queries, d]: the block's output for the first `queries` tokens
+    /// (all when `None`).
+    fn forward(
+        &self,
+        xs: &Tensor,
+        mask: Option<&Tensor>,
+        queries: Option<usize>,
+    ) -> Result<Tensor> {
+        let t = xs.dim(1)?;
+        let residual = match queries {
+            Some(q) if q < t => &xs.narrow(1, 0, q)?.contiguous()?,
+            _ => xs,
+        };
+        let a = self.attn.forward(&self.ln_1.forward(xs)?, mask, queries)?;
         let a = self.attn.proj.forward_no_bias(&a)?;
         let xs = add_bias_residual(residual, &a, self.attn.proj.bias())?;
         let f = self.c_fc.forward_no_bias(&self.ln_2.forward(&xs)?)?;
@@ -208,8 +235,23 @@ impl Encoder {
     pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let mut xs = xs.clone();
         for block in &self.blocks {
-            xs = block.forward(&xs, mask)?;
+            xs = block.forward(&xs, mask, None)?;
         }
         Ok(xs)
+    }
+
+    /// The final output of the first token only, [folds * n, d] (the vision tower's class
+    /// token). Equal to `forward(xs)[:, 0]`, but the last block computes its query, attention
+    /// output and MLP for that token alone (its keys and values still cover every token):
+    /// at ViT-B/32 sizes that skips 10/12 of one block's GEMM work, ~7% of the tower.
+    pub fn forward_first_token(&self, xs: &Tensor) -> Result<Tensor> {
+        let Some((last, rest)) = self.blocks.split_last() else {
+            return xs.narrow(1, 0, 1)?.squeeze(1);
+        };
+        let mut xs = xs.clone();
+        for block in rest {
+            xs = block.forward(&xs, None, None)?;
+        }
+        last.forward(&xs, None, Some(1))?.squeeze(1)
     }
 }

@@ -306,7 +306,8 @@ pub fn bias_lora(
     out.map(|v| from_vec(v, y)).transpose()
 }
 
-/// One batch item of attention: `q`, `k`, `v`, `o` are [t, d] with the heads side by side.
+/// One batch item of attention: `q`, `o` are [tq, d], `k`, `v` [t, d], heads side by side;
+/// `mask` is [tq, t].
 #[inline(always)]
 fn attention_item<const FMA: bool>(
     o: &mut [f32],
@@ -317,7 +318,8 @@ fn attention_item<const FMA: bool>(
     heads: usize,
     mask: Option<&[f32]>,
 ) {
-    let d = q.len() / t;
+    let d = k.len() / t;
+    let tq = q.len() / d;
     let hd = d / heads;
     let scale = 1.0 / (hd as f32).sqrt();
     // Scores as axpys over the keys (independent lanes), from this head's K^T [hd, t].
@@ -330,7 +332,7 @@ fn attention_item<const FMA: bool>(
                 kt[c * t + j] = kv;
             }
         }
-        for i in 0..t {
+        for i in 0..tq {
             let qi = &q[i * d..][cols.clone()];
             match mask {
                 Some(m) => p.copy_from_slice(&m[i * t..(i + 1) * t]),
@@ -370,9 +372,9 @@ dispatch!(attention_task => attention_item(
     mask: Option<&[f32]>,
 ));
 
-/// Multi-head attention on `[b, t, d]` q, k, v (heads side by side along d, as the
-/// projections produce them): per batch and head, `softmax(q k^T / sqrt(hd) + mask) v`,
-/// written back as `[b, t, d]`. `mask` is `[t, t]`, added to the scores.
+/// Multi-head attention on q `[b, tq, d]` and k, v `[b, t, d]` (heads side by side along d,
+/// as the projections produce them): per batch and head, `softmax(q k^T / sqrt(hd) + mask) v`,
+/// written back as `[b, tq, d]`. `mask` is `[tq, t]`, added to the scores.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -380,13 +382,14 @@ pub fn attention(
     heads: usize,
     mask: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
-    let (b, t, d) = q.dims3()?;
-    if k.dims() != q.dims() || v.dims() != q.dims() || heads == 0 || d % heads != 0 || t == 0 {
+    let (b, t, d) = k.dims3()?;
+    let (bq, tq, dq) = q.dims3()?;
+    if (bq, dq) != (b, d) || v.dims() != k.dims() || heads == 0 || d % heads != 0 || t == 0 {
         return Ok(None);
     }
     let mask = match mask {
         Some(m) => match with_f32(m, |m| m.to_vec()) {
-            Some(m) if m.len() == t * t => Some(m),
+            Some(m) if m.len() == tq * t => Some(m),
             _ => return Ok(None),
         },
         None => None,
@@ -394,10 +397,10 @@ pub fn attention(
     let out = with_f32(q, |q| {
         with_f32(k, |k| {
             with_f32(v, |v| {
-                let mut out = vec![0f32; b * t * d];
-                let n = t * d;
-                out.par_chunks_mut(n)
-                    .zip(q.par_chunks(n))
+                let mut out = vec![0f32; b * tq * d];
+                let (n, nq) = (t * d, tq * d);
+                out.par_chunks_mut(nq)
+                    .zip(q.par_chunks(nq))
                     .zip(k.par_chunks(n).zip(v.par_chunks(n)))
                     .for_each(|((o, q), (k, v))| {
                         attention_task(o, q, k, v, t, heads, mask.as_deref())
@@ -527,6 +530,11 @@ mod tests {
                 .reshape((b, t, d))
                 .unwrap();
             assert!(max_diff(&got, &want) < 1e-5);
+            // The first two queries only.
+            let m2 = m.map(|m| m.narrow(0, 0, 2).unwrap().contiguous().unwrap());
+            let q2 = q.narrow(1, 0, 2).unwrap().contiguous().unwrap();
+            let got2 = attention(&q2, &k, &v, heads, m2.as_ref()).unwrap().unwrap();
+            assert!(max_diff(&got2, &want.narrow(1, 0, 2).unwrap()) < 1e-5);
         }
     }
 }

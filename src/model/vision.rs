@@ -71,8 +71,7 @@ impl VisionTower {
         })?;
         let xs = self.ln_pre.forward(&xs)?;
         let xs = timed("repeat", || xs.repeat((self.folds, 1, 1)))?;
-        let xs = self.encoder.forward(&xs, None)?;
-        let cls = xs.narrow(1, 0, 1)?.squeeze(1)?;
+        let cls = self.encoder.forward_first_token(&xs)?;
         timed("head", || self.ln_post.forward(&cls)?.matmul(&self.proj))
     }
 
