@@ -318,45 +318,96 @@ fn attention_item<const FMA: bool>(
     heads: usize,
     mask: Option<&[f32]>,
 ) {
+    const QB: usize = 4; // query rows per register block
+    const KB: usize = 8; // keys per register block (one 8-lane vector)
+    const CB: usize = 16; // output columns per register block in P V
     let d = k.len() / t;
     let tq = q.len() / d;
     let hd = d / heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    // Scores as axpys over the keys (independent lanes), from this head's K^T [hd, t].
-    let mut kt = vec![0f32; hd * t];
-    let mut p = vec![0f32; t];
+    // Padded to whole blocks; the padding stays zero (keys) or is never written out (queries).
+    let (tp, tqp) = (t.div_ceil(KB) * KB, tq.div_ceil(QB) * QB);
+    let mut kt = vec![0f32; hd * tp]; // this head's K^T
+    let mut qs = vec![0f32; tqp * hd]; // this head's Q / sqrt(hd)
+    let mut sc = vec![0f32; tqp * tp]; // scores, then probabilities
     for h in 0..heads {
-        let cols = h * hd..(h + 1) * hd;
+        let c0 = h * hd;
         for j in 0..t {
-            for (c, &kv) in k[j * d..][cols.clone()].iter().enumerate() {
-                kt[c * t + j] = kv;
+            for (c, &kv) in k[j * d + c0..][..hd].iter().enumerate() {
+                kt[c * tp + j] = kv;
             }
         }
         for i in 0..tq {
-            let qi = &q[i * d..][cols.clone()];
-            match mask {
-                Some(m) => p.copy_from_slice(&m[i * t..(i + 1) * t]),
-                None => p.fill(0.0),
+            for (qd, &qv) in qs[i * hd..][..hd].iter_mut().zip(&q[i * d + c0..][..hd]) {
+                *qd = qv * scale;
             }
-            for (c, &qc) in qi.iter().enumerate() {
-                let qc = qc * scale;
-                for (pj, &kv) in p.iter_mut().zip(&kt[c * t..(c + 1) * t]) {
-                    *pj = madd::<FMA>(qc, kv, *pj);
+        }
+        // S = Q K^T in QB x KB register blocks.
+        for ib in (0..tqp).step_by(QB) {
+            for jb in (0..tp).step_by(KB) {
+                let mut acc = [[0f32; KB]; QB];
+                for c in 0..hd {
+                    let kv: &[f32; KB] = kt[c * tp + jb..][..KB].try_into().expect("KB");
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let qv = qs[(ib + r) * hd + c];
+                        for l in 0..KB {
+                            a[l] = madd::<FMA>(qv, kv[l], a[l]);
+                        }
+                    }
+                }
+                for (r, a) in acc.iter().enumerate() {
+                    sc[(ib + r) * tp + jb..][..KB].copy_from_slice(a);
                 }
             }
-            let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        }
+        // Row softmax over the t real keys (+ mask); padding keys get probability 0.
+        for i in 0..tq {
+            let row = &mut sc[i * tp..(i + 1) * tp];
+            if let Some(m) = mask {
+                for (x, &mv) in row.iter_mut().zip(&m[i * t..(i + 1) * t]) {
+                    *x += mv;
+                }
+            }
+            let max = row[..t].iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0.0;
-            for pj in p.iter_mut() {
-                *pj = exp(*pj - max);
-                sum += *pj;
+            for x in row[..t].iter_mut() {
+                *x = exp(*x - max);
+                sum += *x;
             }
             let inv = 1.0 / sum;
-            let oi = &mut o[i * d..][cols.clone()];
-            oi.fill(0.0);
-            for (j, &pj) in p.iter().enumerate() {
-                let w = pj * inv;
-                for (oc, &vc) in oi.iter_mut().zip(&v[j * d..][cols.clone()]) {
-                    *oc = madd::<FMA>(w, vc, *oc);
+            for x in row[..t].iter_mut() {
+                *x *= inv;
+            }
+            row[t..].fill(0.0);
+        }
+        // O = P V in QB x CB register blocks (columns of this head).
+        if hd % CB == 0 {
+            for ib in (0..tqp).step_by(QB) {
+                for cb in (0..hd).step_by(CB) {
+                    let mut acc = [[0f32; CB]; QB];
+                    for j in 0..t {
+                        let vv: &[f32; CB] = v[j * d + c0 + cb..][..CB].try_into().expect("CB");
+                        for (r, a) in acc.iter_mut().enumerate() {
+                            let pw = sc[(ib + r) * tp + j];
+                            for l in 0..CB {
+                                a[l] = madd::<FMA>(pw, vv[l], a[l]);
+                            }
+                        }
+                    }
+                    for (r, a) in acc.iter().enumerate().take(tq.saturating_sub(ib)) {
+                        o[(ib + r) * d + c0 + cb..][..CB].copy_from_slice(a);
+                    }
+                }
+            }
+        } else {
+            for i in 0..tq {
+                let oi = &mut o[i * d + c0..][..hd];
+                oi.fill(0.0);
+                for j in 0..t {
+                    let pw = sc[i * tp + j];
+                    for (oc, &vc) in oi.iter_mut().zip(&v[j * d + c0..][..hd]) {
+                        *oc = madd::<FMA>(pw, vc, *oc);
+                    }
                 }
             }
         }
@@ -500,7 +551,13 @@ mod tests {
 
     #[test]
     fn attention_matches_the_textbook_form() {
-        let (b, t, heads, hd) = (3, 7, 4, 8);
+        // hd 8: the plain P V path; hd 32: the register-blocked one; t 50 pads to 56.
+        for (b, t, heads, hd) in [(3, 7, 4, 8), (2, 50, 2, 32)] {
+            check_attention(b, t, heads, hd);
+        }
+    }
+
+    fn check_attention(b: usize, t: usize, heads: usize, hd: usize) {
         let d = heads * hd;
         let q = randn(&[b, t, d], 1.0);
         let k = randn(&[b, t, d], 1.0);
