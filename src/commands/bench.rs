@@ -109,8 +109,13 @@ fn summary(mut v: Vec<f64>) -> (f64, f64) {
 
 /// Peak resident set size of this process in MiB (VmHWM), if the platform reports it.
 pub fn peak_rss_mib() -> Option<f64> {
+    status_mib("VmHWM:")
+}
+
+/// A memory line of /proc/self/status in MiB.
+fn status_mib(key: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
 }
@@ -143,11 +148,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .build_global();
     }
     let threads = candle_core::utils::get_num_threads();
-    if args.precision != Precision::F32 {
-        anyhow::bail!(
-            "--precision {:?}: only f32 bases are available in this build",
-            args.precision
-        );
+    let base = match args.precision {
+        Precision::F32 => None,
+        Precision::Q8_0 => Some(candle_core::quantized::GgmlDType::Q8_0),
+        Precision::F16 => anyhow::bail!(
+            "--precision f16: the CPU has no f16 GEMM faster than f32 (candle dequantises f16 \
+             weights to f32); use f32 or q8_0"
+        ),
+    };
+    if args.model.is_some() && base.is_some() {
+        anyhow::bail!("--precision applies to --random; a stored model runs as stored");
     }
 
     let started = Instant::now();
@@ -159,13 +169,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             let cfg = ModelConfig::vit_b32(args.lora_r);
             (
-                crate::model::random::model(&cfg, args.folds, 0)?,
+                crate::model::random::model_with_base(&cfg, args.folds, 0, base)?,
                 "random vit-b32".to_string(),
             )
         }
         (None, None) => anyhow::bail!("give --model DIR or --random vit-b32"),
     };
     let load_s = started.elapsed().as_secs_f64();
+    let load_peak = peak_rss_mib();
+    // Peak RSS from here on: the random generator stages f32 weights that a loaded model
+    // does not hold (resetting VmHWM needs Linux >= 4.0; elsewhere the figure stays whole).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let loaded_rss = status_mib("VmRSS:");
 
     let request = match (&args.planes, &args.ct, &args.coord) {
         (Some(path), _, _) => Some(NoduleRequest::Planes {
@@ -272,7 +292,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "median_s_per_nodule": total.0,
             "p90_s_per_nodule": total.1,
             "stages": stages_json,
-            "peak_rss_mb": rss,
+            "peak_rss_mb": load_peak.zip(rss).map(|(a, b)| a.max(b)),
+            "scoring_peak_rss_mb": rss,
+            "loaded_rss_mb": loaded_rss,
             "check": check,
             "cpu_s_per_nodule": cpu_s * per_nodule,
             "ops": ops.iter().map(|o| serde_json::json!({
@@ -295,9 +317,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         for (k, (m, p)) in stages.iter().chain([("total", total)].iter()) {
             println!("{k:<11}{m:>10.4}{p:>10.4}");
         }
-        match rss {
-            Some(r) => println!("peak RSS   {r:.0} MiB"),
-            None => println!("peak RSS   unknown"),
+        match (load_peak, rss) {
+            (Some(l), Some(r)) => println!(
+                "peak RSS   {r:.0} MiB while scoring ({:.0} MiB over the whole run, {:.0} MiB \
+                 resident after load)",
+                l.max(r),
+                loaded_rss.unwrap_or(f64::NAN)
+            ),
+            _ => println!("peak RSS   unknown"),
         }
         println!(
             "CPU        {:.2} s per nodule (all threads)",

@@ -16,6 +16,7 @@ use super::kernels;
 use super::linear::{Linear, LoraLinear};
 use super::profile::timed;
 use super::weights::Weights;
+use candle_core::quantized::GgmlDType;
 use candle_core::{Module, Result, Tensor, D};
 
 /// LayerNorm over the last axis with affine parameters.
@@ -175,6 +176,23 @@ struct Block {
 }
 
 impl Block {
+    fn quantized(&self, dtype: GgmlDType) -> Result<Self> {
+        let a = &self.attn;
+        Ok(Self {
+            ln_1: self.ln_1.clone(),
+            attn: Attention {
+                q_proj: a.q_proj.quantized(dtype)?,
+                k_proj: a.k_proj.quantized(dtype)?,
+                v_proj: a.v_proj.quantized(dtype)?,
+                proj: a.proj.quantized(dtype)?,
+                heads: a.heads,
+            },
+            ln_2: self.ln_2.clone(),
+            c_fc: self.c_fc.quantized(dtype)?,
+            c_proj: self.c_proj.quantized(dtype)?,
+        })
+    }
+
     fn new(w: &Weights, prefix: &str, heads: usize) -> Result<Self> {
         Ok(Self {
             ln_1: LayerNorm::new(w, &format!("{prefix}.ln_1"))?,
@@ -212,6 +230,7 @@ impl Block {
             }
         })?;
         let m = self.c_proj.forward_no_bias(&h)?;
+        drop(h);
         add_bias_residual(&xs, &m, self.c_proj.bias())
     }
 }
@@ -227,6 +246,17 @@ impl Encoder {
     pub fn new(w: &Weights, prefix: &str, layers: usize, heads: usize) -> Result<Self> {
         let blocks = (0..layers)
             .map(|i| Block::new(w, &format!("{prefix}.resblocks.{i}"), heads))
+            .collect::<Result<_>>()?;
+        Ok(Self { blocks })
+    }
+
+    /// The same blocks with every base weight (q/k/v, projections, MLP) quantised to `dtype`;
+    /// LayerNorms, biases and LoRA factors stay f32.
+    pub fn quantized(&self, dtype: GgmlDType) -> Result<Self> {
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| b.quantized(dtype))
             .collect::<Result<_>>()?;
         Ok(Self { blocks })
     }

@@ -7,7 +7,7 @@
 //! base matmul runs once over all folds and only the rank-r paths differ per fold.
 
 use super::profile::timed;
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Module, Result, Tensor, D};
 
 /// The weight of a base linear layer, [out, in].
@@ -58,6 +58,22 @@ impl Linear {
     /// Output width.
     pub fn out_dim(&self) -> usize {
         self.out_dim
+    }
+
+    /// This layer with a float weight quantised to `dtype` (other weights are kept as they are).
+    pub fn quantized(&self, dtype: GgmlDType) -> Result<Self> {
+        let weight = match &self.weight {
+            BaseWeight::Float(w) => {
+                BaseWeight::Quantized(QMatMul::from_qtensor(QTensor::quantize(w, dtype)?)?)
+            }
+            other => other.clone(),
+        };
+        Ok(Self::from_base(
+            weight,
+            self.bias.clone(),
+            self.in_dim,
+            self.out_dim,
+        ))
     }
 
     /// The bias [out], if any.
@@ -119,6 +135,15 @@ impl LoraLinear {
     /// Number of folds.
     pub fn folds(&self) -> usize {
         self.a_t.dims()[0]
+    }
+
+    /// This layer with its base weight quantised to `dtype`; the LoRA factors stay float.
+    pub fn quantized(&self, dtype: GgmlDType) -> Result<Self> {
+        Ok(Self {
+            base: self.base.quantized(dtype)?,
+            a_t: self.a_t.clone(),
+            b_t_scaled: self.b_t_scaled.clone(),
+        })
     }
 }
 

@@ -16,6 +16,7 @@ use super::prompts::ZeroShotSpec;
 use super::weights::Weights;
 use super::{vision, ModelError, NoduleModel};
 use crate::calibration::BetaCalibration;
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -101,13 +102,26 @@ pub fn vision_weights(cfg: &ModelConfig, folds: usize, seed: u64) -> candle_core
 
 /// A scoring-ready model with random weights: `folds` folds over one shared base.
 pub fn model(cfg: &ModelConfig, folds: usize, seed: u64) -> Result<NoduleModel, ModelError> {
+    model_with_base(cfg, folds, seed, None)
+}
+
+/// As [`model`], with the vision encoder's base weights quantised to `base` when given.
+pub fn model_with_base(
+    cfg: &ModelConfig,
+    folds: usize,
+    seed: u64,
+    base: Option<GgmlDType>,
+) -> Result<NoduleModel, ModelError> {
     cfg.validate().map_err(|msg| ModelError::Config {
         path: "random model".into(),
         msg,
     })?;
     let device = Device::Cpu;
     let w = vision_weights(cfg, folds, seed)?;
-    let vision = vision::VisionTower::new(cfg, &w)?;
+    let mut vision = vision::VisionTower::new(cfg, &w)?;
+    if let Some(dtype) = base {
+        vision.quantize_encoder(dtype)?;
+    }
     let heads = (0..folds)
         .map(|k| FoldHeads::new(&w, k))
         .collect::<candle_core::Result<Vec<_>>>()?;
@@ -175,6 +189,17 @@ mod tests {
         for f in &out[0].folds {
             assert!(f.prob.is_finite() && f.prob > 0.0 && f.prob < 1.0);
             assert_eq!(f.slice_features.len(), 9 * 32);
+        }
+        // The same model with a q8_0 encoder base stays close.
+        let q = model_with_base(&cfg, 3, 7, Some(GgmlDType::Q8_0)).unwrap();
+        let out_q = q.forward(&[&planes]).unwrap();
+        for (f, g) in out[0].folds.iter().zip(&out_q[0].folds) {
+            let (a, b) = (&f.slice_features, &g.slice_features);
+            let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+            let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+            let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!(dot / (na * nb) > 0.99, "cosine {}", dot / (na * nb));
+            assert!(a != b, "quantisation changed nothing");
         }
     }
 }

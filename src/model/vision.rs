@@ -61,6 +61,13 @@ impl VisionTower {
         })
     }
 
+    /// Quantises the encoder's base weights to `dtype` (patch embedding, class token,
+    /// positions, LayerNorms and `proj` stay f32: they are ~1% of the weights).
+    pub fn quantize_encoder(&mut self, dtype: candle_core::quantized::GgmlDType) -> Result<()> {
+        self.encoder = self.encoder.quantized(dtype)?;
+        Ok(())
+    }
+
     /// `pixels` [n, 3, image, image] -> slice features [folds * n, embed], fold-major.
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
         let n = pixels.dim(0)?;
