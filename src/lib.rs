@@ -12,6 +12,8 @@
 //! - [`model`]: the CLIP towers with per-fold LoRA, MIL, heads, checkpoint reading.
 //! - [`calibration`]: beta calibration of fold probabilities.
 //! - [`report`]: the score JSON every consumer reads.
+//! - [`convert`]: released checkpoints into a model bundle ([`bundle`]: manifest, signatures,
+//!   the model store; models/README.md).
 //! - [`engine`]: a loaded model behind the [`engine::Scorer`] trait, used by the CLI and daemon.
 //! - [`commands`]: one module per CLI subcommand; `main.rs` only parses and dispatches.
 #![deny(missing_docs)]
@@ -19,6 +21,7 @@
 pub mod bundle;
 pub mod calibration;
 pub mod commands;
+pub mod convert;
 pub mod engine;
 pub mod eval;
 pub mod model;

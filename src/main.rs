@@ -21,6 +21,8 @@ enum Command {
     Score(commands::score::Args),
     /// Model bundles: keys, sign, verify, install, rollback.
     Bundle(commands::bundle::Args),
+    /// Convert released checkpoints into a model bundle.
+    Convert(commands::convert::Args),
     /// Draw the nine planes of one nodule into a PNG.
     Planes(commands::planes::Args),
     /// Evaluate malignancy scores: AUROC/AUPRC with bootstrap CIs, calibration, plots.
@@ -43,6 +45,7 @@ fn main() {
     let result = match cli.command {
         Command::Score(args) => commands::score::run(args),
         Command::Bundle(args) => commands::bundle::run(args),
+        Command::Convert(args) => commands::convert::run(args),
         Command::Planes(args) => commands::planes::run(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Synth(args) => commands::synth::run(args),

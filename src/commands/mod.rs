@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bundle;
+pub mod convert;
 pub mod eval;
 pub mod planes;
 pub mod score;

@@ -17,6 +17,8 @@ pub enum BaseWeight {
     Float(Tensor),
     /// A quantised weight (candle's `QMatMul` computes `x W^T`).
     Quantized(QMatMul),
+    /// A q8_0 weight read in place from a mapped bundle file.
+    Mapped(super::mapped::MappedQ8),
 }
 
 /// `y = x W^T + b` applied to the last axis of any-rank input.
@@ -94,6 +96,7 @@ impl Linear {
         let y = timed(label, || match &self.weight {
             BaseWeight::Float(w) => x2.matmul(&w.t()?),
             BaseWeight::Quantized(q) => q.forward(&x2),
+            BaseWeight::Mapped(q) => q.forward(&x2),
         })?;
         *out_dims.last_mut().expect("rank >= 1") = self.out_dim;
         y.reshape(out_dims)

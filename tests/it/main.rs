@@ -2,6 +2,7 @@
 //! (copied from the project's reference fixtures; see tests/fixtures/reference/README.md).
 
 mod bench;
+mod bundle;
 mod bundle_store;
 mod eval;
 mod model;
