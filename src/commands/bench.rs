@@ -39,7 +39,7 @@ pub enum Precision {
 /// Arguments of `noduled bench`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Model to time: a checkpoint folder.
+    /// Model to time: a bundle folder (as stored, e.g. q8_0) or a checkpoint folder.
     #[arg(long, conflicts_with = "random", required_unless_present = "random")]
     pub model: Option<PathBuf>,
     /// Time a full-size model with random weights instead of a stored one.
@@ -162,7 +162,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let started = Instant::now();
     let (model, name) = match (&args.model, args.random) {
+        (Some(path), _) if path.join(crate::bundle::MANIFEST).is_file() => (
+            NoduleModel::load_bundle(path)?.0,
+            format!("bundle {}", path.display()),
+        ),
         (Some(path), _) => (NoduleModel::load(path)?, path.display().to_string()),
+
         (None, Some(RandomArch::VitB32)) => {
             if args.folds == 0 || args.folds > 64 {
                 anyhow::bail!("--folds {} is out of range (1..=64)", args.folds);
@@ -266,7 +271,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let model_total: f64 = samples.iter().map(|s| s.model).sum();
     let rss = peak_rss_mib();
     let backend = backend(threads);
-    let precision = format!("{:?}", args.precision).to_lowercase();
+    let precision = match args.model {
+        Some(_) => "as stored".to_string(),
+        None => format!("{:?}", args.precision).to_lowercase(),
+    };
     let folds = model.n_folds();
     if args.json {
         let stages_json: serde_json::Map<String, serde_json::Value> = stages
