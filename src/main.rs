@@ -33,6 +33,8 @@ enum Command {
     Eval(commands::eval::Args),
     /// Write synthetic nodule CT volumes with known semantics and a manifest.
     Synth(commands::synth::Args),
+    /// Per-nodule latency and peak memory of a model (or a random full-size one).
+    Bench(commands::bench::Args),
 }
 
 fn main() {
@@ -47,6 +49,7 @@ fn main() {
         Command::Planes(args) => commands::planes::run(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Synth(args) => commands::synth::run(args),
+        Command::Bench(args) => commands::bench::run(args),
     };
     if let Err(err) = result {
         eprintln!("noduled: {err:#}");

@@ -1,5 +1,6 @@
 //! One module per CLI subcommand; each has `Args` (clap) and `run(args) -> anyhow::Result<()>`.
 
+pub mod bench;
 pub mod bundle;
 pub mod convert;
 pub mod demo;

@@ -6,7 +6,8 @@
 //! input's leading axis is fold-major: rows `[k * n, (k + 1) * n)` belong to fold k, so the
 //! base matmul runs once over all folds and only the rank-r paths differ per fold.
 
-use candle_core::quantized::QMatMul;
+use super::profile::timed;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Module, Result, Tensor, D};
 
 /// The weight of a base linear layer, [out, in].
@@ -60,25 +61,55 @@ impl Linear {
     pub fn out_dim(&self) -> usize {
         self.out_dim
     }
+
+    /// This layer with a float weight quantised to `dtype` (other weights are kept as they are).
+    pub fn quantized(&self, dtype: GgmlDType) -> Result<Self> {
+        let weight = match &self.weight {
+            BaseWeight::Float(w) => {
+                BaseWeight::Quantized(QMatMul::from_qtensor(QTensor::quantize(w, dtype)?)?)
+            }
+            other => other.clone(),
+        };
+        Ok(Self::from_base(
+            weight,
+            self.bias.clone(),
+            self.in_dim,
+            self.out_dim,
+        ))
+    }
+
+    /// The bias [out], if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// `x W^T` without the bias (for kernels that fuse the bias into the next op).
+    pub fn forward_no_bias(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut out_dims = xs.dims().to_vec();
+        let rows = xs.elem_count() / self.in_dim.max(1);
+        let x2 = xs.reshape((rows, self.in_dim))?;
+        let label = match self.out_dim.cmp(&self.in_dim) {
+            std::cmp::Ordering::Equal => "gemm.square",
+            std::cmp::Ordering::Greater => "gemm.up",
+            std::cmp::Ordering::Less => "gemm.down",
+        };
+        let y = timed(label, || match &self.weight {
+            BaseWeight::Float(w) => x2.matmul(&w.t()?),
+            BaseWeight::Quantized(q) => q.forward(&x2),
+            BaseWeight::Mapped(q) => q.forward(&x2),
+        })?;
+        *out_dims.last_mut().expect("rank >= 1") = self.out_dim;
+        y.reshape(out_dims)
+    }
 }
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let dims = xs.dims().to_vec();
-        let rows = xs.elem_count() / self.in_dim.max(1);
-        let x2 = xs.reshape((rows, self.in_dim))?;
-        let y = match &self.weight {
-            BaseWeight::Float(w) => x2.matmul(&w.t()?)?,
-            BaseWeight::Quantized(q) => q.forward(&x2)?,
-            BaseWeight::Mapped(q) => q.forward(&x2)?,
-        };
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("rank >= 1") = self.out_dim;
-        y.reshape(out_dims)
+        let y = self.forward_no_bias(xs)?;
+        match &self.bias {
+            Some(b) => timed("bias", || y.broadcast_add(b)),
+            None => Ok(y),
+        }
     }
 }
 
@@ -88,21 +119,19 @@ pub struct LoraLinear {
     base: Linear,
     /// A_k^T stacked over folds: [folds, in, r].
     a_t: Tensor,
-    /// B_k^T stacked over folds: [folds, r, out].
-    b_t: Tensor,
-    scale: f64,
+    /// s B_k^T stacked over folds: [folds, r, out].
+    b_t_scaled: Tensor,
 }
 
 impl LoraLinear {
     /// Wraps `base` with per-fold factors `a` [folds, r, in] and `b` [folds, out, r].
     pub fn new(base: Linear, a: &Tensor, b: &Tensor, scale: f64) -> Result<Self> {
         let a_t = a.transpose(1, 2)?.contiguous()?;
-        let b_t = b.transpose(1, 2)?.contiguous()?;
+        let b_t_scaled = (b.transpose(1, 2)? * scale)?.contiguous()?;
         Ok(Self {
             base,
             a_t,
-            b_t,
-            scale,
+            b_t_scaled,
         })
     }
 
@@ -110,18 +139,37 @@ impl LoraLinear {
     pub fn folds(&self) -> usize {
         self.a_t.dims()[0]
     }
+
+    /// This layer with its base weight quantised to `dtype`; the LoRA factors stay float.
+    pub fn quantized(&self, dtype: GgmlDType) -> Result<Self> {
+        Ok(Self {
+            base: self.base.quantized(dtype)?,
+            a_t: self.a_t.clone(),
+            b_t_scaled: self.b_t_scaled.clone(),
+        })
+    }
 }
 
 impl Module for LoraLinear {
     /// `xs` [folds * n, ..., in] (fold-major) -> [folds * n, ..., out].
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let folds = self.folds();
-        let y = self.base.forward(xs)?;
+        let y = self.base.forward_no_bias(xs)?;
         let in_dim = xs.dim(D::Minus1)?;
         let per_fold = xs.elem_count() / (folds * in_dim);
         let x3 = xs.reshape((folds, per_fold, in_dim))?;
-        let low = x3.matmul(&self.a_t)?.matmul(&self.b_t)?;
-        let low = (low * self.scale)?.reshape(y.shape())?;
+        let u = timed("lora.low", || x3.matmul(&self.a_t))?;
+        // One pass: y + bias + u s B^T (falls back to candle ops off the f32 CPU path).
+        if let Some(out) = timed("lora.add", || {
+            super::kernels::bias_lora(&y, self.base.bias(), &u, &self.b_t_scaled)
+        })? {
+            return Ok(out);
+        }
+        let y = match self.base.bias() {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let low = u.matmul(&self.b_t_scaled)?.reshape(y.shape())?;
         y + low
     }
 }

@@ -19,10 +19,13 @@ pub mod checkpoint;
 pub mod config;
 pub mod encoder;
 pub mod heads;
+pub mod kernels;
 pub mod linear;
 pub mod mapped;
 pub mod mil;
+pub mod profile;
 pub mod prompts;
+pub mod random;
 pub mod text;
 pub mod tokenizer;
 pub mod vision;
@@ -266,10 +269,25 @@ impl NoduleModel {
     }
 
     fn forward_pass(&self, nodules: &[&Planes01]) -> Result<Vec<NoduleOutput>, ModelError> {
-        let n = nodules.len();
+        let pixels = self.pixels(nodules)?;
+        let features = self.encode(&pixels)?;
+        self.finish(nodules.len(), &features)
+    }
+
+    /// Stage 1 of [`Self::forward`]: nodules -> CLIP input [9 * n, 3, image, image].
+    pub fn pixels(&self, nodules: &[&Planes01]) -> Result<Tensor, ModelError> {
+        Ok(vision::clip_pixels(nodules, &self.device)?)
+    }
+
+    /// Stage 2: the vision tower over all folds -> slice features [folds * 9 * n, embed].
+    pub fn encode(&self, pixels: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(self.vision.forward(pixels)?)
+    }
+
+    /// Stage 3: per fold MIL, classifier, calibration and zero-shot on `encode`'s output
+    /// for `n` nodules.
+    pub fn finish(&self, n: usize, features: &Tensor) -> Result<Vec<NoduleOutput>, ModelError> {
         let rows = n * N_PLANES;
-        let pixels = vision::clip_pixels(nodules, &self.device)?;
-        let features = self.vision.forward(&pixels)?;
         let mut outputs: Vec<NoduleOutput> =
             (0..n).map(|_| NoduleOutput { folds: Vec::new() }).collect();
         for (k, heads) in self.heads.iter().enumerate() {

@@ -8,6 +8,7 @@
 
 use super::config::ModelConfig;
 use super::encoder::{Encoder, LayerNorm};
+use super::profile::timed;
 use super::weights::Weights;
 use crate::nodule::{Planes01, N_PLANES, PLANE_SIDE};
 use candle_core::{Device, Module, Result, Tensor};
@@ -60,8 +61,28 @@ impl VisionTower {
         })
     }
 
+    /// Quantises the encoder's base weights to `dtype` (patch embedding, class token,
+    /// positions, LayerNorms and `proj` stay f32: they are ~1% of the weights).
+    pub fn quantize_encoder(&mut self, dtype: candle_core::quantized::GgmlDType) -> Result<()> {
+        self.encoder = self.encoder.quantized(dtype)?;
+        Ok(())
+    }
+
     /// `pixels` [n, 3, image, image] -> slice features [folds * n, embed], fold-major.
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let n = pixels.dim(0)?;
+        let tokens = timed("patch_embed", || self.patch_embed(pixels))?;
+        let xs = timed("embed", || {
+            let cls = self.class_embedding.broadcast_as((n, 1, self.width))?;
+            Tensor::cat(&[&cls, &tokens], 1)?.broadcast_add(&self.positional_embedding)
+        })?;
+        let xs = self.ln_pre.forward(&xs)?;
+        let xs = timed("repeat", || xs.repeat((self.folds, 1, 1)))?;
+        let cls = self.encoder.forward_first_token(&xs)?;
+        timed("head", || self.ln_post.forward(&cls)?.matmul(&self.proj))
+    }
+
+    fn patch_embed(&self, pixels: &Tensor) -> Result<Tensor> {
         let (n, c, h, _w) = pixels.dims4()?;
         let (p, g) = (self.patch, h / self.patch);
         let patches = pixels
@@ -72,13 +93,7 @@ impl VisionTower {
         let tokens = patches
             .matmul(&self.patch_weight.t()?)?
             .reshape((n, g * g, self.width))?;
-        let cls = self.class_embedding.broadcast_as((n, 1, self.width))?;
-        let xs = Tensor::cat(&[&cls, &tokens], 1)?.broadcast_add(&self.positional_embedding)?;
-        let xs = self.ln_pre.forward(&xs)?;
-        let xs = xs.repeat((self.folds, 1, 1))?;
-        let xs = self.encoder.forward(&xs, None)?;
-        let cls = xs.narrow(1, 0, 1)?.squeeze(1)?;
-        self.ln_post.forward(&cls)?.matmul(&self.proj)
+        Ok(tokens)
     }
 }
 

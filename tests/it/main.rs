@@ -1,6 +1,7 @@
 //! Integration tests: one binary, modules by topic. Fixtures live in tests/fixtures
 //! (copied from the project's reference fixtures; see tests/fixtures/reference/README.md).
 
+mod bench;
 mod bundle;
 mod bundle_store;
 mod daemon;

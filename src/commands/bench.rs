@@ -1,0 +1,380 @@
+//! `noduled bench`: per-nodule scoring latency of a model, split into read (input file to
+//! planes), preprocess (planes to CLIP pixels), model (vision tower, all folds) and post
+//! (MIL, classifier, calibration, zero-shot), with the median and p90 over timed nodules after
+//! warm-up, the peak resident memory and the backend.
+//!
+//! `--random vit-b32` builds the full-size released architecture with random weights in
+//! process (speed does not depend on the values), so the bench needs no download. Times are
+//! seconds of wall clock; memory is the process's peak RSS (VmHWM) in MiB, the unit of the
+//! reference bench's `ru_maxrss / 1024`, so the two compare directly.
+
+use crate::model::config::ModelConfig;
+use crate::model::NoduleModel;
+use crate::nodule::{Planes01, N_PLANES, PLANE_SIDE};
+use crate::nodules::NoduleRequest;
+use anyhow::Context;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Random architectures `--random` knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RandomArch {
+    /// OpenAI CLIP ViT-B/32 vision tower (768 wide, 12 blocks) with the released heads.
+    #[value(name = "vit-b32")]
+    VitB32,
+}
+
+/// Weight precision of the base.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    /// 32-bit float.
+    F32,
+    /// 16-bit float base.
+    F16,
+    /// 8-bit blocks of 32 with an f16 scale (ggml Q8_0).
+    #[value(name = "q8_0")]
+    Q8_0,
+}
+
+/// Arguments of `noduled bench`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Model to time: a bundle folder (as stored, e.g. q8_0) or a checkpoint folder.
+    #[arg(long, conflicts_with = "random", required_unless_present = "random")]
+    pub model: Option<PathBuf>,
+    /// Time a full-size model with random weights instead of a stored one.
+    #[arg(long, value_enum)]
+    pub random: Option<RandomArch>,
+    /// Folds of the random model.
+    #[arg(long, default_value_t = 5)]
+    pub folds: usize,
+    /// LoRA rank of the random model.
+    #[arg(long, default_value_t = 2)]
+    pub lora_r: usize,
+    /// Base weight precision.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: Precision,
+    /// Nodules timed (after warm-up).
+    #[arg(long, default_value_t = 5)]
+    pub nodules: usize,
+    /// Nodules scored before timing starts.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// CPU threads (sets RAYON_NUM_THREADS and CANDLE_NUM_THREADS); 0: the default.
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Time reading from this planes file (safetensors `planes01` [9,224,224]).
+    #[arg(long, conflicts_with = "ct")]
+    pub planes: Option<PathBuf>,
+    /// Time reading and preprocessing from this CT volume (NIfTI, NRRD or DICOM folder)...
+    #[arg(long, requires = "coord")]
+    pub ct: Option<PathBuf>,
+    /// ... at this LPS world coordinate in mm, `X,Y,Z`.
+    #[arg(long, allow_hyphen_values = true, value_parser = super::planes::parse_coord, requires = "ct")]
+    pub coord: Option<[f64; 3]>,
+    /// Also time each op of the towers (summed over the timed nodules, per nodule).
+    #[arg(long)]
+    pub profile: bool,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Per-stage seconds of one nodule.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sample {
+    read: f64,
+    preprocess: f64,
+    model: f64,
+    post: f64,
+}
+
+impl Sample {
+    fn total(&self) -> f64 {
+        self.read + self.preprocess + self.model + self.post
+    }
+}
+
+/// Median and p90 (the sorted sample at index floor(0.9 (n - 1)), as the reference's bench).
+fn summary(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    (median, v[(0.9 * (n - 1) as f64) as usize])
+}
+
+/// Peak resident set size of this process in MiB (VmHWM), if the platform reports it.
+pub fn peak_rss_mib() -> Option<f64> {
+    status_mib("VmHWM:")
+}
+
+/// A memory line of /proc/self/status in MiB.
+fn status_mib(key: &str) -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn backend(threads: usize) -> String {
+    let mut simd = Vec::new();
+    if candle_core::utils::with_avx() {
+        simd.push("avx");
+    }
+    if candle_core::utils::with_f16c() {
+        simd.push("f16c");
+    }
+    if candle_core::utils::with_neon() {
+        simd.push("neon");
+    }
+    format!("cpu x{threads} ({})", simd.join(","))
+}
+
+/// Runs `noduled bench`.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.nodules == 0 {
+        anyhow::bail!("--nodules must be at least 1");
+    }
+    if args.threads > 0 {
+        std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", args.threads.to_string());
+        // Ignore the error of a pool already built: the variable still rules candle's kernels.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(args.threads)
+            .build_global();
+    }
+    let threads = candle_core::utils::get_num_threads();
+    let base = match args.precision {
+        Precision::F32 => None,
+        Precision::Q8_0 => Some(candle_core::quantized::GgmlDType::Q8_0),
+        Precision::F16 => anyhow::bail!(
+            "--precision f16: the CPU has no f16 GEMM faster than f32 (candle dequantises f16 \
+             weights to f32); use f32 or q8_0"
+        ),
+    };
+    if args.model.is_some() && base.is_some() {
+        anyhow::bail!("--precision applies to --random; a stored model runs as stored");
+    }
+
+    let started = Instant::now();
+    let (model, name) = match (&args.model, args.random) {
+        (Some(path), _) if path.join(crate::bundle::MANIFEST).is_file() => (
+            NoduleModel::load_bundle(path)?.0,
+            format!("bundle {}", path.display()),
+        ),
+        (Some(path), _) => (NoduleModel::load(path)?, path.display().to_string()),
+
+        (None, Some(RandomArch::VitB32)) => {
+            if args.folds == 0 || args.folds > 64 {
+                anyhow::bail!("--folds {} is out of range (1..=64)", args.folds);
+            }
+            let cfg = ModelConfig::vit_b32(args.lora_r);
+            (
+                crate::model::random::model_with_base(&cfg, args.folds, 0, base)?,
+                "random vit-b32".to_string(),
+            )
+        }
+        (None, None) => anyhow::bail!("give --model DIR or --random vit-b32"),
+    };
+    let load_s = started.elapsed().as_secs_f64();
+    let load_peak = peak_rss_mib();
+    // Peak RSS from here on: the random generator stages f32 weights that a loaded model
+    // does not hold (resetting VmHWM needs Linux >= 4.0; elsewhere the figure stays whole).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let loaded_rss = status_mib("VmRSS:");
+
+    let request = match (&args.planes, &args.ct, &args.coord) {
+        (Some(path), _, _) => Some(NoduleRequest::Planes {
+            path: path.clone(),
+            patient_id: "bench".into(),
+            nodule_id: "bench".into(),
+        }),
+        (None, Some(path), Some(c)) => Some(NoduleRequest::Volume {
+            path: path.clone(),
+            series_uid: None,
+            patient_id: Some("bench".into()),
+            nodules: vec![("bench".into(), *c)],
+        }),
+        _ => None,
+    };
+    // Without an input file: a fixed smooth pattern in [0, 1].
+    let synthetic = Planes01(
+        (0..N_PLANES * PLANE_SIDE * PLANE_SIDE)
+            .map(|i| 0.5 + 0.5 * ((i % 997) as f32 * 0.013).sin())
+            .collect(),
+    );
+
+    let mut samples = Vec::with_capacity(args.nodules);
+    crate::model::profile::enable(false);
+    let mut check = 0.0;
+    let mut cpu_start = 0.0;
+    for i in 0..args.warmup + args.nodules {
+        if i == args.warmup {
+            crate::model::profile::enable(args.profile);
+            cpu_start = crate::model::profile::process_cpu_s();
+        }
+        let t = Instant::now();
+        let loaded;
+        let planes = match &request {
+            Some(r) => {
+                loaded = crate::nodules::load(r).context("reading the bench input")?;
+                &loaded
+                    .first()
+                    .context("the bench input holds no nodule")?
+                    .planes
+            }
+            None => &synthetic,
+        };
+        let read = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let pixels = model.pixels(&[planes])?;
+        let preprocess = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let features = model.encode(&pixels)?;
+        let model_s = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let out = model.finish(1, &features)?;
+        let post = t.elapsed().as_secs_f64();
+        check = out[0].folds.iter().map(|f| f.prob).sum::<f64>();
+        if i >= args.warmup {
+            samples.push(Sample {
+                read,
+                preprocess,
+                model: model_s,
+                post,
+            });
+        }
+    }
+
+    let stage = |f: fn(&Sample) -> f64| summary(samples.iter().map(f).collect());
+    let total = stage(Sample::total);
+    let stages = [
+        ("read", stage(|s| s.read)),
+        ("preprocess", stage(|s| s.preprocess)),
+        ("model", stage(|s| s.model)),
+        ("post", stage(|s| s.post)),
+    ];
+    let cpu_s = crate::model::profile::process_cpu_s() - cpu_start;
+    let per_nodule = 1.0 / args.nodules as f64;
+    let mut ops = crate::model::profile::totals();
+    crate::model::profile::enable(false);
+    ops.sort_by(|a, b| b.cpu_s.total_cmp(&a.cpu_s));
+    let model_total: f64 = samples.iter().map(|s| s.model).sum();
+    let rss = peak_rss_mib();
+    let backend = backend(threads);
+    let precision = match args.model {
+        Some(_) => "as stored".to_string(),
+        None => format!("{:?}", args.precision).to_lowercase(),
+    };
+    let folds = model.n_folds();
+    if args.json {
+        let stages_json: serde_json::Map<String, serde_json::Value> = stages
+            .iter()
+            .map(|(k, (m, p))| {
+                (
+                    k.to_string(),
+                    serde_json::json!({ "median_s": m, "p90_s": p }),
+                )
+            })
+            .collect();
+        let j = serde_json::json!({
+            "impl": "noduled",
+            "model": name,
+            "precision": precision,
+            "backend": backend,
+            "threads": threads,
+            "folds": folds,
+            "planes": N_PLANES,
+            "nodules": args.nodules,
+            "warmup": args.warmup,
+            "load_s": load_s,
+            "median_s_per_nodule": total.0,
+            "p90_s_per_nodule": total.1,
+            "stages": stages_json,
+            "peak_rss_mb": load_peak.zip(rss).map(|(a, b)| a.max(b)),
+            "scoring_peak_rss_mb": rss,
+            "loaded_rss_mb": loaded_rss,
+            "check": check,
+            "cpu_s_per_nodule": cpu_s * per_nodule,
+            "ops": ops.iter().map(|o| serde_json::json!({
+                "op": o.label,
+                "wall_s_per_nodule": o.wall_s * per_nodule,
+                "cpu_s_per_nodule": o.cpu_s * per_nodule,
+                "calls_per_nodule": o.calls as f64 * per_nodule,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{j}");
+    } else {
+        println!("model      {name} ({folds} folds x {N_PLANES} planes, {precision})");
+        println!("backend    {backend}");
+        println!("load       {load_s:.2} s");
+        println!(
+            "nodules    {} timed after {} warm-up",
+            args.nodules, args.warmup
+        );
+        println!("{:<11}{:>10}{:>10}", "stage", "median s", "p90 s");
+        for (k, (m, p)) in stages.iter().chain([("total", total)].iter()) {
+            println!("{k:<11}{m:>10.4}{p:>10.4}");
+        }
+        match (load_peak, rss) {
+            (Some(l), Some(r)) => println!(
+                "peak RSS   {r:.0} MiB while scoring ({:.0} MiB over the whole run, {:.0} MiB \
+                 resident after load)",
+                l.max(r),
+                loaded_rss.unwrap_or(f64::NAN)
+            ),
+            _ => println!("peak RSS   unknown"),
+        }
+        println!(
+            "CPU        {:.2} s per nodule (all threads)",
+            cpu_s * per_nodule
+        );
+        if !ops.is_empty() {
+            println!(
+                "{:<14}{:>10}{:>10}{:>8}{:>8}",
+                "op", "wall ms", "CPU ms", "calls", "% CPU"
+            );
+            let cpu_sum: f64 = ops.iter().map(|o| o.cpu_s).sum();
+            for o in &ops {
+                println!(
+                    "{:<14}{:>10.1}{:>10.1}{:>8.0}{:>8.1}",
+                    o.label,
+                    o.wall_s * per_nodule * 1e3,
+                    o.cpu_s * per_nodule * 1e3,
+                    o.calls as f64 * per_nodule,
+                    100.0 * o.cpu_s / cpu_sum
+                );
+            }
+            let wall: f64 = ops.iter().map(|o| o.wall_s).sum();
+            println!(
+                "{:<14}{:>10.1}{:>10.1}   (per nodule, model {:.1} ms wall)",
+                "(sum)",
+                wall * per_nodule * 1e3,
+                cpu_sum * per_nodule * 1e3,
+                model_total * per_nodule * 1e3
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::summary;
+
+    #[test]
+    fn median_and_p90_follow_the_reference_convention() {
+        assert_eq!(summary(vec![3.0, 1.0, 2.0]), (2.0, 2.0));
+        let v: Vec<f64> = (1..=10).map(f64::from).collect();
+        assert_eq!(summary(v), (5.5, 9.0));
+    }
+}

@@ -1,0 +1,205 @@
+//! A full-size nodule model with random weights, generated in-process, for benchmarks: the
+//! vision tower, every fold's LoRA factors and heads at the configured sizes, identity
+//! calibrations and random (unit-norm) zero-shot prompt embeddings. No text tower is built:
+//! inference only needs the prompts' embeddings, which a real model computes once at load.
+//!
+//! Values are uniform with the standard deviation CLIP's initialisation uses (0.02 for
+//! weights, 0.05 for the LoRA factors as the reference benchmark draws them; LayerNorm gains
+//! 1, biases 0), so activations stay in a realistic range. The generator is a SplitMix64
+//! stream seeded by the caller: the same seed gives the same model. Written here because the
+//! speed of a benchmark's generator matters (~88 M values) and no crate is needed for it.
+
+use super::checkpoint::{specs, Role};
+use super::config::{LoraLayout, ModelConfig};
+use super::heads::{l2_normalize, FoldHeads};
+use super::prompts::ZeroShotSpec;
+use super::weights::Weights;
+use super::{vision, ModelError, NoduleModel};
+use crate::calibration::BetaCalibration;
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// SplitMix64: a small, fast, well-mixed 64-bit generator.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// `n` values uniform on [-a, a] with standard deviation `std` (a = std * sqrt(3)).
+    fn uniform(&mut self, n: usize, std: f32) -> Vec<f32> {
+        let a = std * 3f32.sqrt();
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n.div_ceil(2) {
+            let r = self.next();
+            for half in [r as u32, (r >> 32) as u32] {
+                if out.len() < n {
+                    // 24 high bits -> [0, 1).
+                    let u = (half >> 8) as f32 * (1.0 / 16_777_216.0);
+                    out.push((2.0 * u - 1.0) * a);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// True for the keys only the text tower reads.
+fn text_only(key: &str) -> bool {
+    !key.starts_with("vision_model.")
+        && !key.starts_with("image_projection.")
+        && !key.starts_with("semantic_projection.")
+        && !key.starts_with("classifier_image.")
+        && key != "logit_scale"
+}
+
+fn values(rng: &mut SplitMix, key: &str, n: usize) -> Vec<f32> {
+    let last = key.rsplit('.').next().unwrap_or(key);
+    let is_norm = key.contains("ln_") || key.contains("layer_norm");
+    match last {
+        "bias" => vec![0.0; n],
+        "weight" if is_norm => vec![1.0; n],
+        "w_lora_A" | "w_lora_B" => rng.uniform(n, 0.05),
+        "logit_scale" => vec![(1.0f32 / 0.07).ln(); n],
+        _ => rng.uniform(n, 0.02),
+    }
+}
+
+/// The vision tower's base tensors and `folds` folds' LoRA factors and heads (no text tower),
+/// keyed as in the checkpoints, q/k/v unmerged.
+pub fn vision_weights(cfg: &ModelConfig, folds: usize, seed: u64) -> candle_core::Result<Weights> {
+    let mut rng = SplitMix(seed);
+    let dev = Device::Cpu;
+    let mut base = HashMap::new();
+    let mut fold_maps: Vec<HashMap<String, Tensor>> = (0..folds).map(|_| HashMap::new()).collect();
+    for spec in specs(cfg).into_iter().filter(|s| !text_only(&s.key)) {
+        let n: usize = spec.shape.iter().product();
+        match spec.role {
+            Role::Base | Role::LoraWeight => {
+                let t = Tensor::from_vec(values(&mut rng, &spec.key, n), spec.shape, &dev)?;
+                base.insert(spec.key, t);
+            }
+            Role::Fold => {
+                for map in fold_maps.iter_mut() {
+                    let v = values(&mut rng, &spec.key, n);
+                    map.insert(
+                        spec.key.clone(),
+                        Tensor::from_vec(v, spec.shape.clone(), &dev)?,
+                    );
+                }
+            }
+        }
+    }
+    Ok(Weights::new(base, fold_maps, cfg.lora_scale()))
+}
+
+/// A scoring-ready model with random weights: `folds` folds over one shared base.
+pub fn model(cfg: &ModelConfig, folds: usize, seed: u64) -> Result<NoduleModel, ModelError> {
+    model_with_base(cfg, folds, seed, None)
+}
+
+/// As [`model`], with the vision encoder's base weights quantised to `base` when given.
+pub fn model_with_base(
+    cfg: &ModelConfig,
+    folds: usize,
+    seed: u64,
+    base: Option<GgmlDType>,
+) -> Result<NoduleModel, ModelError> {
+    cfg.validate().map_err(|msg| ModelError::Config {
+        path: "random model".into(),
+        msg,
+    })?;
+    let device = Device::Cpu;
+    let w = vision_weights(cfg, folds, seed)?;
+    let mut vision = vision::VisionTower::new(cfg, &w)?;
+    if let Some(dtype) = base {
+        vision.quantize_encoder(dtype)?;
+    }
+    let heads = (0..folds)
+        .map(|k| FoldHeads::new(&w, k))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let zero_shot = ZeroShotSpec::builtin();
+    let n_prompts = zero_shot.prompts().len();
+    let mut rng = SplitMix(seed ^ 0x5EED);
+    let text_embeds = (0..folds)
+        .map(|_| {
+            let e = Tensor::from_vec(
+                rng.uniform(n_prompts * cfg.out_dim, 1.0),
+                (n_prompts, cfg.out_dim),
+                &device,
+            )?
+            .to_dtype(DType::F64)?;
+            l2_normalize(&e)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let identity = BetaCalibration {
+        a: 1.0,
+        b: 1.0,
+        c: 0.0,
+        clip_eps: 1e-12,
+    };
+    Ok(NoduleModel {
+        config: cfg.clone(),
+        layout: LoraLayout::Unmerged,
+        fold_dirs: (0..folds)
+            .map(|k| PathBuf::from(format!("random/fold_{k}")))
+            .collect(),
+        vision,
+        heads,
+        calibrations: vec![identity; folds],
+        zero_shot,
+        text_embeds,
+        device,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uniform_has_the_asked_spread() {
+        let v = SplitMix(1).uniform(100_001, 0.02);
+        assert_eq!(v.len(), 100_001);
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
+        let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64;
+        assert!(mean.abs() < 1e-3, "mean {mean}");
+        assert!((var.sqrt() - 0.02).abs() < 2e-4, "std {}", var.sqrt());
+    }
+
+    #[test]
+    fn small_random_model_scores_every_fold() {
+        let mut cfg = ModelConfig::vit_b32(2);
+        cfg.vision_width = 64;
+        cfg.vision_layers = 2;
+        cfg.vision_heads = 4;
+        cfg.embed = 32;
+        cfg.out_dim = 16;
+        let m = model(&cfg, 3, 7).unwrap();
+        let planes = crate::nodule::Planes01(vec![0.5; 9 * 224 * 224]);
+        let out = m.forward(&[&planes]).unwrap();
+        assert_eq!(out[0].folds.len(), 3);
+        for f in &out[0].folds {
+            assert!(f.prob.is_finite() && f.prob > 0.0 && f.prob < 1.0);
+            assert_eq!(f.slice_features.len(), 9 * 32);
+        }
+        // The same model with a q8_0 encoder base stays close.
+        let q = model_with_base(&cfg, 3, 7, Some(GgmlDType::Q8_0)).unwrap();
+        let out_q = q.forward(&[&planes]).unwrap();
+        for (f, g) in out[0].folds.iter().zip(&out_q[0].folds) {
+            let (a, b) = (&f.slice_features, &g.slice_features);
+            let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+            let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+            let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!(dot / (na * nb) > 0.99, "cosine {}", dot / (na * nb));
+            assert!(a != b, "quantisation changed nothing");
+        }
+    }
+}
