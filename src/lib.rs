@@ -21,6 +21,7 @@ pub mod calibration;
 pub mod commands;
 pub mod engine;
 pub mod eval;
+pub mod finetune;
 pub mod model;
 pub mod nodule;
 pub mod nodules;

@@ -27,6 +27,8 @@ enum Command {
     Eval(commands::eval::Args),
     /// Write synthetic nodule CT volumes with known semantics and a manifest.
     Synth(commands::synth::Args),
+    /// Fine-tune a model on a manifest (LoRA, probe or full) with K-fold calibration and a gate.
+    Finetune(commands::finetune::Args),
 }
 
 fn main() {
@@ -44,6 +46,7 @@ fn main() {
         Command::Planes(args) => commands::planes::run(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Synth(args) => commands::synth::run(args),
+        Command::Finetune(args) => commands::finetune::run(args),
     };
     if let Err(err) = result {
         eprintln!("noduled: {err:#}");

@@ -2,6 +2,7 @@
 
 pub mod bundle;
 pub mod eval;
+pub mod finetune;
 pub mod planes;
 pub mod score;
 pub mod synth;

@@ -3,6 +3,7 @@
 
 mod bundle_store;
 mod eval;
+mod finetune;
 mod model;
 mod preprocess;
 mod score_ct;
