@@ -57,8 +57,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         seed: args.seed,
         ..EvalOptions::default()
     };
-    let report =
-        evaluate(&records, &options).with_context(|| format!("{}", source.display()))?;
+    let report = evaluate(&records, &options).with_context(|| format!("{}", source.display()))?;
     let json = serde_json::to_string_pretty(&report)?;
     if let Some(out) = &args.out {
         std::fs::create_dir_all(out)

@@ -47,7 +47,10 @@ pub fn augment(crop: &CropHu, rng: &mut SplitMix64) -> Planes01 {
     for v in out.iter_mut() {
         *v = v.signum() * v.abs().powf(gamma);
     }
-    let hu: Vec<f32> = out.iter().map(|&v| v * (HU_MAX - HU_MIN) + HU_MIN).collect();
+    let hu: Vec<f32> = out
+        .iter()
+        .map(|&v| v * (HU_MAX - HU_MIN) + HU_MIN)
+        .collect();
     let planes = crate::preprocess::nine_planes(&CropHu { side, voxels: hu });
     jitter(planes, rng)
 }
@@ -110,7 +113,10 @@ fn resample(img: &[f32], side: usize, a: &[[f64; 3]; 3]) -> Vec<f32> {
                 if i.iter().any(|&v| !(0.0..=hi).contains(&v)) {
                     continue;
                 }
-                let f: Vec<usize> = i.iter().map(|&v| (v.floor() as usize).min(side - 2)).collect();
+                let f: Vec<usize> = i
+                    .iter()
+                    .map(|&v| (v.floor() as usize).min(side - 2))
+                    .collect();
                 let t: Vec<f64> = (0..3).map(|r| i[r] - f[r] as f64).collect();
                 let mut acc = 0.0f64;
                 for dz in 0..2 {

@@ -33,10 +33,7 @@ pub fn weighted_ce(logits: &Tensor, labels: &[bool], weights: [f64; 2]) -> Resul
         .collect();
     let onehot = Tensor::from_vec(onehot, (labels.len(), 2), dev)?;
     let nll = (logp * onehot)?.sum(1)?.neg()?;
-    let w: Vec<f32> = labels
-        .iter()
-        .map(|&l| weights[l as usize] as f32)
-        .collect();
+    let w: Vec<f32> = labels.iter().map(|&l| weights[l as usize] as f32).collect();
     let total: f32 = w.iter().sum();
     let w = Tensor::from_vec(w, labels.len(), dev)?;
     (nll * w)?.sum_all()? / total.max(f32::MIN_POSITIVE) as f64
@@ -76,7 +73,11 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap() as f64;
         let lse = |a: f64, b: f64| (a.exp() + b.exp()).ln();
-        let nll = [lse(0.0, 1.0) - 1.0, lse(2.0, -1.0) - 2.0, lse(0.5, 0.5) - 0.5];
+        let nll = [
+            lse(0.0, 1.0) - 1.0,
+            lse(2.0, -1.0) - 2.0,
+            lse(0.5, 0.5) - 0.5,
+        ];
         let want = (w[1] * nll[0] + w[0] * nll[1] + w[1] * nll[2]) / (2.0 * w[1] + w[0]);
         assert!((got - want).abs() < 1e-6, "{got} vs {want}");
     }

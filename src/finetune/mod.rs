@@ -166,8 +166,22 @@ pub fn run(opts: &FinetuneOptions) -> Result<GateReport, FinetuneError> {
     );
     let pids: Vec<(String, bool)> = samples.iter().map(|s| (s.pid.clone(), s.label)).collect();
     let split = splits::patient_folds(&pids, opts.folds, opts.train.seed)?;
+    for (k, (_, va)) in split.iter().enumerate() {
+        let pos = va.iter().filter(|&&i| samples[i].label).count();
+        if pos == 0 || pos == va.len() {
+            return Err(FinetuneError::Data(format!(
+                "{}: fold {k}'s validation patients are all one class ({pos} malignant of {}); use fewer folds or more data",
+                opts.manifest.display(),
+                va.len()
+            )));
+        }
+    }
     let planes = train::plain_planes(&samples);
-    let n_train = if opts.tuning == Tuning::Full { 1 } else { opts.folds };
+    let n_train = if opts.tuning == Tuning::Full {
+        1
+    } else {
+        opts.folds
+    };
     std::fs::create_dir_all(&opts.work).map_err(|e| FinetuneError::io(&opts.work, e))?;
     let mut results = Vec::new();
     let mut epochs_here = 0;
@@ -270,7 +284,9 @@ fn initial_values(
         if let Some(t) = t {
             values.insert(key, t);
         } else if !key.starts_with("classifier_text") {
-            return Err(FinetuneError::Data(format!("current model lacks tensor `{key}`")));
+            return Err(FinetuneError::Data(format!(
+                "current model lacks tensor `{key}`"
+            )));
         }
     }
     Ok(values)
@@ -295,7 +311,8 @@ fn write_model(
             .map_err(|e| FinetuneError::Data(format!("fold {k}: {e}")))?;
         let cal_json = serde_json::json!({"method": "beta", "a": cal.a, "b": cal.b, "c": cal.c, "clip_eps": cal.clip_eps});
         let path = dir.join("calibration.json");
-        std::fs::write(&path, format!("{cal_json:#}\n")).map_err(|e| FinetuneError::io(&path, e))?;
+        std::fs::write(&path, format!("{cal_json:#}\n"))
+            .map_err(|e| FinetuneError::io(&path, e))?;
         let path = dir.join("model.safetensors");
         let map: std::collections::HashMap<String, Tensor> = r.values.clone().into_iter().collect();
         candle_core::safetensors::save(&map, &path)?;

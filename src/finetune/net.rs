@@ -57,7 +57,11 @@ pub fn all_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Role)> {
         .into_iter()
         .map(|s| (s.key, s.shape, s.role))
         .collect();
-    v.push(("classifier_text.weight".into(), vec![2, cfg.out_dim], Role::Fold));
+    v.push((
+        "classifier_text.weight".into(),
+        vec![2, cfg.out_dim],
+        Role::Fold,
+    ));
     v.push(("classifier_text.bias".into(), vec![2], Role::Fold));
     v
 }
@@ -88,9 +92,7 @@ pub fn random_init(cfg: &ModelConfig, rng: &mut SplitMix64) -> Result<BTreeMap<S
             vec![0.0; n]
         } else if key.ends_with("w_lora_A") {
             let bound = 1.0 / fan_in.sqrt();
-            (0..n)
-                .map(|_| rng.range(-bound, bound) as f32)
-                .collect()
+            (0..n).map(|_| rng.range(-bound, bound) as f32).collect()
         } else if key.contains("ln_") || key.contains("layer_norm") {
             vec![1.0; n]
         } else if key.starts_with("image_projection")
@@ -332,9 +334,7 @@ impl Net {
             .linear(features, "image_projection.projector.0")?
             .relu()?;
         let s = self.linear(
-            &self
-                .linear(&h, "image_projection.attention.0")?
-                .tanh()?,
+            &self.linear(&h, "image_projection.attention.0")?.tanh()?,
             "image_projection.attention.2",
         )?;
         let att = candle_nn::ops::softmax_last_dim(&s.reshape((nodules, N_PLANES))?)?;

@@ -82,7 +82,11 @@ impl AdamW {
         })
     }
 
-    fn update(&mut self, vars: &[Var], grads: &candle_core::backprop::GradStore) -> candle_core::Result<()> {
+    fn update(
+        &mut self,
+        vars: &[Var],
+        grads: &candle_core::backprop::GradStore,
+    ) -> candle_core::Result<()> {
         self.step += 1;
         let t = self.step as i32;
         let c1 = 1.0 - Self::B1.powi(t);
@@ -254,10 +258,14 @@ pub fn train_fold(
     };
     let val_planes: Vec<Planes01> = val.iter().map(|&i| planes[i].clone()).collect();
     let val_labels: Vec<bool> = val.iter().map(|&i| samples[i].label).collect();
-    let val_ids: Option<Vec<Vec<u32>>> = ids.map(|ids| val.iter().map(|&i| ids[i].clone()).collect());
+    let val_ids: Option<Vec<Vec<u32>>> =
+        ids.map(|ids| val.iter().map(|&i| ids[i].clone()).collect());
 
     let mut opt = AdamW::new(&vars, opts.lr, opts.weight_decay)?;
-    let mut best: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
+    let mut best: Vec<Tensor> = vars
+        .iter()
+        .map(|v| v.as_tensor().copy())
+        .collect::<candle_core::Result<_>>()?;
     let mut state = State {
         epoch: 0,
         step: 0,
@@ -269,7 +277,8 @@ pub fn train_fold(
     let ckpt = dir.join("ckpt.safetensors");
     let state_path = dir.join("state.json");
     if state_path.is_file() && ckpt.is_file() {
-        let text = std::fs::read_to_string(&state_path).map_err(|e| FinetuneError::io(&state_path, e))?;
+        let text =
+            std::fs::read_to_string(&state_path).map_err(|e| FinetuneError::io(&state_path, e))?;
         state = serde_json::from_str(&text)
             .map_err(|e| FinetuneError::Data(format!("{}: {e}", state_path.display())))?;
         let map = candle_core::safetensors::load(&ckpt, &Device::Cpu)
@@ -298,7 +307,8 @@ pub fn train_fold(
         let order = weighted_draws(&sampler, train.len(), &mut rng);
         let mut sum = 0.0;
         for step in 0..steps {
-            let picks: Vec<usize> = order[step * opts.batch..((step + 1) * opts.batch).min(order.len())]
+            let picks: Vec<usize> = order
+                [step * opts.batch..((step + 1) * opts.batch).min(order.len())]
                 .iter()
                 .map(|&j| train[j])
                 .collect();
@@ -316,9 +326,19 @@ pub fn train_fold(
                 .collect();
             let refs: Vec<&Planes01> = batch_planes.iter().collect();
             let labels: Vec<bool> = picks.iter().map(|&i| samples[i].label).collect();
-            let batch_ids: Option<Vec<Vec<u32>>> = ids.map(|ids| picks.iter().map(|&i| ids[i].clone()).collect());
-            let mut mode = Mode { rng: Some(&mut rng) };
-            let (loss, _) = batch_loss(&net, &refs, &labels, batch_ids.as_deref(), weights, &mut mode)?;
+            let batch_ids: Option<Vec<Vec<u32>>> =
+                ids.map(|ids| picks.iter().map(|&i| ids[i].clone()).collect());
+            let mut mode = Mode {
+                rng: Some(&mut rng),
+            };
+            let (loss, _) = batch_loss(
+                &net,
+                &refs,
+                &labels,
+                batch_ids.as_deref(),
+                weights,
+                &mut mode,
+            )?;
             let grads = loss.backward()?;
             opt.update(&vars, &grads)?;
             let l = loss.to_scalar::<f32>()? as f64;
@@ -334,7 +354,14 @@ pub fn train_fold(
                 steps
             );
         }
-        let (val_loss, val_probs) = validate(&net, &val_planes, &val_labels, val_ids.as_deref(), weights, opts.batch)?;
+        let (val_loss, val_probs) = validate(
+            &net,
+            &val_planes,
+            &val_labels,
+            val_ids.as_deref(),
+            weights,
+            opts.batch,
+        )?;
         let auroc = crate::eval::metrics::roc_auc(&val_labels, &val_probs)
             .map(|a| format!("{a:.3}"))
             .unwrap_or_else(|_| "n/a".into());
@@ -348,7 +375,10 @@ pub fn train_fold(
             state.best_loss = val_loss;
             state.best_epoch = epoch + 1;
             state.stale = 0;
-            best = vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
+            best = vars
+                .iter()
+                .map(|v| v.as_tensor().copy())
+                .collect::<candle_core::Result<_>>()?;
         } else {
             state.stale += 1;
             if state.stale >= opts.patience {
@@ -368,7 +398,10 @@ pub fn train_fold(
         let tmp = ckpt.with_extension("tmp.safetensors");
         candle_core::safetensors::save(&map, &tmp)?;
         std::fs::rename(&tmp, &ckpt).map_err(|e| FinetuneError::io(&ckpt, e))?;
-        save_atomic(&state_path, serde_json::to_string(&state).unwrap_or_default().as_bytes())?;
+        save_atomic(
+            &state_path,
+            serde_json::to_string(&state).unwrap_or_default().as_bytes(),
+        )?;
         *epochs_done_here += 1;
         if opts.stop_after.is_some_and(|n| *epochs_done_here >= n) {
             eprintln!("stopping after {} epoch(s) as asked", *epochs_done_here);
@@ -378,7 +411,14 @@ pub fn train_fold(
     for (i, var) in vars.iter().enumerate() {
         var.set(&best[i])?;
     }
-    let (_, val_probs) = validate(&net, &val_planes, &val_labels, val_ids.as_deref(), weights, opts.batch)?;
+    let (_, val_probs) = validate(
+        &net,
+        &val_planes,
+        &val_labels,
+        val_ids.as_deref(),
+        weights,
+        opts.batch,
+    )?;
     Ok(FoldResult {
         values: net.values()?,
         val_probs,
