@@ -14,10 +14,45 @@ pub trait Scorer: Send + Sync {
     fn score(&self, nodules: &[NoduleInput]) -> anyhow::Result<ScoreReport>;
 }
 
-/// Loads the model at `path` (a checkpoint folder: `fold_{k}/best_both.pt` + `calibration.json`)
-/// for scoring.
+/// Loads the model at `path` for scoring: a bundle directory (has `manifest.json`), a model
+/// store (has a `current` link: its current bundle) or a checkpoint folder
+/// (`fold_{k}/best_both.pt` + `calibration.json`).
 pub fn load(path: &std::path::Path) -> anyhow::Result<Arc<dyn Scorer>> {
-    Ok(Arc::new(CheckpointScorer::load(path)?))
+    let path = resolve(path);
+    if path.join(crate::bundle::MANIFEST).is_file() {
+        return Ok(Arc::new(CheckpointScorer::load_bundle(&path)?));
+    }
+    Ok(Arc::new(CheckpointScorer::load(&path)?))
+}
+
+/// Like [`load`], but a bundle is first verified (every file's SHA-256, and the signature
+/// when `public_key` is given: unsigned or wrongly signed bundles are refused).
+pub fn load_verified(
+    path: &std::path::Path,
+    public_key: Option<&crate::bundle::sign::PublicKey>,
+) -> anyhow::Result<Arc<dyn Scorer>> {
+    let path = resolve(path);
+    if path.join(crate::bundle::MANIFEST).is_file() {
+        crate::bundle::verify(&path, public_key)?;
+    } else if public_key.is_some() {
+        anyhow::bail!(
+            "{}: not a bundle; a public key is configured, so only signed bundles are loaded",
+            path.display()
+        );
+    }
+    load(&path)
+}
+
+/// A store directory resolves to its `current` bundle; anything else to itself.
+fn resolve(path: &std::path::Path) -> std::path::PathBuf {
+    let current = path.join(crate::bundle::store::CURRENT);
+    if !path.join(crate::bundle::MANIFEST).is_file()
+        && current.join(crate::bundle::MANIFEST).is_file()
+    {
+        current.canonicalize().unwrap_or(current)
+    } else {
+        path.to_path_buf()
+    }
 }
 
 /// The float model read from a checkpoint folder, on the CPU.
@@ -48,6 +83,26 @@ impl CheckpointScorer {
             precision: "f32".into(),
             backend: "cpu".into(),
             version: None,
+        };
+        Ok(Self { model, info })
+    }
+
+    /// Loads the bundle directory at `path` (q8_0 weights stay mapped).
+    pub fn load_bundle(path: &std::path::Path) -> Result<Self, crate::model::ModelError> {
+        let started = std::time::Instant::now();
+        let (model, info) = NoduleModel::load_bundle(path)?;
+        tracing::info!(
+            model = %path.display(),
+            folds = model.n_folds(),
+            precision = %info.manifest.precision,
+            ms = started.elapsed().as_millis() as u64,
+            "bundle loaded"
+        );
+        let info = ModelInfo {
+            id: info.manifest.model_id.clone(),
+            precision: info.manifest.precision.clone(),
+            backend: "cpu".into(),
+            version: Some(info.manifest.version),
         };
         Ok(Self { model, info })
     }
@@ -110,15 +165,84 @@ impl Scorer for CheckpointScorer {
     }
 }
 
-/// Checks that a bundle's config and model payload make sense to this build's loader.
+/// Checks that a bundle's config and model payload make sense to this build's loader:
+/// config sizes, payload, files named, and every weight file's tensors present with the
+/// shapes the config implies (headers only; hashes are [`crate::bundle::verify`]'s job).
 pub fn check_bundle_config(bundle: &std::path::Path) -> anyhow::Result<()> {
-    let _ = bundle;
+    use crate::model::bundle::{BundleInfo, MappedFile};
+    use crate::model::checkpoint::{specs, Role};
+    let info = BundleInfo::read(bundle)?;
+    let base = MappedFile::open(&bundle.join(&info.payload.base))?;
+    let text = MappedFile::open(&bundle.join(&info.payload.text))?;
+    let q8: std::collections::HashSet<&str> =
+        info.payload.q8_0.iter().map(String::as_str).collect();
+    let all = specs(&info.config);
+    for spec in all.iter().filter(|s| s.role != Role::Fold) {
+        let file = if spec.key.starts_with("vision_model.") {
+            &base
+        } else {
+            &text
+        };
+        if q8.contains(spec.key.as_str()) {
+            if spec.shape.len() != 2 {
+                anyhow::bail!("{}: `{}` cannot be q8_0", file.path(), spec.key);
+            }
+            file.q8_0(&spec.key, spec.shape[0], spec.shape[1])?;
+        } else if !file.contains(&spec.key) {
+            anyhow::bail!("{}: missing tensor `{}`", file.path(), spec.key);
+        }
+    }
+    crate::model::bundle::read_golden(bundle, &info.payload.golden)?;
+    for f in &info.manifest.folds {
+        let file = MappedFile::open(&bundle.join(&f.file))?;
+        for spec in all.iter().filter(|s| s.role == Role::Fold) {
+            if !file.contains(&spec.key) {
+                anyhow::bail!("{}: missing tensor `{}`", file.path(), spec.key);
+            }
+        }
+    }
     Ok(())
 }
 
-/// Loads the bundle in `dir` and scores its golden input, comparing with the values
-/// recorded at convert time.
+/// Loads the bundle in `dir` and scores its golden input, comparing every fold's
+/// probability and zero-shot probabilities with the values recorded at convert time, within
+/// the manifest's tolerance.
 pub fn self_test(dir: &std::path::Path) -> anyhow::Result<()> {
-    let _scorer = load(dir)?;
+    check_bundle_config(dir)?;
+    let (model, info) = NoduleModel::load_bundle(dir)?;
+    let golden = &info.payload.golden;
+    let planes = crate::model::bundle::read_golden(dir, golden)?;
+    let out = model.forward(&[&planes])?;
+    let tol = golden.tolerance;
+    for (k, fold) in out[0].folds.iter().enumerate() {
+        // NaN counts as the largest difference.
+        let diff = |a: f64, b: f64| {
+            let d = (a - b).abs();
+            if d.is_nan() {
+                f64::INFINITY
+            } else {
+                d
+            }
+        };
+        let d = diff(fold.prob, golden.probs[k]);
+        if d > tol {
+            anyhow::bail!(
+                "golden input: fold {k} probability {:.6} differs from the recorded {:.6} by {d:.2e} (tolerance {tol:.0e})",
+                fold.prob,
+                golden.probs[k]
+            );
+        }
+        let zs: Vec<f64> = fold.zero_shot.iter().flatten().copied().collect();
+        let worst = zs
+            .iter()
+            .zip(&golden.zero_shot[k])
+            .map(|(a, b)| diff(*a, *b))
+            .fold(0.0, f64::max);
+        if worst > tol {
+            anyhow::bail!(
+                "golden input: fold {k} descriptor probabilities differ from the recorded ones by up to {worst:.2e} (tolerance {tol:.0e})"
+            );
+        }
+    }
     Ok(())
 }

@@ -12,13 +12,20 @@
 //! - [`model`]: the CLIP towers with per-fold LoRA, MIL, heads, checkpoint reading.
 //! - [`calibration`]: beta calibration of fold probabilities.
 //! - [`report`]: the score JSON every consumer reads.
+//! - [`convert`]: released checkpoints into a model bundle ([`bundle`]: manifest, signatures,
+//!   the model store; models/README.md).
 //! - [`engine`]: a loaded model behind the [`engine::Scorer`] trait, used by the CLI and daemon.
+//! - [`config`]: the daemon's strict TOML configuration, validated into `Settings`.
+//! - [`daemon`]: inbox and MQTT in, one worker, durable outbox and MQTT out, systemd, health.
 //! - [`commands`]: one module per CLI subcommand; `main.rs` only parses and dispatches.
 #![deny(missing_docs)]
 
 pub mod bundle;
 pub mod calibration;
 pub mod commands;
+pub mod config;
+pub mod convert;
+pub mod daemon;
 pub mod engine;
 pub mod eval;
 pub mod finetune;

@@ -3,10 +3,10 @@
 //!
 //! Widths are channel counts, `patch` and `image` are pixels, `context` is tokens.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// How the q/k/v weights of a checkpoint set are stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LoraLayout {
     /// `weight` = W0 + s B A (a model saved in eval mode, as released).
@@ -16,7 +16,7 @@ pub enum LoraLayout {
 }
 
 /// Sizes of both towers and the heads, plus the LoRA rank and alpha.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     /// Vision transformer width.
@@ -49,7 +49,7 @@ pub struct ModelConfig {
     pub lora_alpha: f64,
     /// How q/k/v are stored when the folds cannot tell (one fold, or identical folds);
     /// absent means merged (the released checkpoints were saved in eval mode).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora_layout: Option<LoraLayout>,
 }
 

@@ -16,6 +16,8 @@ pub enum BaseWeight {
     Float(Tensor),
     /// A quantised weight (candle's `QMatMul` computes `x W^T`).
     Quantized(QMatMul),
+    /// A q8_0 weight read in place from a mapped bundle file.
+    Mapped(super::mapped::MappedQ8),
 }
 
 /// `y = x W^T + b` applied to the last axis of any-rank input.
@@ -68,6 +70,7 @@ impl Module for Linear {
         let y = match &self.weight {
             BaseWeight::Float(w) => x2.matmul(&w.t()?)?,
             BaseWeight::Quantized(q) => q.forward(&x2)?,
+            BaseWeight::Mapped(q) => q.forward(&x2)?,
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,

@@ -14,11 +14,13 @@
 //! [`vision`] and [`text`] towers, [`mil`] and [`heads`], [`checkpoint`] reading,
 //! [`tokenizer`] and [`prompts`] for zero-shot.
 
+pub mod bundle;
 pub mod checkpoint;
 pub mod config;
 pub mod encoder;
 pub mod heads;
 pub mod linear;
+pub mod mapped;
 pub mod mil;
 pub mod prompts;
 pub mod text;
@@ -120,6 +122,9 @@ pub enum ModelError {
         /// What is wrong.
         msg: String,
     },
+    /// A bundle's manifest could not be read.
+    #[error(transparent)]
+    Bundle(#[from] crate::bundle::BundleError),
     /// A tensor operation failed.
     #[error("model computation: {0}")]
     Compute(#[from] candle_core::Error),
@@ -170,14 +175,21 @@ impl NoduleModel {
     /// Loads a checkpoint folder (see [`checkpoint`]) and precomputes the zero-shot text
     /// embeddings of every fold.
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
-        let device = Device::Cpu;
         let started = std::time::Instant::now();
         let ckpt = checkpoint::load(dir)?;
         tracing::debug!(
             ms = started.elapsed().as_millis() as u64,
             "checkpoints read"
         );
-        let zero_shot = read_prompts(dir)?;
+        Self::from_checkpoint(ckpt, read_prompts(dir)?)
+    }
+
+    /// Builds the model from a read checkpoint set and a prompt set (runs the text tower).
+    pub fn from_checkpoint(
+        ckpt: checkpoint::Checkpoint,
+        zero_shot: ZeroShotSpec,
+    ) -> Result<Self, ModelError> {
+        let device = Device::Cpu;
         let w = &ckpt.weights;
         let vision = vision::VisionTower::new(&ckpt.config, w)?;
         let heads = (0..w.n_folds())
@@ -202,6 +214,11 @@ impl NoduleModel {
             text_embeds,
             device,
         })
+    }
+
+    /// Fold `k`'s beta calibrator.
+    pub fn calibration(&self, k: usize) -> &BetaCalibration {
+        &self.calibrations[k]
     }
 
     /// Tower sizes.
@@ -302,7 +319,8 @@ impl NoduleModel {
     }
 }
 
-fn read_prompts(dir: &Path) -> Result<ZeroShotSpec, ModelError> {
+/// The prompt set of a checkpoint folder: its `prompts.json`, else the built-in set.
+pub fn read_prompts(dir: &Path) -> Result<ZeroShotSpec, ModelError> {
     let path = dir.join("prompts.json");
     if !path.is_file() {
         return Ok(ZeroShotSpec::builtin());
@@ -316,7 +334,7 @@ fn read_prompts(dir: &Path) -> Result<ZeroShotSpec, ModelError> {
 }
 
 /// Runs the text tower once over the distinct prompts for all folds, then each fold's head.
-fn prompt_embeddings(
+pub(crate) fn prompt_embeddings(
     text: &text::TextTower,
     heads: &[FoldHeads],
     spec: &ZeroShotSpec,

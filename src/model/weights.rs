@@ -1,7 +1,9 @@
 //! The tensors of a loaded checkpoint set, by checkpoint key: one frozen base shared by all
 //! folds (q/k/v already reduced to W0), and per fold only its LoRA factors and heads.
+//! A bundle may also hold base layer weights in another form than a float tensor (a q8_0
+//! matrix read from a mapped file): [`Weights::linear`] prefers those when present.
 
-use super::linear::{Linear, LoraLinear};
+use super::linear::{BaseWeight, Linear, LoraLinear};
 use candle_core::{Result, Tensor};
 use std::collections::HashMap;
 
@@ -10,6 +12,9 @@ use std::collections::HashMap;
 pub struct Weights {
     base: HashMap<String, Tensor>,
     folds: Vec<HashMap<String, Tensor>>,
+    /// Base layer weights not held as float tensors, by key (`{prefix}.weight`).
+    special: HashMap<String, BaseWeight>,
+    special_dims: HashMap<String, (usize, usize)>,
     lora_scale: f64,
 }
 
@@ -23,8 +28,36 @@ impl Weights {
         Self {
             base,
             folds,
+            special: HashMap::new(),
+            special_dims: HashMap::new(),
             lora_scale,
         }
+    }
+
+    /// Adds base layer weights held in another form than a float tensor, keyed
+    /// `{prefix}.weight` with their [out, in] sizes; they take precedence in [`Self::linear`].
+    pub fn with_special(mut self, special: HashMap<String, (BaseWeight, usize, usize)>) -> Self {
+        self.special_dims = special
+            .iter()
+            .map(|(k, (_, o, i))| (k.clone(), (*o, *i)))
+            .collect();
+        self.special = special.into_iter().map(|(k, (w, _, _))| (k, w)).collect();
+        self
+    }
+
+    /// The LoRA scaling s = alpha / sqrt(r).
+    pub fn lora_scale(&self) -> f64 {
+        self.lora_scale
+    }
+
+    /// The shared base tensors by key.
+    pub fn base_tensors(&self) -> &HashMap<String, Tensor> {
+        &self.base
+    }
+
+    /// Fold `k`'s own tensors by key.
+    pub fn fold_tensors(&self, k: usize) -> Option<&HashMap<String, Tensor>> {
+        self.folds.get(k)
     }
 
     /// Number of folds.
@@ -59,6 +92,13 @@ impl Weights {
 
     /// The base layer `{prefix}.weight` [out, in] + `{prefix}.bias`.
     pub fn linear(&self, prefix: &str) -> Result<Linear> {
+        let key = format!("{prefix}.weight");
+        if let (Some(w), Some(&(out_dim, in_dim))) =
+            (self.special.get(&key), self.special_dims.get(&key))
+        {
+            let bias = self.base(&format!("{prefix}.bias"))?;
+            return Ok(Linear::from_base(w.clone(), Some(bias), in_dim, out_dim));
+        }
         Linear::new(
             self.base(&format!("{prefix}.weight"))?,
             Some(self.base(&format!("{prefix}.bias"))?),

@@ -166,12 +166,30 @@ fn refusals_leave_current_untouched() {
     assert_eq!(target_name(st.current()).as_deref(), Some("m-1"));
 }
 
-/// The CLI: keygen, sign and verify through the real binary; tampering fails with exit 2.
+/// The CLI: keygen, sign and verify through the real binary (verify also checks the config,
+/// so this uses a real bundle converted from the fixture model); tampering fails with exit 2.
 #[test]
 fn cli_keygen_sign_verify() {
     let tmp = tempfile::tempdir().unwrap();
-    let b = make_bundle(tmp.path(), "cli", 1);
+    let b = tmp.path().join("cli-1");
     let run = |args: &[&str]| Command::new(util::bin()).args(args).output().unwrap();
+    let model = util::reference().join("model");
+    let out = run(&[
+        "convert",
+        "--checkpoints",
+        model.to_str().unwrap(),
+        "--out",
+        b.to_str().unwrap(),
+        "--precision",
+        "f32",
+        "--model-id",
+        "cli",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = run(&[
         "bundle",
         "keygen",

@@ -1,7 +1,11 @@
 //! Integration tests: one binary, modules by topic. Fixtures live in tests/fixtures
 //! (copied from the project's reference fixtures; see tests/fixtures/reference/README.md).
 
+mod bundle;
 mod bundle_store;
+mod daemon;
+mod daemon_ct;
+mod daemon_support;
 mod eval;
 mod finetune;
 mod model;

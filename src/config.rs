@@ -1,0 +1,482 @@
+//! The daemon's configuration: a strict TOML file ([`Config`], unknown keys are an error,
+//! every key documented with its default in `config/noduled.toml`) validated into
+//! [`Settings`], the only form the rest of the daemon sees.
+//!
+//! Units are in the key names (`_ms`, `_secs`, `_hours`, `_bytes`). Paths in the file may be
+//! relative: they resolve against the folder holding the config file.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Errors reading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The config file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown / mistyped keys.
+    #[error("{path}: {msg}")]
+    Parse {
+        /// The config file.
+        path: String,
+        /// The parser's message (names the key).
+        msg: String,
+    },
+    /// A key has a value the daemon cannot use.
+    #[error("config key `{key}`: {msg}")]
+    Invalid {
+        /// The key, dotted (`mqtt.port`).
+        key: &'static str,
+        /// What is wrong, with a hint.
+        msg: String,
+    },
+}
+
+/// The raw configuration file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Folder for the daemon's state: `processing/`, `done/`, `failed/`, `spool/`.
+    pub state_dir: PathBuf,
+    /// Seconds to wait, after SIGTERM, for the current nodule and the last acknowledgements.
+    pub shutdown_timeout_secs: u64,
+    /// The model.
+    pub model: ModelConfig,
+    /// What jobs may contain.
+    pub jobs: JobsConfig,
+    /// The inbox folder source.
+    pub inbox: InboxConfig,
+    /// The on-disk outbox of results.
+    pub outbox: OutboxConfig,
+    /// The MQTT source and sink.
+    pub mqtt: MqttConfig,
+    /// Alerts on high calibrated scores.
+    pub alert: AlertConfig,
+    /// The localhost health and metrics endpoint.
+    pub health: HealthConfig,
+}
+
+/// `[model]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// A checkpoint folder or a model bundle (typically a `current` link that an update
+    /// switches; SIGHUP reloads whatever it points to).
+    pub path: PathBuf,
+}
+
+/// `[jobs]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// Folders that job paths must lie in (after resolving links and `..`). The inbox and
+    /// the spool of inline crops are always allowed.
+    pub data_roots: Vec<PathBuf>,
+    /// Largest job file or MQTT job payload, in bytes (inline crops included).
+    pub max_job_bytes: u64,
+    /// Most nodules one job may name.
+    pub max_nodules: usize,
+}
+
+/// `[inbox]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InboxConfig {
+    /// Watch the inbox folder.
+    pub enabled: bool,
+    /// The folder jobs are renamed into (or written and closed in). Must be on the same
+    /// filesystem as `state_dir`.
+    pub path: PathBuf,
+}
+
+/// `[outbox]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    /// Folder of result JSONs. Unpublished results live at its top level; with MQTT on,
+    /// acknowledged ones move to `sent/` inside it.
+    pub path: PathBuf,
+    /// Results older than this are deleted (published or not), in hours.
+    pub max_age_hours: u64,
+    /// When the folder (with `sent/`) grows past this many bytes, the oldest results go first.
+    pub max_bytes: u64,
+}
+
+/// `[mqtt]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Connect to a broker.
+    pub enabled: bool,
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// Client id; the broker keeps the persistent session under it.
+    pub client_id: String,
+    /// Optional user name.
+    pub username: Option<String>,
+    /// Optional password.
+    pub password: Option<String>,
+    /// Topics are `<prefix>/job`, `<prefix>/result/<patient_id>`, `<prefix>/status`,
+    /// `<prefix>/alert`.
+    pub topic_prefix: String,
+    /// Job topic; empty means `<prefix>/job`.
+    pub job_topic: String,
+    /// Keep-alive, in seconds.
+    pub keep_alive_secs: u64,
+    /// Longest wait between reconnect attempts, in seconds (backoff doubles from 0.5 s).
+    pub reconnect_max_secs: u64,
+    /// How long the broker keeps the session (queued jobs) while the daemon is away, seconds.
+    pub session_expiry_secs: u32,
+    /// Largest MQTT packet the daemon accepts, in bytes; announced to the broker (MQTT 5
+    /// Maximum Packet Size) so larger job payloads are never sent to it. 0 means
+    /// `jobs.max_job_bytes` + 64 KiB.
+    pub max_packet_bytes: u32,
+    /// Results (with their alerts) published and awaiting acknowledgement at once.
+    pub max_inflight: usize,
+    /// Seconds between status refreshes while the state is unchanged.
+    pub status_interval_secs: u64,
+}
+
+/// `[alert]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertConfig {
+    /// Publish an alert when a nodule's calibrated score is at least this; 0 < t <= 1, or
+    /// absent for no alerts.
+    pub calibrated_threshold: Option<f64>,
+}
+
+/// `[health]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Serve /healthz, /readyz and /metrics.
+    pub enabled: bool,
+    /// Listen address; keep it on loopback (port 0 picks a free one).
+    pub listen: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from("/var/lib/noduled"),
+            shutdown_timeout_secs: 30,
+            model: ModelConfig::default(),
+            jobs: JobsConfig::default(),
+            inbox: InboxConfig::default(),
+            outbox: OutboxConfig::default(),
+            mqtt: MqttConfig::default(),
+            alert: AlertConfig::default(),
+            health: HealthConfig::default(),
+        }
+    }
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("/var/lib/noduled/models/current"),
+        }
+    }
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            data_roots: vec![PathBuf::from("/srv/noduled/data")],
+            max_job_bytes: 64 << 20,
+            max_nodules: 64,
+        }
+    }
+}
+
+impl Default for InboxConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: PathBuf::from("/var/lib/noduled/inbox"),
+        }
+    }
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("/var/lib/noduled/outbox"),
+            max_age_hours: 24 * 30,
+            max_bytes: 1 << 30,
+        }
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            host: "localhost".into(),
+            port: 1883,
+            client_id: "noduled".into(),
+            username: None,
+            password: None,
+            topic_prefix: "noduled".into(),
+            job_topic: String::new(),
+            keep_alive_secs: 30,
+            reconnect_max_secs: 30,
+            session_expiry_secs: 7 * 24 * 3600,
+            max_packet_bytes: 0,
+            max_inflight: 8,
+            status_interval_secs: 30,
+        }
+    }
+}
+
+impl Default for AlertConfig {
+    fn default() -> Self {
+        Self {
+            calibrated_threshold: Some(0.5),
+        }
+    }
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+/// Validated settings: absolute paths, resolved topics, checked numbers.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// State folder (absolute).
+    pub state_dir: PathBuf,
+    /// Deadline after SIGTERM.
+    pub shutdown_timeout: Duration,
+    /// Model path (absolute).
+    pub model_path: PathBuf,
+    /// Allowed data roots (canonical where they exist).
+    pub data_roots: Vec<PathBuf>,
+    /// Largest job in bytes.
+    pub max_job_bytes: u64,
+    /// Most nodules per job.
+    pub max_nodules: usize,
+    /// Inbox folder when enabled (absolute).
+    pub inbox: Option<PathBuf>,
+    /// Outbox folder (absolute).
+    pub outbox: PathBuf,
+    /// Outbox age bound.
+    pub outbox_max_age: Duration,
+    /// Outbox size bound in bytes.
+    pub outbox_max_bytes: u64,
+    /// MQTT settings when enabled.
+    pub mqtt: Option<MqttSettings>,
+    /// Alert threshold on calibrated scores.
+    pub alert_threshold: Option<f64>,
+    /// Health endpoint address when enabled.
+    pub health: Option<SocketAddr>,
+}
+
+/// Validated MQTT settings.
+#[derive(Debug, Clone)]
+pub struct MqttSettings {
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// Client id (non-empty).
+    pub client_id: String,
+    /// User name and password.
+    pub credentials: Option<(String, String)>,
+    /// Topic prefix without a trailing slash.
+    pub prefix: String,
+    /// Job topic.
+    pub job_topic: String,
+    /// Keep-alive.
+    pub keep_alive: Duration,
+    /// Longest reconnect wait.
+    pub reconnect_max: Duration,
+    /// Session expiry in seconds.
+    pub session_expiry_secs: u32,
+    /// Largest incoming packet in bytes.
+    pub max_packet_bytes: u32,
+    /// Results in flight at once.
+    pub max_inflight: usize,
+    /// Status refresh period.
+    pub status_interval: Duration,
+}
+
+impl Config {
+    /// Reads and parses a config file (unknown keys are an error naming the key).
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.display().to_string(),
+            msg: e
+                .to_string()
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .collect::<Vec<_>>()
+                .join(" "),
+        })
+    }
+
+    /// Checks every value and resolves relative paths against `base` (the config file's folder).
+    pub fn validate(self, base: &Path) -> Result<Settings, ConfigError> {
+        let abs = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        let invalid = |key: &'static str, msg: String| ConfigError::Invalid { key, msg };
+        if self.jobs.max_job_bytes == 0 {
+            return Err(invalid("jobs.max_job_bytes", "must be > 0".into()));
+        }
+        if self.jobs.max_nodules == 0 {
+            return Err(invalid("jobs.max_nodules", "must be > 0".into()));
+        }
+        if let Some(t) = self.alert.calibrated_threshold {
+            if !(t > 0.0 && t <= 1.0) {
+                return Err(invalid(
+                    "alert.calibrated_threshold",
+                    format!("{t} is not in (0, 1]"),
+                ));
+            }
+        }
+        let data_roots = self
+            .jobs
+            .data_roots
+            .iter()
+            .map(|r| abs(r))
+            .map(|r| r.canonicalize().unwrap_or(r))
+            .collect();
+        let mqtt = if self.mqtt.enabled {
+            let m = &self.mqtt;
+            if m.client_id.is_empty() {
+                return Err(invalid(
+                    "mqtt.client_id",
+                    "must not be empty (the broker keeps the session under it)".into(),
+                ));
+            }
+            let prefix = m.topic_prefix.trim_end_matches('/').to_string();
+            if prefix.is_empty() || prefix.contains(['+', '#']) {
+                return Err(invalid(
+                    "mqtt.topic_prefix",
+                    format!("`{}` is not a topic prefix, e.g. noduled", m.topic_prefix),
+                ));
+            }
+            let job_topic = if m.job_topic.is_empty() {
+                format!("{prefix}/job")
+            } else {
+                m.job_topic.clone()
+            };
+            let credentials = match (&m.username, &m.password) {
+                (Some(u), p) => Some((u.clone(), p.clone().unwrap_or_default())),
+                (None, Some(_)) => {
+                    return Err(invalid("mqtt.password", "set `mqtt.username` too".into()))
+                }
+                (None, None) => None,
+            };
+            let max_packet_bytes = if m.max_packet_bytes > 0 {
+                m.max_packet_bytes
+            } else {
+                u32::try_from(self.jobs.max_job_bytes + (64 << 10)).unwrap_or(u32::MAX)
+            };
+            if m.max_inflight == 0 {
+                return Err(invalid("mqtt.max_inflight", "must be > 0".into()));
+            }
+            Some(MqttSettings {
+                host: m.host.clone(),
+                port: m.port,
+                client_id: m.client_id.clone(),
+                credentials,
+                prefix,
+                job_topic,
+                keep_alive: Duration::from_secs(m.keep_alive_secs.max(5)),
+                reconnect_max: Duration::from_secs(m.reconnect_max_secs.max(1)),
+                session_expiry_secs: m.session_expiry_secs,
+                max_packet_bytes,
+                max_inflight: m.max_inflight,
+                status_interval: Duration::from_secs(m.status_interval_secs.max(1)),
+            })
+        } else {
+            None
+        };
+        let health = if self.health.enabled {
+            Some(self.health.listen.parse::<SocketAddr>().map_err(|e| {
+                invalid(
+                    "health.listen",
+                    format!("`{}`: {e} (e.g. 127.0.0.1:9464)", self.health.listen),
+                )
+            })?)
+        } else {
+            None
+        };
+        Ok(Settings {
+            state_dir: abs(&self.state_dir),
+            shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
+            model_path: abs(&self.model.path),
+            data_roots,
+            max_job_bytes: self.jobs.max_job_bytes,
+            max_nodules: self.jobs.max_nodules,
+            inbox: self.inbox.enabled.then(|| abs(&self.inbox.path)),
+            outbox: abs(&self.outbox.path),
+            outbox_max_age: Duration::from_secs(self.outbox.max_age_hours * 3600),
+            outbox_max_bytes: self.outbox.max_bytes,
+            mqtt,
+            alert_threshold: self.alert.calibrated_threshold,
+            health,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_file_is_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/noduled.toml");
+        assert_eq!(Config::read(&path).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let err = toml::from_str::<Config>("[mqtt]\nhots = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("hots"), "{err}");
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_folder() {
+        let cfg: Config =
+            toml::from_str("state_dir = \"state\"\n[inbox]\npath = \"in\"\n").unwrap();
+        let s = cfg.validate(Path::new("/etc/noduled")).unwrap();
+        assert_eq!(s.state_dir, Path::new("/etc/noduled/state"));
+        assert_eq!(s.inbox.unwrap(), Path::new("/etc/noduled/in"));
+    }
+
+    #[test]
+    fn bad_threshold_is_refused() {
+        let cfg: Config = toml::from_str("[alert]\ncalibrated_threshold = 1.5\n").unwrap();
+        let err = cfg.validate(Path::new("/")).unwrap_err().to_string();
+        assert!(err.contains("alert.calibrated_threshold"), "{err}");
+    }
+}

@@ -1,0 +1,95 @@
+//! The localhost health endpoint: `GET /healthz` (the worker loop is alive), `GET /readyz`
+//! (model loaded, sources live, not stopping) and `GET /metrics` (Prometheus text).
+//!
+//! Written in-house on a tokio `TcpListener`: three GET routes with no bodies, keep-alive
+//! or TLS do not justify a web framework and its dependency tree. Requests are read up to
+//! 8 KiB and 5 s; anything else gets 404 / 405 / 400 and the connection is closed.
+
+use super::Shared;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Serves until `stop` fires.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            acc = listener.accept() => match acc {
+                Ok((stream, _)) => {
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(Duration::from_secs(5), answer(stream, &shared)).await;
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "health endpoint accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn answer(mut stream: tokio::net::TcpStream, shared: &Shared) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 8192];
+    let mut n = 0;
+    while n < buf.len() {
+        let got = stream.read(&mut buf[n..]).await?;
+        if got == 0 {
+            break;
+        }
+        n += got;
+        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n")
+            || buf[..n].windows(2).any(|w| w == b"\n\n")
+        {
+            break;
+        }
+    }
+    let head = String::from_utf8_lossy(&buf[..n]);
+    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (code, ctype, body) = match (method, path) {
+        ("GET", "/healthz") => {
+            if shared.worker_alive() {
+                (200, "text/plain", "ok\n".to_string())
+            } else {
+                (503, "text/plain", "worker stalled\n".to_string())
+            }
+        }
+        ("GET", "/readyz") => {
+            let state = shared.state();
+            if state == "ready" {
+                (200, "text/plain", "ready\n".to_string())
+            } else {
+                (503, "text/plain", format!("{state}\n"))
+            }
+        }
+        ("GET", "/metrics") => (
+            200,
+            "text/plain; version=0.0.4",
+            shared.metrics.render(&shared.gauges()),
+        ),
+        ("GET", _) => (404, "text/plain", "not found\n".to_string()),
+        ("", _) => (400, "text/plain", "bad request\n".to_string()),
+        _ => (405, "text/plain", "method not allowed\n".to_string()),
+    };
+    let reason = match code {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Service Unavailable",
+    };
+    let resp = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(resp.as_bytes()).await?;
+    stream.shutdown().await
+}

@@ -1,0 +1,225 @@
+//! The durable outbox: one `<result_id>.json` per job, written atomically (temporary file,
+//! fsync, rename, fsync of the folder) before anything is published, so a crash or power
+//! cut leaves either no result or a whole one. Unpublished results stay at the top level;
+//! once the broker acknowledged a result (and its alert) it moves to `sent/`. Without MQTT
+//! the top level is the output folder. Both are bounded by age and total size: the oldest
+//! go first, and every result deleted before it was published counts as `dropped`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+/// Writes `bytes` to `path` atomically and durably: `.name.tmp`, fsync, rename, fsync dir.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    sync_dir(dir)
+}
+
+/// Moves `from` to `to` (same filesystem: rename; otherwise copy, fsync, remove) and makes
+/// the move durable.
+pub fn move_durable(from: &Path, to: &Path) -> std::io::Result<()> {
+    match std::fs::rename(from, to) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(18) => {
+            // EXDEV: another filesystem.
+            let bytes = std::fs::read(from)?;
+            write_atomic(to, &bytes)?;
+            std::fs::remove_file(from)?;
+        }
+        Err(e) => return Err(e),
+    }
+    if let Some(d) = to.parent() {
+        sync_dir(d)?;
+    }
+    if let Some(d) = from.parent() {
+        sync_dir(d)?;
+    }
+    Ok(())
+}
+
+/// fsyncs a folder so a rename in it survives a power cut.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// The outbox folder and its bounds.
+#[derive(Debug)]
+pub struct Outbox {
+    dir: PathBuf,
+    sent: PathBuf,
+    max_age: Duration,
+    max_bytes: u64,
+    dropped: AtomicU64,
+}
+
+/// A snapshot of the outbox for status and metrics.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct OutboxStats {
+    /// Results not yet acknowledged by the broker.
+    pub depth: u64,
+    /// Bytes held (unpublished and sent).
+    pub bytes: u64,
+    /// Size bound in bytes.
+    pub max_bytes: u64,
+    /// Age bound in hours.
+    pub max_age_hours: u64,
+    /// Results deleted by the bounds before they were published, since start.
+    pub dropped: u64,
+}
+
+impl Outbox {
+    /// Opens (creating) the outbox folders.
+    pub fn open(dir: &Path, max_age: Duration, max_bytes: u64) -> std::io::Result<Self> {
+        let sent = dir.join("sent");
+        std::fs::create_dir_all(&sent)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            sent,
+            max_age,
+            max_bytes,
+            dropped: AtomicU64::new(0),
+        })
+    }
+
+    /// The folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path of an unpublished result.
+    pub fn path_of(&self, result_id: &str) -> PathBuf {
+        self.dir.join(format!("{result_id}.json"))
+    }
+
+    /// Whether a result with this id is already held (unpublished or sent).
+    pub fn contains(&self, result_id: &str) -> bool {
+        self.path_of(result_id).exists() || self.sent.join(format!("{result_id}.json")).exists()
+    }
+
+    /// Writes a result atomically; returns its path.
+    pub fn write(&self, result_id: &str, json: &[u8]) -> std::io::Result<PathBuf> {
+        let path = self.path_of(result_id);
+        write_atomic(&path, json)?;
+        Ok(path)
+    }
+
+    /// Unpublished results, oldest first.
+    pub fn pending(&self) -> Vec<PathBuf> {
+        let mut files = list_results(&self.dir);
+        files.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+        files.into_iter().map(|f| f.0).collect()
+    }
+
+    /// Marks a result acknowledged: moves it to `sent/`.
+    pub fn mark_sent(&self, path: &Path) -> std::io::Result<()> {
+        let Some(name) = path.file_name() else {
+            return Ok(());
+        };
+        match move_durable(path, &self.sent.join(name)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Applies the age and size bounds; returns how many unpublished results were dropped.
+    pub fn prune(&self) -> u64 {
+        let now = SystemTime::now();
+        let mut all: Vec<(PathBuf, SystemTime, u64, bool)> = Vec::new();
+        for (dir, unsent) in [(&self.dir, true), (&self.sent, false)] {
+            for (p, t, len) in list_results(dir) {
+                all.push((p, t, len, unsent));
+            }
+        }
+        all.sort_by_key(|f| f.1);
+        let mut total: u64 = all.iter().map(|f| f.2).sum();
+        let mut dropped = 0;
+        for (p, t, len, unsent) in all {
+            let too_old = now.duration_since(t).unwrap_or_default() > self.max_age;
+            if !too_old && total <= self.max_bytes {
+                break;
+            }
+            if std::fs::remove_file(&p).is_ok() {
+                total -= len;
+                if unsent {
+                    dropped += 1;
+                    tracing::warn!(file = %p.display(), "outbox bound reached: dropped an unpublished result");
+                }
+            }
+        }
+        self.dropped.fetch_add(dropped, Ordering::Relaxed);
+        dropped
+    }
+
+    /// Depth, bytes and bounds.
+    pub fn stats(&self) -> OutboxStats {
+        let pending = list_results(&self.dir);
+        let sent = list_results(&self.sent);
+        OutboxStats {
+            depth: pending.len() as u64,
+            bytes: pending.iter().chain(sent.iter()).map(|f| f.2).sum(),
+            max_bytes: self.max_bytes,
+            max_age_hours: self.max_age.as_secs() / 3600,
+            dropped: self.dropped.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn list_results(dir: &Path) -> Vec<(PathBuf, SystemTime, u64)> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok())
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.ends_with(".json") && !n.starts_with('.')
+        })
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            m.is_file().then(|| {
+                (
+                    e.path(),
+                    m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                    m.len(),
+                )
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_then_sent_then_size_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = Outbox::open(dir.path(), Duration::from_secs(3600), 25).unwrap();
+        let a = ob.write("a", b"0123456789").unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        ob.write("b", b"0123456789").unwrap();
+        assert_eq!(ob.pending().len(), 2);
+        assert_eq!(ob.pending()[0], a);
+        ob.mark_sent(&a).unwrap();
+        assert!(ob.contains("a"));
+        assert_eq!(ob.stats().depth, 1);
+        std::thread::sleep(Duration::from_millis(20));
+        ob.write("c", b"0123456789").unwrap();
+        // 30 bytes > 25: the oldest (a, already sent) goes, and it was not dropped unsent.
+        assert_eq!(ob.prune(), 0);
+        assert!(!ob.contains("a"));
+        assert_eq!(ob.stats().bytes, 20);
+        let tiny = Outbox::open(dir.path(), Duration::from_secs(3600), 5).unwrap();
+        assert_eq!(tiny.prune(), 2);
+        assert_eq!(tiny.stats().dropped, 2);
+    }
+}

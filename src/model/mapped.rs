@@ -1,0 +1,279 @@
+//! Weights that stay in a memory-mapped bundle file: a q8_0 matrix served to the matmul
+//! straight from the mapping, never copied to the heap.
+//!
+//! A q8_0 matrix [out, in] is `out * in / 32` blocks of 34 bytes (ggml's layout: an f16
+//! little-endian scale, then 32 signed bytes), row-major, each row `in / 32` blocks. `y = x W^T`
+//! runs candle's q8_0 kernel (`k_quants::matmul`, which quantises `x` per row to q8_0 and takes
+//! integer dot products) directly on the mapped blocks. candle's own `QMatMul` is not used
+//! here: on x86 with AVX-512 VNNI it repacks q8_0 weights into tiles on the heap on first use,
+//! which would double the resident weight memory this format exists to avoid.
+//!
+//! Written in-house because candle 0.11 has no tensor storage over borrowed memory.
+
+use candle_core::quantized::k_quants::{self, BlockQ8_0, GgmlType};
+use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
+use std::sync::Arc;
+
+/// Bytes per q8_0 block.
+pub const Q8_0_BLOCK_BYTES: usize = 34;
+/// Values per q8_0 block.
+pub const Q8_0_BLOCK_VALUES: usize = 32;
+
+/// A read-only file mapping shared by every weight read from it.
+pub type SharedMap = Arc<memmap2::Mmap>;
+
+/// A q8_0 weight [out, in] living in a mapped file.
+#[derive(Clone)]
+pub struct MappedQ8 {
+    map: SharedMap,
+    offset: usize,
+    out_dim: usize,
+    in_dim: usize,
+}
+
+impl std::fmt::Debug for MappedQ8 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "MappedQ8([{}, {}] at byte {})",
+            self.out_dim, self.in_dim, self.offset
+        )
+    }
+}
+
+impl MappedQ8 {
+    /// The q8_0 matrix [out_dim, in_dim] stored at `map[offset..]`. Checks that `in_dim` is a
+    /// whole number of blocks, that the bytes fit in the mapping and that they are 2-byte
+    /// aligned (the f16 scales are read in place).
+    pub fn new(map: SharedMap, offset: usize, out_dim: usize, in_dim: usize) -> Result<Self> {
+        if in_dim == 0 || in_dim % Q8_0_BLOCK_VALUES != 0 {
+            candle_core::bail!("q8_0 weight: in dim {in_dim} is not a multiple of 32");
+        }
+        let len = Self::byte_len(out_dim, in_dim);
+        if offset.checked_add(len).is_none_or(|end| end > map.len()) {
+            candle_core::bail!(
+                "q8_0 weight: {len} bytes at {offset} exceed the {}-byte file",
+                map.len()
+            );
+        }
+        if (map.as_ptr() as usize + offset) % std::mem::align_of::<BlockQ8_0>() != 0 {
+            candle_core::bail!("q8_0 weight at byte {offset} is not 2-byte aligned");
+        }
+        Ok(Self {
+            map,
+            offset,
+            out_dim,
+            in_dim,
+        })
+    }
+
+    /// Bytes of a q8_0 matrix [out_dim, in_dim].
+    pub fn byte_len(out_dim: usize, in_dim: usize) -> usize {
+        out_dim * (in_dim / Q8_0_BLOCK_VALUES) * Q8_0_BLOCK_BYTES
+    }
+
+    /// Output width.
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+
+    fn blocks(&self) -> &[BlockQ8_0] {
+        let n = self.out_dim * self.in_dim / Q8_0_BLOCK_VALUES;
+        // SAFETY: `new` checked bounds and alignment; BlockQ8_0 is repr(C) {f16, [i8; 32]}
+        // (34 bytes, no padding), every bit pattern is a valid value, and the mapping is
+        // read-only and lives as long as `self.map`.
+        unsafe {
+            std::slice::from_raw_parts(self.map.as_ptr().add(self.offset) as *const BlockQ8_0, n)
+        }
+    }
+
+    /// The weight dequantised to f32 [out, in] (for tests and accuracy reports).
+    pub fn dequantize(&self) -> Result<Tensor> {
+        let mut values = vec![0f32; self.out_dim * self.in_dim];
+        BlockQ8_0::to_float(self.blocks(), &mut values);
+        Tensor::from_vec(
+            values,
+            (self.out_dim, self.in_dim),
+            &candle_core::Device::Cpu,
+        )
+    }
+}
+
+/// How a mapped q8_0 weight is multiplied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Q8Kernel {
+    /// candle's q8_0 row-by-row kernel directly on the mapped blocks: no copy at all.
+    InPlace,
+    /// candle's `QMatMul` over the mapped blocks: where candle has a repacked kernel (x86 with
+    /// AVX-512 VNNI) it builds the repacked copy on the heap on first use (faster, more
+    /// resident memory); elsewhere it computes on the mapping as `InPlace` does.
+    Candle,
+}
+
+impl Q8Kernel {
+    /// From `NODULED_Q8_KERNEL` (`inplace` or `candle`); default `candle`.
+    pub fn from_env() -> Self {
+        match std::env::var("NODULED_Q8_KERNEL").as_deref() {
+            Ok("inplace") => Self::InPlace,
+            _ => Self::Candle,
+        }
+    }
+}
+
+impl MappedQ8 {
+    /// The weight as a candle `QMatMul` whose storage is the mapping (see [`Q8Kernel`]).
+    pub fn to_qmatmul(&self) -> Result<candle_core::quantized::QMatMul> {
+        use candle_core::quantized::{QMatMul, QStorage, QTensor};
+        let storage = QStorage::Cpu(Box::new(MappedBlocks(self.clone())));
+        QMatMul::from_qtensor(QTensor::new(storage, (self.out_dim, self.in_dim))?)
+    }
+}
+
+/// A mapped q8_0 matrix as candle quantised storage (read-only: the `from_float` methods,
+/// which only quantisation calls, leave it unchanged).
+struct MappedBlocks(MappedQ8);
+
+impl candle_core::quantized::QuantizedType for MappedBlocks {
+    fn dtype(&self) -> candle_core::quantized::GgmlDType {
+        candle_core::quantized::GgmlDType::Q8_0
+    }
+    fn matmul_t(&self, mkn: (usize, usize, usize), lhs: &[f32], dst: &mut [f32]) -> Result<()> {
+        k_quants::matmul(mkn, lhs, self.0.blocks(), dst)
+    }
+    fn matmul_t_f16(
+        &self,
+        mkn: (usize, usize, usize),
+        lhs: &[half::f16],
+        dst: &mut [half::f16],
+    ) -> Result<()> {
+        k_quants::matmul_f16(mkn, lhs, self.0.blocks(), dst)
+    }
+    fn embedding(&self, _ids: &[u32], _rows: usize, _hidden: usize) -> Result<CpuStorage> {
+        candle_core::bail!("mapped q8_0 weights are not embeddings")
+    }
+    fn dequantize(&self, elem_count: usize) -> Result<CpuStorage> {
+        let mut ys = vec![0f32; elem_count];
+        BlockQ8_0::to_float(self.0.blocks(), &mut ys);
+        Ok(CpuStorage::F32(ys))
+    }
+    fn storage_size_in_bytes(&self) -> usize {
+        self.0.blocks().len() * Q8_0_BLOCK_BYTES
+    }
+    fn as_ptr(&self) -> *const u8 {
+        self.0.blocks().as_ptr() as *const u8
+    }
+    fn block_size(&self) -> usize {
+        Q8_0_BLOCK_VALUES
+    }
+    fn from_float(&mut self, _xs: &[f32]) {}
+    fn from_float_imatrix(&mut self, _xs: &[f32], _w: &[f32], _n: usize) {}
+    fn size(&self) -> usize {
+        self.storage_size_in_bytes()
+    }
+}
+
+/// Quantises a float matrix [out, in] to q8_0 bytes in the layout [`MappedQ8`] reads.
+pub fn quantize_q8_0(weight: &Tensor) -> Result<Vec<u8>> {
+    let (out_dim, in_dim) = weight.dims2()?;
+    if in_dim % Q8_0_BLOCK_VALUES != 0 {
+        candle_core::bail!("q8_0: in dim {in_dim} is not a multiple of 32");
+    }
+    let values = weight
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let mut blocks = vec![BlockQ8_0::zeros(); out_dim * in_dim / Q8_0_BLOCK_VALUES];
+    BlockQ8_0::from_float(&values, &mut blocks);
+    let len = blocks.len() * Q8_0_BLOCK_BYTES;
+    // SAFETY: repr(C) 34-byte blocks without padding, viewed as bytes.
+    let bytes = unsafe { std::slice::from_raw_parts(blocks.as_ptr() as *const u8, len) };
+    Ok(bytes.to_vec())
+}
+
+impl CustomOp1 for MappedQ8 {
+    fn name(&self) -> &'static str {
+        "mapped-q8_0-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = layout.shape().dims2()?;
+        if k != self.in_dim {
+            candle_core::bail!(
+                "q8_0 matmul: input width {k}, weight expects {}",
+                self.in_dim
+            );
+        }
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("q8_0 matmul: input is not contiguous");
+        };
+        let lhs = &storage.as_slice::<f32>()?[start..end];
+        let mut dst = vec![0f32; m * self.out_dim];
+        k_quants::matmul((m, k, self.out_dim), lhs, self.blocks(), &mut dst)?;
+        Ok((CpuStorage::F32(dst), Shape::from((m, self.out_dim))))
+    }
+}
+
+impl Module for MappedQ8 {
+    /// `xs` [rows, in] f32 -> [rows, out].
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        xs.contiguous()?.apply_op1_no_bwd(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{DType, Device};
+    use std::io::Write;
+
+    /// Blocks written by `quantize_q8_0` and read from a mapping equal candle's own q8_0
+    /// quantisation, and the in-place matmul matches x W^T on the dequantised weight to the
+    /// q8_0 rounding of x.
+    #[test]
+    fn mapped_blocks_match_candle_q8_0_and_matmul() {
+        let dev = Device::Cpu;
+        let (out_dim, in_dim, rows) = (40, 96, 7);
+        let w = Tensor::randn(0f32, 0.05, (out_dim, in_dim), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (rows, in_dim), &dev).unwrap();
+        let bytes = quantize_q8_0(&w).unwrap();
+        assert_eq!(bytes.len(), MappedQ8::byte_len(out_dim, in_dim));
+        let mut file = tempfile_in_target();
+        file.1.write_all(&[0u8; 2]).unwrap();
+        file.1.write_all(&bytes).unwrap();
+        file.1.flush().unwrap();
+        let reader = std::fs::File::open(&file.0).unwrap();
+        let map = Arc::new(unsafe { memmap2::Mmap::map(&reader).unwrap() });
+        let q = MappedQ8::new(map.clone(), 2, out_dim, in_dim).unwrap();
+        assert!(MappedQ8::new(map.clone(), 1, out_dim, in_dim).is_err());
+        assert!(MappedQ8::new(map, 4, out_dim, in_dim).is_err());
+        let deq = q.dequantize().unwrap();
+        let candle = QTensor::quantize(&w, GgmlDType::Q8_0)
+            .unwrap()
+            .dequantize(&dev)
+            .unwrap();
+        let diff = |a: &Tensor, b: &Tensor| -> f32 {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        assert_eq!(diff(&deq, &candle), 0.0);
+        let y = q.forward(&x).unwrap();
+        let want = x.matmul(&deq.t().unwrap()).unwrap();
+        let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(diff(&y, &want) <= 0.02 * scale, "{}", diff(&y, &want));
+        std::fs::remove_file(&file.0).ok();
+    }
+
+    fn tempfile_in_target() -> (std::path::PathBuf, std::fs::File) {
+        let path = std::env::temp_dir().join(format!("mapped-q8-{}.bin", std::process::id()));
+        (path.clone(), std::fs::File::create(&path).unwrap())
+    }
+}
