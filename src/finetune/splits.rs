@@ -7,12 +7,15 @@ use super::FinetuneError;
 use crate::rng::SplitMix64;
 use std::collections::BTreeMap;
 
+/// One fold: (training indices, validation indices).
+pub type Split = (Vec<usize>, Vec<usize>);
+
 /// Per fold (train indices, validation indices) into `nodules` (pid, malignant).
 pub fn patient_folds(
     nodules: &[(String, bool)],
     k: usize,
     seed: u64,
-) -> Result<Vec<(Vec<usize>, Vec<usize>)>, FinetuneError> {
+) -> Result<Vec<Split>, FinetuneError> {
     let mut patients: BTreeMap<&str, bool> = BTreeMap::new();
     for (pid, label) in nodules {
         *patients.entry(pid.as_str()).or_insert(false) |= *label;
