@@ -28,6 +28,7 @@ pub mod convert;
 pub mod daemon;
 pub mod engine;
 pub mod eval;
+pub mod finetune;
 pub mod model;
 pub mod nodule;
 pub mod nodules;

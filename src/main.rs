@@ -35,6 +35,8 @@ enum Command {
     Synth(commands::synth::Args),
     /// Per-nodule latency and peak memory of a model (or a random full-size one).
     Bench(commands::bench::Args),
+    /// Fine-tune a model on a manifest (LoRA, probe or full) with K-fold calibration and a gate.
+    Finetune(commands::finetune::Args),
 }
 
 fn main() {
@@ -50,6 +52,7 @@ fn main() {
         Command::Eval(args) => commands::eval::run(args),
         Command::Synth(args) => commands::synth::run(args),
         Command::Bench(args) => commands::bench::run(args),
+        Command::Finetune(args) => commands::finetune::run(args),
     };
     if let Err(err) = result {
         eprintln!("noduled: {err:#}");

@@ -1,6 +1,9 @@
 //! `noduled eval`: metrics of malignancy scores against the truth (AUROC and AUPRC with
 //! bootstrap CIs, operating points, Brier, reliability, zero-shot AUROC per feature); writes
 //! eval.json plus roc.png, pr.png and reliability.png into `--out`, and prints the JSON.
+//! The scores come from a scores CSV (`--scores`) or from scoring a manifest with a model
+//! (`--manifest` + `--model`: the calibrated fold-mean score per nodule, the zero-shot
+//! descriptors against the manifest's semantic columns; `--out` then also gets scores.csv).
 
 use std::path::PathBuf;
 
@@ -12,8 +15,15 @@ use anyhow::Context;
 pub struct Args {
     /// Scores CSV: columns label (0/1), score (probability) and optionally patient_id
     /// (bootstrap resamples patients when present) and `zs_<feature key>_<class index>` zero-shot probabilities (truth in the feature's manifest column).
-    #[arg(long)]
-    pub scores: PathBuf,
+    #[arg(long, required_unless_present = "manifest", conflicts_with_all = ["manifest", "model"])]
+    pub scores: Option<PathBuf>,
+    /// Manifest CSV to score (pid,nodule_id,image_path,coordX,coordY,coordZ,malignant
+    /// [+ semantic columns]); needs --model.
+    #[arg(long, requires = "model")]
+    pub manifest: Option<PathBuf>,
+    /// Model (checkpoint folder) that scores --manifest.
+    #[arg(long, requires = "manifest")]
+    pub model: Option<PathBuf>,
     /// Output folder for eval.json and the PNG plots (created if needed).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -27,14 +37,27 @@ pub struct Args {
 
 /// Runs `noduled eval`.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let records = read_scores_csv(&args.scores)?;
+    let (records, source) = match (&args.scores, &args.manifest, &args.model) {
+        (Some(scores), _, _) => (read_scores_csv(scores)?, scores.clone()),
+        (None, Some(manifest), Some(model)) => {
+            let (records, csv) = score_manifest(manifest, model)?;
+            if let Some(out) = &args.out {
+                std::fs::create_dir_all(out)
+                    .with_context(|| format!("{}: cannot create folder", out.display()))?;
+                let path = out.join("scores.csv");
+                std::fs::write(&path, csv)
+                    .with_context(|| format!("{}: cannot write", path.display()))?;
+            }
+            (records, manifest.clone())
+        }
+        _ => anyhow::bail!("give --scores, or --manifest with --model"),
+    };
     let options = EvalOptions {
         resamples: args.resamples,
         seed: args.seed,
         ..EvalOptions::default()
     };
-    let report =
-        evaluate(&records, &options).with_context(|| format!("{}", args.scores.display()))?;
+    let report = evaluate(&records, &options).with_context(|| format!("{}", source.display()))?;
     let json = serde_json::to_string_pretty(&report)?;
     if let Some(out) = &args.out {
         std::fs::create_dir_all(out)
@@ -66,6 +89,81 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         )?;
     }
     print_stdout(&json)
+}
+
+/// Scores every nodule of `manifest` with `model`: records (calibrated fold-mean score,
+/// zero-shot probabilities with the truth from the semantic columns) and a scores CSV.
+fn score_manifest(
+    manifest: &std::path::Path,
+    model: &std::path::Path,
+) -> anyhow::Result<(Vec<crate::eval::EvalRecord>, String)> {
+    use crate::eval::{EvalRecord, ZeroShotPrediction};
+    use crate::semantics::{Semantics, FEATURES, SEMANTIC_COLUMNS};
+    let scorer = crate::engine::load(model)?;
+    let nodules = crate::nodules::load(&crate::nodules::NoduleRequest::Manifest {
+        path: manifest.to_path_buf(),
+    })?;
+    let table = crate::table::Table::read(manifest)?;
+    let has_semantics = SEMANTIC_COLUMNS.iter().any(|c| {
+        table
+            .header
+            .iter()
+            .any(|h| h.trim().eq_ignore_ascii_case(c))
+    });
+    let report = scorer.score(&nodules)?;
+    let mut csv = String::from("patient_id,nodule_id,label,score,raw");
+    for f in FEATURES.iter() {
+        for c in 0..f.classes.len() {
+            csv.push_str(&format!(",zs_{}_{c}", f.key));
+        }
+    }
+    csv.push('\n');
+    let mut records = Vec::with_capacity(nodules.len());
+    for (row, n) in report.nodules.iter().enumerate() {
+        let label = match n.label {
+            Some(l) => l == 1,
+            None => anyhow::bail!(
+                "{}: nodule {} / {} has no `malignant` label",
+                manifest.display(),
+                n.patient_id,
+                n.nodule_id
+            ),
+        };
+        let semantics = if has_semantics && row < table.rows.len() {
+            Some(Semantics::from_row(&table, row)?)
+        } else {
+            None
+        };
+        let mut zero_shot = std::collections::BTreeMap::new();
+        csv.push_str(&format!(
+            "{},{},{},{},{}",
+            n.patient_id, n.nodule_id, label as u8, n.score.calibrated, n.score.raw
+        ));
+        for (i, f) in FEATURES.iter().enumerate() {
+            let probs: Option<Vec<f64>> = n.descriptors.get(f.key).and_then(|d| {
+                f.classes
+                    .iter()
+                    .map(|c| d.get(*c).copied())
+                    .collect::<Option<Vec<f64>>>()
+            });
+            match &probs {
+                Some(p) => p.iter().for_each(|v| csv.push_str(&format!(",{v}"))),
+                None => (0..f.classes.len()).for_each(|_| csv.push(',')),
+            }
+            if let Some(probs) = probs {
+                let truth = semantics.as_ref().and_then(|s| s.classes[i]);
+                zero_shot.insert(f.key.to_string(), ZeroShotPrediction { probs, truth });
+            }
+        }
+        csv.push('\n');
+        records.push(EvalRecord {
+            label,
+            score: n.score.calibrated,
+            patient_id: Some(n.patient_id.clone()),
+            zero_shot,
+        });
+    }
+    Ok((records, csv))
 }
 
 /// Prints `text` and a newline; a closed pipe (`| head`) is not an error.

@@ -5,6 +5,7 @@ pub mod bundle;
 pub mod convert;
 pub mod demo;
 pub mod eval;
+pub mod finetune;
 pub mod planes;
 pub mod run;
 pub mod score;

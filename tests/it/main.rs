@@ -8,6 +8,7 @@ mod daemon;
 mod daemon_ct;
 mod daemon_support;
 mod eval;
+mod finetune;
 mod model;
 mod preprocess;
 mod score_ct;

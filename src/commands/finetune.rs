@@ -1,0 +1,99 @@
+//! `noduled finetune`: trains a new model from a manifest (see [`crate::finetune`]) and
+//! writes it as a checkpoint folder, refusing (exit 2, nothing written to `--out`) when the
+//! gate finds it worse than the current model by more than `--gate-margin` AUROC.
+
+use crate::finetune::{self, net::Tuning, train::TrainOptions, FinetuneOptions};
+use std::path::PathBuf;
+
+/// Arguments of `noduled finetune`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Manifest CSV: pid,nodule_id,image_path,coordX,coordY,coordZ,malignant [+ semantic
+    /// columns of sample_csv_with_semantic_feats.csv] [+ report].
+    #[arg(long)]
+    pub manifest: PathBuf,
+    /// The current model (checkpoint folder); required for lora and probe.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Tower sizes (config.json) for --tuning full without --model.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Output folder of the new model.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Work folder for per-epoch checkpoints; a rerun with the same folder resumes.
+    /// Default: `<out>.work`.
+    #[arg(long)]
+    pub work: Option<PathBuf>,
+    /// Patient-level folds.
+    #[arg(long, default_value_t = 5)]
+    pub folds: usize,
+    /// Maximum epochs per fold.
+    #[arg(long, default_value_t = 20)]
+    pub epochs: usize,
+    /// lora, probe or full.
+    #[arg(long, default_value = "lora")]
+    pub tuning: Tuning,
+    /// Nodules per step.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// AdamW learning rate.
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.1)]
+    pub weight_decay: f64,
+    /// Early-stopping patience in epochs.
+    #[arg(long, default_value_t = 5)]
+    pub patience: usize,
+    /// Skip the training augmentations.
+    #[arg(long)]
+    pub no_augment: bool,
+    /// Seed of every random draw.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Refuse when the new AUROC is below the current one minus this.
+    #[arg(long, default_value_t = 0.02)]
+    pub gate_margin: f64,
+    /// Exit (code 3) after this many epochs (testing of kill and resume).
+    #[arg(long, hide = true)]
+    pub stop_after: Option<usize>,
+}
+
+/// Runs `noduled finetune`.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.epochs == 0 || args.batch == 0 {
+        anyhow::bail!("--epochs and --batch must be positive");
+    }
+    if !(args.lr > 0.0 && args.lr.is_finite()) {
+        anyhow::bail!("--lr must be a positive number");
+    }
+    let work = args.work.clone().unwrap_or_else(|| {
+        let mut w = args.out.clone().into_os_string();
+        w.push(".work");
+        PathBuf::from(w)
+    });
+    let opts = FinetuneOptions {
+        manifest: args.manifest,
+        model: args.model,
+        config: args.config,
+        out: args.out,
+        work,
+        folds: args.folds,
+        tuning: args.tuning,
+        gate_margin: args.gate_margin,
+        train: TrainOptions {
+            epochs: args.epochs,
+            batch: args.batch,
+            lr: args.lr,
+            weight_decay: args.weight_decay,
+            patience: args.patience.max(1),
+            augment: !args.no_augment,
+            seed: args.seed,
+            stop_after: args.stop_after,
+        },
+    };
+    let report = finetune::run(&opts)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}

@@ -1,0 +1,359 @@
+//! On-device fine-tuning of the nodule model (method notes section 3): patient-level K-fold
+//! splits, per fold LoRA (r, alpha from the model config; dropout 0.25) on q/k/v of both
+//! towers with the heads and the logit scale trainable (`lora`), heads only (`probe`), or
+//! everything from random initialisation (`full`); symmetric InfoNCE with label smoothing
+//! plus class-weighted image and text cross-entropy; AdamW; the semantic sampler; the
+//! reference's augmentations; early stopping on the validation loss; a beta calibrator per
+//! fold fitted on its validation predictions; and a gate against the current model.
+//!
+//! Output: a checkpoint folder [`crate::model::checkpoint`] reads: `config.json` (q/k/v
+//! stored unmerged), `fold_k/model.safetensors`, `fold_k/calibration.json`, and
+//! `provenance.json` (new model id, parent, settings, gate metrics). `full` trains one model
+//! on fold 0's split and writes one fold (folds of a checkpoint share their base).
+//!
+//! Submodules: [`data`] manifest reading, [`augment`], [`splits`], [`net`] the trainable
+//! model, [`losses`], [`train`] the loop with checkpoints.
+
+pub mod augment;
+pub mod data;
+pub mod losses;
+pub mod net;
+pub mod splits;
+pub mod train;
+
+use crate::model::checkpoint::Role;
+use crate::model::config::{LoraLayout, ModelConfig};
+use crate::rng::SplitMix64;
+use candle_core::Tensor;
+use net::{Net, Tuning};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Errors of fine-tuning. Messages name the file and the field.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FinetuneError {
+    /// Bad training data or settings.
+    #[error("{0}")]
+    Data(String),
+    /// A file could not be read or written.
+    #[error("{path}: {msg}")]
+    Io {
+        /// The path.
+        path: String,
+        /// Why.
+        msg: String,
+    },
+    /// A table could not be read.
+    #[error(transparent)]
+    Table(#[from] crate::table::TableError),
+    /// The starting model could not be loaded.
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    /// A tensor operation failed.
+    #[error("training computation: {0}")]
+    Compute(#[from] candle_core::Error),
+    /// The new model is worse than the current one by more than the margin.
+    #[error("gate: new model AUROC {new:.4} < current {current:.4} - margin {margin}; no installable model written")]
+    Gate {
+        /// New model's held-out AUROC.
+        new: f64,
+        /// Current model's AUROC on the same nodules.
+        current: f64,
+        /// The margin.
+        margin: f64,
+    },
+}
+
+impl FinetuneError {
+    fn io(path: &Path, e: impl std::fmt::Display) -> Self {
+        Self::Io {
+            path: path.display().to_string(),
+            msg: e.to_string(),
+        }
+    }
+}
+
+/// What `finetune` does.
+#[derive(Debug, Clone)]
+pub struct FinetuneOptions {
+    /// The training manifest.
+    pub manifest: PathBuf,
+    /// The current model (checkpoint folder); required for `lora` and `probe`.
+    pub model: Option<PathBuf>,
+    /// Tower sizes for `full` without a model (a `config.json`).
+    pub config: Option<PathBuf>,
+    /// Output checkpoint folder.
+    pub out: PathBuf,
+    /// Work folder for per-epoch checkpoints (resume).
+    pub work: PathBuf,
+    /// Folds.
+    pub folds: usize,
+    /// Which tensors are trained.
+    pub tuning: Tuning,
+    /// Gate margin on AUROC.
+    pub gate_margin: f64,
+    /// Loop settings.
+    pub train: train::TrainOptions,
+}
+
+/// Held-out metrics of the gate.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GateReport {
+    /// Held-out nodules.
+    pub n: usize,
+    /// New model AUROC (out-of-fold).
+    pub new_auroc: f64,
+    /// New model AUPRC.
+    pub new_auprc: f64,
+    /// Current model AUROC on the same nodules (absent without a current model).
+    pub current_auroc: Option<f64>,
+    /// Current model AUPRC.
+    pub current_auprc: Option<f64>,
+    /// The margin.
+    pub margin: f64,
+    /// Passed.
+    pub passed: bool,
+}
+
+/// Runs fine-tuning and writes the new model; returns the gate report.
+pub fn run(opts: &FinetuneOptions) -> Result<GateReport, FinetuneError> {
+    let samples = data::load(&opts.manifest)?;
+    let current = match &opts.model {
+        Some(dir) => Some((dir.clone(), crate::model::checkpoint::load(dir)?)),
+        None => None,
+    };
+    let mut cfg: ModelConfig = match (&current, &opts.config) {
+        (_, Some(path)) => {
+            let text = std::fs::read_to_string(path).map_err(|e| FinetuneError::io(path, e))?;
+            let cfg: ModelConfig = serde_json::from_str(&text)
+                .map_err(|e| FinetuneError::Data(format!("{}: {e}", path.display())))?;
+            cfg.validate()
+                .map_err(|e| FinetuneError::Data(format!("{}: {e}", path.display())))?;
+            cfg
+        }
+        (Some((_, ck)), None) => ck.config.clone(),
+        (None, None) => {
+            return Err(FinetuneError::Data(
+                "--model (or, with --tuning full, --config) is required".into(),
+            ))
+        }
+    };
+    if opts.tuning != Tuning::Full && current.is_none() {
+        return Err(FinetuneError::Data(
+            "--tuning lora/probe adapts a model: --model is required".into(),
+        ));
+    }
+    if let (Some((dir, ck)), Some(_)) = (&current, &opts.config) {
+        if ck.config != cfg && opts.tuning != Tuning::Full {
+            return Err(FinetuneError::Data(format!(
+                "--config differs from {}'s sizes",
+                dir.display()
+            )));
+        }
+    }
+    cfg.lora_layout = Some(LoraLayout::Unmerged);
+    let ids = train::tokenise(&samples, cfg.context);
+    eprintln!(
+        "finetune: {} nodules, {} malignant, {}",
+        samples.len(),
+        samples.iter().filter(|s| s.label).count(),
+        if ids.is_some() {
+            "image + text"
+        } else {
+            "image only (no text or semantic columns)"
+        }
+    );
+    let pids: Vec<(String, bool)> = samples.iter().map(|s| (s.pid.clone(), s.label)).collect();
+    let split = splits::patient_folds(&pids, opts.folds, opts.train.seed)?;
+    for (k, (_, va)) in split.iter().enumerate() {
+        let pos = va.iter().filter(|&&i| samples[i].label).count();
+        if pos == 0 || pos == va.len() {
+            return Err(FinetuneError::Data(format!(
+                "{}: fold {k}'s validation patients are all one class ({pos} malignant of {}); use fewer folds or more data",
+                opts.manifest.display(),
+                va.len()
+            )));
+        }
+    }
+    let planes = train::plain_planes(&samples);
+    let n_train = if opts.tuning == Tuning::Full {
+        1
+    } else {
+        opts.folds
+    };
+    std::fs::create_dir_all(&opts.work).map_err(|e| FinetuneError::io(&opts.work, e))?;
+    let mut results = Vec::new();
+    let mut epochs_here = 0;
+    for (k, (tr, va)) in split.iter().enumerate().take(n_train) {
+        let values = initial_values(&cfg, current.as_ref().map(|c| &c.1), k, opts)?;
+        let net = Net::new(&cfg, &values, opts.tuning)?;
+        let r = train::train_fold(
+            k,
+            net,
+            &samples,
+            &planes,
+            ids.as_deref(),
+            tr,
+            va,
+            &opts.train,
+            &opts.work,
+            &mut epochs_here,
+        )?;
+        results.push(r);
+    }
+    // Gate on the pooled held-out nodules.
+    let mut held: Vec<usize> = Vec::new();
+    let mut new_scores = Vec::new();
+    for (k, r) in results.iter().enumerate() {
+        held.extend(&split[k].1);
+        new_scores.extend(&r.val_probs);
+    }
+    let labels: Vec<bool> = held.iter().map(|&i| samples[i].label).collect();
+    let metric = |s: &[f64]| -> Result<(f64, f64), FinetuneError> {
+        let a = crate::eval::metrics::roc_auc(&labels, s)
+            .map_err(|e| FinetuneError::Data(format!("held-out AUROC: {e}")))?;
+        let p = crate::eval::metrics::average_precision(&labels, s)
+            .map_err(|e| FinetuneError::Data(format!("held-out AUPRC: {e}")))?;
+        Ok((a, p))
+    };
+    let (new_auroc, new_auprc) = metric(&new_scores)?;
+    let (current_auroc, current_auprc) = match &opts.model {
+        Some(dir) => {
+            let model = crate::model::NoduleModel::load(dir)?;
+            let refs: Vec<&crate::nodule::Planes01> = held.iter().map(|&i| &planes[i]).collect();
+            let out = model.forward(&refs)?;
+            let s: Vec<f64> = out
+                .iter()
+                .map(|o| o.folds.iter().map(|f| f.prob).sum::<f64>() / o.folds.len() as f64)
+                .collect();
+            let (a, p) = metric(&s)?;
+            (Some(a), Some(p))
+        }
+        None => (None, None),
+    };
+    let passed = current_auroc.is_none_or(|c| new_auroc >= c - opts.gate_margin);
+    let report = GateReport {
+        n: held.len(),
+        new_auroc,
+        new_auprc,
+        current_auroc,
+        current_auprc,
+        margin: opts.gate_margin,
+        passed,
+    };
+    eprintln!(
+        "gate: held-out n={} new AUROC {:.4} AUPRC {:.4}; current AUROC {} AUPRC {}",
+        report.n,
+        new_auroc,
+        new_auprc,
+        current_auroc.map_or("n/a".into(), |a| format!("{a:.4}")),
+        current_auprc.map_or("n/a".into(), |a| format!("{a:.4}")),
+    );
+    if !passed {
+        return Err(FinetuneError::Gate {
+            new: new_auroc,
+            current: current_auroc.unwrap_or(f64::NAN),
+            margin: opts.gate_margin,
+        });
+    }
+    write_model(opts, &cfg, &results, &split, &samples, &report)?;
+    Ok(report)
+}
+
+/// Fold `k`'s starting tensors: the current model's fold `k mod K'` (base W0 + its LoRA and
+/// heads; a missing text classifier drawn fresh), or random for `full`.
+fn initial_values(
+    cfg: &ModelConfig,
+    current: Option<&crate::model::checkpoint::Checkpoint>,
+    k: usize,
+    opts: &FinetuneOptions,
+) -> Result<BTreeMap<String, Tensor>, FinetuneError> {
+    let mut rng = SplitMix64::new(SplitMix64::nth(opts.train.seed, 77 + k as u64));
+    let mut values = net::random_init(cfg, &mut rng)?;
+    if opts.tuning == Tuning::Full {
+        return Ok(values);
+    }
+    let ck = current.expect("checked: lora/probe have a model");
+    let kk = k % ck.weights.n_folds();
+    for (key, _, role) in net::all_specs(cfg) {
+        let t = match role {
+            Role::Base | Role::LoraWeight => ck.weights.base(&key).ok(),
+            Role::Fold => ck.weights.fold(kk, &key).ok(),
+        };
+        if let Some(t) = t {
+            values.insert(key, t);
+        } else if !key.starts_with("classifier_text") {
+            return Err(FinetuneError::Data(format!(
+                "current model lacks tensor `{key}`"
+            )));
+        }
+    }
+    Ok(values)
+}
+
+fn write_model(
+    opts: &FinetuneOptions,
+    cfg: &ModelConfig,
+    results: &[train::FoldResult],
+    split: &[(Vec<usize>, Vec<usize>)],
+    samples: &[data::Sample],
+    gate: &GateReport,
+) -> Result<(), FinetuneError> {
+    let out = &opts.out;
+    std::fs::create_dir_all(out).map_err(|e| FinetuneError::io(out, e))?;
+    let mut fold_hashes = Vec::new();
+    for (k, r) in results.iter().enumerate() {
+        let dir = out.join(format!("fold_{k}"));
+        std::fs::create_dir_all(&dir).map_err(|e| FinetuneError::io(&dir, e))?;
+        let labels: Vec<bool> = split[k].1.iter().map(|&i| samples[i].label).collect();
+        let cal = crate::calibration::fit(&r.val_probs, &labels)
+            .map_err(|e| FinetuneError::Data(format!("fold {k}: {e}")))?;
+        let cal_json = serde_json::json!({"method": "beta", "a": cal.a, "b": cal.b, "c": cal.c, "clip_eps": cal.clip_eps});
+        let path = dir.join("calibration.json");
+        std::fs::write(&path, format!("{cal_json:#}\n"))
+            .map_err(|e| FinetuneError::io(&path, e))?;
+        let path = dir.join("model.safetensors");
+        let map: std::collections::HashMap<String, Tensor> = r.values.clone().into_iter().collect();
+        candle_core::safetensors::save(&map, &path)?;
+        let bytes = std::fs::read(&path).map_err(|e| FinetuneError::io(&path, e))?;
+        use sha2::Digest;
+        fold_hashes.push(hex::encode(sha2::Sha256::digest(&bytes)));
+    }
+    let path = out.join("config.json");
+    let text = serde_json::json!({
+        "vision_width": cfg.vision_width, "vision_layers": cfg.vision_layers,
+        "vision_heads": cfg.vision_heads, "patch": cfg.patch, "image": cfg.image,
+        "embed": cfg.embed, "text_width": cfg.text_width, "text_layers": cfg.text_layers,
+        "text_heads": cfg.text_heads, "vocab": cfg.vocab, "context": cfg.context,
+        "out_dim": cfg.out_dim, "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,
+        "lora_layout": "unmerged",
+    });
+    std::fs::write(&path, format!("{text:#}\n")).map_err(|e| FinetuneError::io(&path, e))?;
+    let model_id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, fold_hashes.join(",").as_bytes());
+    let parent = opts
+        .model
+        .as_ref()
+        .map(|p| read_model_id(p).unwrap_or_else(|| p.display().to_string()));
+    let prov = serde_json::json!({
+        "model_id": model_id.to_string(),
+        "parent": parent,
+        "tuning": opts.tuning,
+        "manifest": opts.manifest.display().to_string(),
+        "folds": opts.folds,
+        "epochs": opts.train.epochs,
+        "lr": opts.train.lr,
+        "seed": opts.train.seed,
+        "augment": opts.train.augment,
+        "gate": gate,
+        "note": "trained by noduled finetune; not for clinical use unless validated",
+    });
+    let path = out.join("provenance.json");
+    std::fs::write(&path, format!("{prov:#}\n")).map_err(|e| FinetuneError::io(&path, e))
+}
+
+fn read_model_id(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("provenance.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("model_id")?.as_str().map(str::to_string)
+}

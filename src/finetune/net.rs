@@ -1,0 +1,415 @@
+//! The trainable CLIP nodule model of one fold, written on plain differentiable candle ops
+//! (matmul, broadcast arithmetic, softmax, index_select) so that `Tensor::backward` reaches
+//! every trainable tensor; the inference model in [`crate::model`] is not used for training,
+//! so fused inference kernels there never need a backward.
+//!
+//! Tensors are keyed exactly as the checkpoints ([`crate::model::checkpoint::specs`]), plus
+//! `classifier_text.{weight,bias}` (trained, unused at inference). Everything is f32.
+//! Activations: vision `[rows, tokens, width]` with rows = nodules x 9 planes (plane order of
+//! [`crate::nodule::Planes01`]); text `[reports, tokens, width]`, causal.
+//! LoRA (training form): `y = x W0^T + b + s (drop(x) A^T) B^T`, s = alpha / sqrt(r), dropout
+//! on the LoRA input only, in training only; masks are drawn from the caller's SplitMix64 so
+//! a seed fixes every random number of a run.
+
+use crate::model::checkpoint::{specs, Role};
+use crate::model::config::ModelConfig;
+use crate::nodule::N_PLANES;
+use crate::rng::SplitMix64;
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+use std::collections::BTreeMap;
+
+/// Which tensors are trained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tuning {
+    /// LoRA factors on q/k/v of both towers plus the heads and the logit scale.
+    Lora,
+    /// Heads and the logit scale only.
+    Probe,
+    /// Everything except the LoRA factors (B stays 0): training from scratch.
+    Full,
+}
+
+impl std::str::FromStr for Tuning {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "lora" => Ok(Self::Lora),
+            "probe" => Ok(Self::Probe),
+            "full" => Ok(Self::Full),
+            _ => Err(format!("--tuning must be lora, probe or full, got `{s}`")),
+        }
+    }
+}
+
+/// Upper clamp of the log logit scale (scale <= 100).
+pub const LOGIT_SCALE_MAX: f64 = 4.6052;
+/// Dropout on the LoRA input branch.
+pub const LORA_DROPOUT: f64 = 0.25;
+/// Dropout inside the text projection head.
+pub const HEAD_DROPOUT: f64 = 0.1;
+/// LayerNorm eps.
+const EPS: f64 = 1e-5;
+
+/// Every key of one fold's model with its shape and role, plus the text classifier.
+pub fn all_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Role)> {
+    let mut v: Vec<_> = specs(cfg)
+        .into_iter()
+        .map(|s| (s.key, s.shape, s.role))
+        .collect();
+    v.push((
+        "classifier_text.weight".into(),
+        vec![2, cfg.out_dim],
+        Role::Fold,
+    ));
+    v.push(("classifier_text.bias".into(), vec![2], Role::Fold));
+    v
+}
+
+/// True when `key` is trained under `tuning`.
+pub fn is_trainable(key: &str, role: Role, tuning: Tuning) -> bool {
+    let lora = key.ends_with("w_lora_A") || key.ends_with("w_lora_B");
+    match tuning {
+        Tuning::Lora => role == Role::Fold,
+        Tuning::Probe => role == Role::Fold && !lora,
+        Tuning::Full => !lora,
+    }
+}
+
+/// Random initial tensors for every key (CLIP-like scales; LoRA A Kaiming-uniform, B zero;
+/// heads Kaiming-normal; LayerNorm 1/0; logit scale ln(1/0.03)).
+pub fn random_init(cfg: &ModelConfig, rng: &mut SplitMix64) -> Result<BTreeMap<String, Tensor>> {
+    let mut out = BTreeMap::new();
+    for (key, shape, _) in all_specs(cfg) {
+        let n: usize = shape.iter().product();
+        let fan_in = *shape.last().unwrap_or(&1) as f64;
+        let normal = |rng: &mut SplitMix64, std: f64| -> Vec<f32> {
+            (0..n).map(|_| (rng.normal() * std) as f32).collect()
+        };
+        let values: Vec<f32> = if key == "logit_scale" {
+            vec![(1.0f64 / 0.03).ln() as f32]
+        } else if key.ends_with("w_lora_B") || key.ends_with(".bias") {
+            vec![0.0; n]
+        } else if key.ends_with("w_lora_A") {
+            let bound = 1.0 / fan_in.sqrt();
+            (0..n).map(|_| rng.range(-bound, bound) as f32).collect()
+        } else if key.contains("ln_") || key.contains("layer_norm") {
+            vec![1.0; n]
+        } else if key.starts_with("image_projection")
+            || key.starts_with("semantic_projection")
+            || key.starts_with("classifier_")
+        {
+            normal(rng, (2.0 / fan_in).sqrt())
+        } else if key.ends_with("class_embedding")
+            || key == "vision_model.proj"
+            || key == "text_projection"
+        {
+            normal(rng, 1.0 / (shape[0] as f64).sqrt())
+        } else if key.ends_with("positional_embedding") {
+            normal(rng, 0.01)
+        } else {
+            normal(rng, 0.02)
+        };
+        out.insert(key, Tensor::from_vec(values, shape, &Device::Cpu)?);
+    }
+    Ok(out)
+}
+
+/// One fold's model: frozen tensors and trainable [`Var`]s under checkpoint keys.
+pub struct Net {
+    cfg: ModelConfig,
+    tensors: BTreeMap<String, Tensor>,
+    vars: BTreeMap<String, Var>,
+}
+
+/// Dropout masks and the training switch of one forward.
+pub struct Mode<'a> {
+    /// Training (dropout on) when set: the generator for the masks.
+    pub rng: Option<&'a mut SplitMix64>,
+}
+
+impl Mode<'_> {
+    /// Inference: no dropout.
+    pub fn eval() -> Mode<'static> {
+        Mode { rng: None }
+    }
+
+    /// `x` with dropout `p` applied (scaled by 1/(1-p)) in training; `x` otherwise.
+    fn dropout(&mut self, x: &Tensor, p: f64) -> Result<Tensor> {
+        let Some(rng) = self.rng.as_deref_mut() else {
+            return Ok(x.clone());
+        };
+        let keep = (1.0 / (1.0 - p)) as f32;
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.uniform() < p { 0.0 } else { keep })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
+        x * mask
+    }
+}
+
+impl Net {
+    /// Builds the model from `values` (every key of [`all_specs`]); the keys trained under
+    /// `tuning` become variables.
+    pub fn new(
+        cfg: &ModelConfig,
+        values: &BTreeMap<String, Tensor>,
+        tuning: Tuning,
+    ) -> Result<Self> {
+        let mut tensors = BTreeMap::new();
+        let mut vars = BTreeMap::new();
+        for (key, shape, role) in all_specs(cfg) {
+            let t = values
+                .get(&key)
+                .ok_or_else(|| candle_core::Error::Msg(format!("missing tensor `{key}`")))?
+                .to_dtype(DType::F32)?
+                .reshape(shape)?;
+            if is_trainable(&key, role, tuning) {
+                let v = Var::from_tensor(&t)?;
+                tensors.insert(key.clone(), v.as_tensor().clone());
+                vars.insert(key, v);
+            } else {
+                tensors.insert(key, t.detach());
+            }
+        }
+        Ok(Self {
+            cfg: cfg.clone(),
+            tensors,
+            vars,
+        })
+    }
+
+    /// The trainable variables, by key (sorted).
+    pub fn vars(&self) -> &BTreeMap<String, Var> {
+        &self.vars
+    }
+
+    /// Every tensor's current value, by key (detached copies).
+    pub fn values(&self) -> Result<BTreeMap<String, Tensor>> {
+        self.tensors
+            .iter()
+            .map(|(k, t)| Ok((k.clone(), t.detach().copy()?)))
+            .collect()
+    }
+
+    /// The sizes.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn t(&self, key: &str) -> Result<&Tensor> {
+        self.tensors
+            .get(key)
+            .ok_or_else(|| candle_core::Error::Msg(format!("missing tensor `{key}`")))
+    }
+
+    fn linear(&self, x: &Tensor, prefix: &str) -> Result<Tensor> {
+        let w = self.t(&format!("{prefix}.weight"))?;
+        let b = self.t(&format!("{prefix}.bias"))?;
+        let dims = x.dims().to_vec();
+        let in_dim = *dims.last().unwrap_or(&1);
+        let rows = x.elem_count() / in_dim.max(1);
+        let y = x
+            .reshape((rows, in_dim))?
+            .matmul(&w.t()?)?
+            .broadcast_add(b)?;
+        let mut out = dims;
+        *out.last_mut().expect("rank >= 1") = w.dim(0)?;
+        y.reshape(out)
+    }
+
+    fn lora_linear(&self, x: &Tensor, prefix: &str, mode: &mut Mode) -> Result<Tensor> {
+        let y = self.linear(x, prefix)?;
+        let a = self.t(&format!("{prefix}.w_lora_A"))?;
+        let b = self.t(&format!("{prefix}.w_lora_B"))?;
+        let in_dim = x.dim(D::Minus1)?;
+        let rows = x.elem_count() / in_dim;
+        let xd = mode.dropout(x, LORA_DROPOUT)?.reshape((rows, in_dim))?;
+        let low = xd.matmul(&a.t()?)?.matmul(&b.t()?)?;
+        let low = (low * self.cfg.lora_scale())?.reshape(y.shape())?;
+        y + low
+    }
+
+    fn layer_norm(&self, x: &Tensor, prefix: &str) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let c = x.broadcast_sub(&mean)?;
+        let var = c.sqr()?.mean_keepdim(D::Minus1)?;
+        c.broadcast_div(&(var + EPS)?.sqrt()?)?
+            .broadcast_mul(self.t(&format!("{prefix}.weight"))?)?
+            .broadcast_add(self.t(&format!("{prefix}.bias"))?)
+    }
+
+    fn attention(
+        &self,
+        x: &Tensor,
+        prefix: &str,
+        heads: usize,
+        mask: Option<&Tensor>,
+        mode: &mut Mode,
+    ) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let hd = d / heads;
+        let split = |y: Tensor| -> Result<Tensor> {
+            y.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let q = split(self.lora_linear(x, &format!("{prefix}.q_proj"), mode)?)?;
+        let k = split(self.lora_linear(x, &format!("{prefix}.k_proj"), mode)?)?;
+        let v = split(self.lora_linear(x, &format!("{prefix}.v_proj"), mode)?)?;
+        let scores = (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let att = candle_nn::ops::softmax_last_dim(&scores)?;
+        let y = att
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, t, d))?;
+        self.linear(&y, &format!("{prefix}.proj"))
+    }
+
+    fn encoder(
+        &self,
+        mut x: Tensor,
+        prefix: &str,
+        layers: usize,
+        heads: usize,
+        mask: Option<&Tensor>,
+        mode: &mut Mode,
+    ) -> Result<Tensor> {
+        for i in 0..layers {
+            let p = format!("{prefix}.resblocks.{i}");
+            let h = self.layer_norm(&x, &format!("{p}.ln_1"))?;
+            x = (&x + self.attention(&h, &format!("{p}.attn"), heads, mask, mode)?)?;
+            let h = self.linear(
+                &self.layer_norm(&x, &format!("{p}.ln_2"))?,
+                &format!("{p}.mlp.c_fc"),
+            )?;
+            let h = (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?;
+            x = (&x + self.linear(&h, &format!("{p}.mlp.c_proj"))?)?;
+        }
+        Ok(x)
+    }
+
+    /// CLIP-normalised pixels `[rows, 3, image, image]` -> slice features `[rows, embed]`.
+    pub fn vision(&self, pixels: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (n, c, h, _) = pixels.dims4()?;
+        let (p, g, w) = (cfg.patch, h / cfg.patch, cfg.vision_width);
+        let patches = pixels
+            .reshape((n, c, g, p, g, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((n * g * g, c * p * p))?;
+        let conv = self
+            .t("vision_model.conv1.weight")?
+            .reshape((w, c * p * p))?;
+        let tokens = patches.matmul(&conv.t()?)?.reshape((n, g * g, w))?;
+        let cls = self
+            .t("vision_model.class_embedding")?
+            .reshape((1, 1, w))?
+            .broadcast_as((n, 1, w))?;
+        let x = Tensor::cat(&[&cls, &tokens], 1)?
+            .broadcast_add(self.t("vision_model.positional_embedding")?)?;
+        let x = self.layer_norm(&x, "vision_model.ln_pre")?;
+        let x = self.encoder(
+            x,
+            "vision_model.transformer",
+            cfg.vision_layers,
+            cfg.vision_heads,
+            None,
+            mode,
+        )?;
+        let cls = x.narrow(1, 0, 1)?.squeeze(1)?;
+        self.layer_norm(&cls, "vision_model.ln_post")?
+            .matmul(self.t("vision_model.proj")?)
+    }
+
+    /// Slice features `[nodules * 9, embed]` -> MIL embedding `[nodules, out_dim]`.
+    pub fn mil(&self, features: &Tensor) -> Result<Tensor> {
+        let rows = features.dim(0)?;
+        let nodules = rows / N_PLANES;
+        let h = self
+            .linear(features, "image_projection.projector.0")?
+            .relu()?;
+        let s = self.linear(
+            &self.linear(&h, "image_projection.attention.0")?.tanh()?,
+            "image_projection.attention.2",
+        )?;
+        let att = candle_nn::ops::softmax_last_dim(&s.reshape((nodules, N_PLANES))?)?;
+        let h = h.reshape((nodules, N_PLANES, self.cfg.out_dim))?;
+        att.unsqueeze(1)?.matmul(&h)?.squeeze(1)
+    }
+
+    /// Token ids `[reports, context]` -> text features `[reports, embed]` (end token).
+    pub fn text(&self, ids: &[Vec<u32>], mode: &mut Mode) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let dev = Device::Cpu;
+        let rows = ids.len();
+        let ends: Vec<usize> = ids
+            .iter()
+            .map(|r| {
+                let max = r.iter().copied().max().unwrap_or(0);
+                r.iter().position(|&t| t == max).unwrap_or(0)
+            })
+            .collect();
+        let len = ends.iter().copied().max().unwrap_or(0) + 1;
+        let flat: Vec<u32> = ids.iter().flat_map(|r| r[..len].iter().copied()).collect();
+        let flat = Tensor::from_vec(flat, rows * len, &dev)?;
+        let x = self
+            .t("token_embedding.weight")?
+            .index_select(&flat, 0)?
+            .reshape((rows, len, cfg.text_width))?
+            .broadcast_add(&self.t("positional_embedding")?.narrow(0, 0, len)?)?;
+        let mask: Vec<f32> = (0..len)
+            .flat_map(|i| (0..len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (len, len), &dev)?;
+        let x = self.encoder(
+            x,
+            "transformer",
+            cfg.text_layers,
+            cfg.text_heads,
+            Some(&mask),
+            mode,
+        )?;
+        let picks: Vec<u32> = ends
+            .iter()
+            .enumerate()
+            .map(|(i, &e)| (i * len + e) as u32)
+            .collect();
+        let x = x
+            .reshape((rows * len, cfg.text_width))?
+            .index_select(&Tensor::from_vec(picks, rows, &dev)?, 0)?;
+        self.layer_norm(&x, "ln_final")?
+            .matmul(self.t("text_projection")?)
+    }
+
+    /// Text features `[reports, embed]` -> projection head output `[reports, out_dim]`.
+    pub fn text_head(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        let p = self.linear(x, "semantic_projection.projection")?;
+        let h = self.linear(&p.gelu_erf()?, "semantic_projection.fc")?;
+        let h = mode.dropout(&h, HEAD_DROPOUT)?;
+        self.layer_norm(&(&p + h)?, "semantic_projection.layer_norm")
+    }
+
+    /// Two-class logits of a classifier (`classifier_image` / `classifier_text`) on the
+    /// L2-normalised embedding.
+    pub fn classify(&self, unit: &Tensor, which: &str) -> Result<Tensor> {
+        self.linear(unit, which)
+    }
+
+    /// exp(clamp(logit_scale, 0, ln 100)).
+    pub fn scale(&self) -> Result<Tensor> {
+        self.t("logit_scale")?
+            .reshape(1)?
+            .clamp(0.0, LOGIT_SCALE_MAX)?
+            .exp()
+    }
+}
+
+/// Rows divided by their L2 norm.
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    x.broadcast_div(&(x.sqr()?.sum_keepdim(D::Minus1)? + 1e-12)?.sqrt()?)
+}
