@@ -9,17 +9,7 @@ use noduled::volume::{self, crop::CropHu, Volume};
 use std::io::Write;
 use std::path::Path;
 
-/// Tensor `name` of expected.safetensors as f32.
-pub fn expected(name: &str) -> Vec<f32> {
-    let bytes = std::fs::read(reference().join("expected.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let t = st.tensor(name).unwrap();
-    assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
-    t.data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
+pub use crate::util::expected;
 
 /// (coord_lps_mm, crop_centre_voxel_lps) of a CT case in cases.json.
 pub fn case(name: &str) -> ([f64; 3], [i64; 3]) {

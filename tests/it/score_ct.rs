@@ -6,24 +6,7 @@ use crate::util;
 use std::process::Command;
 
 fn expected(name: &str) -> Vec<f64> {
-    let bytes = std::fs::read(util::reference().join("expected.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let t = st
-        .tensor(name)
-        .unwrap_or_else(|_| panic!("{name} in expected.safetensors"));
-    match t.dtype() {
-        safetensors::Dtype::F64 => t
-            .data()
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-            .collect(),
-        safetensors::Dtype::F32 => t
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-            .collect(),
-        d => panic!("{name}: dtype {d:?}"),
-    }
+    util::expected(name).into_iter().map(f64::from).collect()
 }
 
 fn cases() -> serde_json::Value {

@@ -17,3 +17,17 @@ pub fn reference() -> PathBuf {
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_noduled"))
 }
+
+/// Tensor `name` of the fixtures' expected.safetensors (float32) as f32 values.
+pub fn expected(name: &str) -> Vec<f32> {
+    let bytes = std::fs::read(reference().join("expected.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st
+        .tensor(name)
+        .unwrap_or_else(|_| panic!("{name} in expected.safetensors"));
+    assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
+    t.data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}

@@ -828,23 +828,7 @@ fn planes_png_is_a_three_by_three_grid() {
 fn pt_crop_written_by_torch_reads_exactly() {
     let path = crate::util::root().join("tests/fixtures/crops/synthetic0.pt");
     let crop = volume::crop::read(&path).unwrap();
-    let st_bytes = std::fs::read(crate::util::reference().join("expected.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&st_bytes).unwrap();
-    let want = |name: &str| -> Vec<f32> {
-        let t = st.tensor(name).unwrap();
-        match t.dtype() {
-            safetensors::Dtype::F64 => t
-                .data()
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
-                .collect(),
-            _ => t
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
-        }
-    };
+    let want = crate::util::expected;
     let expected_crop = want("synthetic0.crop_hu");
     for (i, e) in expected_crop.iter().enumerate() {
         let (z, y, x) = (i / 10_000, (i / 100) % 100, i % 100);
