@@ -4,8 +4,8 @@
 //! (flipped byte, missing file, wrong or missing signature, lower version, failing self-test)
 //! leaving `current` untouched with a one-line error.
 
-use crate::util::{bin, reference};
-use candle_core::{DType, Device, Tensor};
+use crate::util::{bin, reference, Reference};
+use candle_core::Tensor;
 use noduled::bundle::{self, sign, Manifest};
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -64,56 +64,10 @@ fn convert_with_kernel(dir: &Path, name: &str, precision: &str, kernel: &str) ->
     out
 }
 
-struct Expected {
-    tensors: HashMap<String, Tensor>,
-    cases: serde_json::Value,
-}
-
-impl Expected {
-    fn load() -> Self {
-        Self {
-            tensors: candle_core::safetensors::load(
-                reference().join("expected.safetensors"),
-                &Device::Cpu,
-            )
-            .unwrap(),
-            cases: serde_json::from_str(
-                &std::fs::read_to_string(reference().join("cases.json")).unwrap(),
-            )
-            .unwrap(),
-        }
-    }
-
-    fn vec(&self, name: &str) -> Vec<f64> {
-        self.tensors[name]
-            .flatten_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    }
-
-    fn nodules(&self) -> Vec<String> {
-        self.cases["nodules"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_str().unwrap().to_string())
-            .collect()
-    }
-
-    fn write_planes(&self, nodule: &str, path: &Path) {
-        let planes = self.tensors[&format!("{nodule}.planes01")].clone();
-        candle_core::safetensors::save(&HashMap::from([("planes01".to_string(), planes)]), path)
-            .unwrap();
-    }
-}
-
 /// Largest |score - reference| over the fixture nodules: [prob, calibrated, attention,
 /// descriptor], per fold for the first three, fold-mean descriptors for the last.
 fn worst_diffs(model: &Path, tmp: &Path) -> ([f64; 4], serde_json::Value) {
-    let r = Expected::load();
+    let r = Reference::load();
     let mut worst = [0f64; 4];
     let mut last = serde_json::Value::Null;
     let num = |v: &serde_json::Value| v.as_f64().unwrap_or_else(|| panic!("{v} is no number"));
@@ -308,7 +262,7 @@ fn install_self_test_store_scoring_and_refusals() {
     assert!(doc["previous"].as_str().unwrap().ends_with("fixture-1"));
     assert_eq!(current(&store), "fixture-3");
     let planes = t.join("lung1.safetensors");
-    Expected::load().write_planes("lung1", &planes);
+    Reference::load().write_planes("lung1", &planes);
     let scored = ok(run(&[
         OsStr::new("score"),
         "--model".as_ref(),

@@ -2,108 +2,18 @@
 //! tolerances; checkpoint layouts (merged, unmerged, other fold counts); load errors; and the
 //! `score` CLI.
 
-use crate::util::{bin, reference};
+use crate::util::{bin, reference, Reference};
 use candle_core::{DType, Device, Tensor};
 use noduled::engine::{CheckpointScorer, Scorer};
 use noduled::model::config::LoraLayout;
 use noduled::model::tokenizer::PromptTokenizer;
 use noduled::model::{ModelError, NoduleModel};
-use noduled::nodule::{NoduleInput, Planes01};
+use noduled::nodule::Planes01;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 const REL_L2: f64 = 1e-4;
 const ABS_P: f64 = 1e-5;
-
-struct Reference {
-    tensors: HashMap<String, Tensor>,
-    cases: serde_json::Value,
-}
-
-impl Reference {
-    fn load() -> Self {
-        let tensors =
-            candle_core::safetensors::load(reference().join("expected.safetensors"), &Device::Cpu)
-                .unwrap();
-        let cases =
-            serde_json::from_str(&std::fs::read_to_string(reference().join("cases.json")).unwrap())
-                .unwrap();
-        Self { tensors, cases }
-    }
-
-    fn vec(&self, name: &str) -> Vec<f64> {
-        let t = self
-            .tensors
-            .get(name)
-            .unwrap_or_else(|| panic!("expected.safetensors lacks {name}"));
-        t.flatten_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    }
-
-    fn nodules(&self) -> Vec<String> {
-        self.cases["nodules"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_str().unwrap().to_string())
-            .collect()
-    }
-
-    fn planes(&self, nodule: &str) -> Planes01 {
-        Planes01::new(
-            self.vec(&format!("{nodule}.planes01"))
-                .into_iter()
-                .map(|v| v as f32)
-                .collect(),
-        )
-        .unwrap()
-    }
-
-    fn inputs(&self) -> Vec<NoduleInput> {
-        self.nodules()
-            .iter()
-            .map(|n| NoduleInput {
-                patient_id: self.cases["patients"][n].as_str().unwrap().to_string(),
-                nodule_id: n.clone(),
-                planes: self.planes(n),
-                source: serde_json::Value::Null,
-                label: None,
-            })
-            .collect()
-    }
-
-    fn classes(&self, feature: &str) -> Vec<String> {
-        let f = &self.cases["zero_shot"][feature]["classes"];
-        f.as_array()
-            .unwrap_or_else(|| panic!("no feature {feature}"))
-            .iter()
-            .map(|c| c.as_str().unwrap().to_string())
-            .collect()
-    }
-
-    /// The reference's features with their classes, in the model's feature order (the JSON
-    /// reader here does not keep file order; the prompt order is checked by `text_embeds`).
-    fn features(&self, model: &NoduleModel) -> Vec<(String, Vec<String>)> {
-        let names: Vec<String> = model
-            .zero_shot()
-            .features
-            .iter()
-            .map(|(n, _)| n.clone())
-            .collect();
-        assert_eq!(
-            names.len(),
-            self.cases["zero_shot"].as_object().unwrap().len()
-        );
-        names
-            .into_iter()
-            .map(|n| (n.clone(), self.classes(&n)))
-            .collect()
-    }
-}
 
 fn rel_l2(got: &[f64], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len(), "length");
@@ -497,11 +407,6 @@ fn disagreeing_bases_are_refused() {
 }
 
 /// Writes `{nodule}.planes01` of the reference as a planes file (tensor `planes01`).
-fn write_planes(r: &Reference, nodule: &str, path: &Path) {
-    let planes = r.tensors[&format!("{nodule}.planes01")].clone();
-    candle_core::safetensors::save(&HashMap::from([("planes01".to_string(), planes)]), path)
-        .unwrap();
-}
 
 /// Runs `noduled score --model MODEL --planes PLANES EXTRA...`.
 fn run_score(model: &Path, planes: &Path, extra: &[&str]) -> std::process::Output {
@@ -521,7 +426,7 @@ fn cli_prints_the_score_json() {
     let tmp = tempfile::tempdir().unwrap();
     let nodule = "lung2";
     let planes_file = tmp.path().join("lung2.safetensors");
-    write_planes(&r, nodule, &planes_file);
+    r.write_planes(nodule, &planes_file);
     let extra = ["--patient-id", "P1", "--nodule-id", nodule];
     let out = run_score(&reference().join("model"), &planes_file, &extra);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -585,7 +490,7 @@ fn cli_load_error_is_one_line_with_exit_2() {
         }),
     );
     let planes_file = tmp.path().join("p.safetensors");
-    write_planes(&Reference::load(), "lung1", &planes_file);
+    Reference::load().write_planes("lung1", &planes_file);
     let out = run_score(&model, &planes_file, &[]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);

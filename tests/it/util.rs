@@ -1,7 +1,11 @@
 //! Shared helpers for the integration tests.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use candle_core::{DType, Device, Tensor};
+use noduled::model::NoduleModel;
+use noduled::nodule::{NoduleInput, Planes01};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 /// The repository root.
 pub fn root() -> PathBuf {
@@ -30,4 +34,104 @@ pub fn expected(name: &str) -> Vec<f32> {
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect()
+}
+
+/// The fixtures' expected.safetensors tensors and cases.json, for model-level tests.
+pub struct Reference {
+    /// Every tensor of expected.safetensors.
+    pub tensors: HashMap<String, Tensor>,
+    /// cases.json.
+    pub cases: serde_json::Value,
+}
+
+impl Reference {
+    pub fn load() -> Self {
+        let tensors =
+            candle_core::safetensors::load(reference().join("expected.safetensors"), &Device::Cpu)
+                .unwrap();
+        let cases =
+            serde_json::from_str(&std::fs::read_to_string(reference().join("cases.json")).unwrap())
+                .unwrap();
+        Self { tensors, cases }
+    }
+
+    pub fn vec(&self, name: &str) -> Vec<f64> {
+        let t = self
+            .tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("expected.safetensors lacks {name}"));
+        t.flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    pub fn nodules(&self) -> Vec<String> {
+        self.cases["nodules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    }
+
+    pub fn planes(&self, nodule: &str) -> Planes01 {
+        Planes01::new(
+            self.vec(&format!("{nodule}.planes01"))
+                .into_iter()
+                .map(|v| v as f32)
+                .collect(),
+        )
+        .unwrap()
+    }
+
+    pub fn inputs(&self) -> Vec<NoduleInput> {
+        self.nodules()
+            .iter()
+            .map(|n| NoduleInput {
+                patient_id: self.cases["patients"][n].as_str().unwrap().to_string(),
+                nodule_id: n.clone(),
+                planes: self.planes(n),
+                source: serde_json::Value::Null,
+                label: None,
+            })
+            .collect()
+    }
+
+    pub fn classes(&self, feature: &str) -> Vec<String> {
+        let f = &self.cases["zero_shot"][feature]["classes"];
+        f.as_array()
+            .unwrap_or_else(|| panic!("no feature {feature}"))
+            .iter()
+            .map(|c| c.as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// The reference's features with their classes, in the model's feature order (the JSON
+    /// reader here does not keep file order; the prompt order is checked by `text_embeds`).
+    pub fn features(&self, model: &NoduleModel) -> Vec<(String, Vec<String>)> {
+        let names: Vec<String> = model
+            .zero_shot()
+            .features
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect();
+        assert_eq!(
+            names.len(),
+            self.cases["zero_shot"].as_object().unwrap().len()
+        );
+        names
+            .into_iter()
+            .map(|n| (n.clone(), self.classes(&n)))
+            .collect()
+    }
+
+    /// Writes nodule `nodule`'s planes as a planes file (tensor `planes01`).
+    pub fn write_planes(&self, nodule: &str, path: &Path) {
+        let planes = self.tensors[&format!("{nodule}.planes01")].clone();
+        candle_core::safetensors::save(&HashMap::from([("planes01".to_string(), planes)]), path)
+            .unwrap();
+    }
 }
