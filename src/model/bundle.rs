@@ -373,7 +373,7 @@ impl NoduleModel {
                 let w = base.q8_0(&spec.key, o, i)?;
                 let w = match kernel {
                     Q8Kernel::InPlace => BaseWeight::Mapped(w),
-                    Q8Kernel::Candle => BaseWeight::Quantized(w.to_qmatmul()?),
+                    Q8Kernel::Candle => BaseWeight::Packed(w.to_packed()?),
                 };
                 special.insert(spec.key.clone(), (w, o, i));
             } else {

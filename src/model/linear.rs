@@ -19,6 +19,8 @@ pub enum BaseWeight {
     Quantized(QMatMul),
     /// A q8_0 weight read in place from a mapped bundle file.
     Mapped(super::mapped::MappedQ8),
+    /// A q8_0 weight from a mapped bundle file, multiplied by candle's repacking kernel.
+    Packed(super::mapped::PackedQ8),
 }
 
 /// `y = x W^T + b` applied to the last axis of any-rank input.
@@ -97,6 +99,7 @@ impl Linear {
             BaseWeight::Float(w) => x2.matmul(&w.t()?),
             BaseWeight::Quantized(q) => q.forward(&x2),
             BaseWeight::Mapped(q) => q.forward(&x2),
+            BaseWeight::Packed(q) => q.forward(&x2),
         })?;
         *out_dims.last_mut().expect("rank >= 1") = self.out_dim;
         y.reshape(out_dims)

@@ -127,6 +127,72 @@ impl MappedQ8 {
         let storage = QStorage::Cpu(Box::new(MappedBlocks(self.clone())));
         QMatMul::from_qtensor(QTensor::new(storage, (self.out_dim, self.in_dim))?)
     }
+
+    /// Drops this matrix's whole pages from the process's resident set (`MADV_DONTNEED`).
+    /// The mapping stays valid: the file is read-only and mapped privately without writes,
+    /// so a later read faults the same bytes back in from the page cache. Pages shared with a
+    /// neighbouring tensor are kept.
+    pub fn release_pages(&self) {
+        #[cfg(unix)]
+        {
+            // SAFETY: sysconf has no preconditions.
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+            let page = if page > 0 { page as usize } else { 4096 };
+            let begin = self.map.as_ptr() as usize + self.offset;
+            let end = begin + Self::byte_len(self.out_dim, self.in_dim);
+            let first = begin.div_ceil(page) * page;
+            let last = end / page * page;
+            if last > first {
+                // SAFETY: [first, last) lies inside the live mapping `self.map`; DONTNEED on
+                // a clean private file mapping only discards page-table entries, it never
+                // changes what a later read sees. Failure only leaves the pages resident.
+                unsafe {
+                    libc::madvise(
+                        first as *mut libc::c_void,
+                        last - first,
+                        libc::MADV_DONTNEED,
+                    );
+                }
+            }
+        }
+    }
+
+    /// The weight as a [`PackedQ8`]: candle's `QMatMul` over the mapping that, after its first
+    /// product, releases the mapped pages (see [`PackedQ8`]).
+    pub fn to_packed(&self) -> Result<PackedQ8> {
+        Ok(PackedQ8 {
+            matmul: self.to_qmatmul()?,
+            source: self.clone(),
+            released: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        })
+    }
+}
+
+/// A mapped q8_0 weight multiplied by candle's `QMatMul`. Where candle repacks q8_0 into its
+/// own tiles (x86 with AVX-512 VNNI) the repacked copy on the heap serves every later product,
+/// so the mapped pages of the matrix are released after the first product: the weights are
+/// then resident once, not twice (measured in docs/performance.md, "q8_0 memory"). Where
+/// candle multiplies the mapped blocks directly, a released page is faulted back on the next
+/// product and stays.
+#[derive(Debug, Clone)]
+pub struct PackedQ8 {
+    matmul: candle_core::quantized::QMatMul,
+    source: MappedQ8,
+    released: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Module for PackedQ8 {
+    /// `xs` [rows, in] f32 -> [rows, out].
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let y = self.matmul.forward(xs)?;
+        if !self
+            .released
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            self.source.release_pages();
+        }
+        Ok(y)
+    }
 }
 
 /// A mapped q8_0 matrix as candle quantised storage (read-only: the `from_float` methods,
