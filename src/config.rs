@@ -502,7 +502,8 @@ mod tests {
 
     #[test]
     fn device_and_dtype_parse_and_bad_ones_name_the_value() {
-        let cfg: Config = toml::from_str("[model]\ndevice = \"cuda:1\"\ndtype = \"f32\"\n").unwrap();
+        let cfg: Config =
+            toml::from_str("[model]\ndevice = \"cuda:1\"\ndtype = \"f32\"\n").unwrap();
         assert_eq!(cfg.model.device, crate::device::DeviceRequest::Cuda(1));
         assert_eq!(cfg.model.dtype, crate::device::DtypeRequest::F32);
         let err = toml::from_str::<Config>("[model]\ndevice = \"gpu\"\n")

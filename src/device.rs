@@ -200,7 +200,7 @@ fn open_cuda(ordinal: usize) -> Result<Device, String> {
     }
     match std::panic::catch_unwind(|| Device::new_cuda(ordinal)) {
         Ok(Ok(device)) => Ok(device),
-        Ok(Err(e)) => Err(one_line(&e.to_string())),
+        Ok(Err(e)) => Err(first_line(&e.to_string())),
         Err(panic) => Err(one_line(
             panic
                 .downcast_ref::<String>()
@@ -213,6 +213,12 @@ fn open_cuda(ordinal: usize) -> Result<Device, String> {
 
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The message without the backtrace candle appends on the following lines (when
+/// `RUST_BACKTRACE` is set).
+fn first_line(s: &str) -> String {
+    one_line(s.lines().find(|l| !l.trim().is_empty()).unwrap_or(s))
 }
 
 /// Decides the placement for `device` and `dtype` without storing it (see [`init`]).
@@ -319,7 +325,10 @@ mod tests {
         for s in ["auto", "cpu", "cuda:0", "cuda:3"] {
             assert_eq!(s.parse::<DeviceRequest>().unwrap().to_string(), s);
         }
-        assert_eq!("cuda".parse::<DeviceRequest>().unwrap(), DeviceRequest::Cuda(0));
+        assert_eq!(
+            "cuda".parse::<DeviceRequest>().unwrap(),
+            DeviceRequest::Cuda(0)
+        );
         for bad in ["gpu", "cuda:", "cuda:x", "cuda0", ""] {
             let err = bad.parse::<DeviceRequest>().unwrap_err().to_string();
             assert!(err.contains("expected auto, cpu, cuda or cuda:N"), "{err}");
@@ -348,7 +357,10 @@ mod tests {
         let err = select(DeviceRequest::Cuda(1), DtypeRequest::Auto)
             .unwrap_err()
             .to_string();
-        assert!(err.starts_with("device cuda:1: this noduled was built without CUDA"), "{err}");
+        assert!(
+            err.starts_with("device cuda:1: this noduled was built without CUDA"),
+            "{err}"
+        );
         assert!(!err.contains('\n'));
     }
 }
