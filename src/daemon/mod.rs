@@ -66,7 +66,7 @@ pub enum DaemonError {
         msg: String,
     },
     /// The configured compute device is not available.
-    #[error("model.device: {0}")]
+    #[error("model.device")]
     Device(#[from] crate::device::DeviceError),
     /// The health endpoint could not listen.
     #[error("health.listen {addr}: {source}")]
