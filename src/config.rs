@@ -74,6 +74,11 @@ pub struct ModelConfig {
     /// Ed25519 public key file (minisign format). When set, only bundles signed with it are
     /// loaded, at start and on reload; checkpoint folders and unsigned bundles are refused.
     pub public_key: Option<PathBuf>,
+    /// Compute device: `auto` (CUDA device 0 in a CUDA build when it answers, else the CPU),
+    /// `cpu`, `cuda` or `cuda:N` (the daemon does not start without it). See [`crate::device`].
+    pub device: crate::device::DeviceRequest,
+    /// Vision tower dtype: `auto` (f16 on CUDA, f32 on the CPU), `f32`, or `f16` (CUDA only).
+    pub dtype: crate::device::DtypeRequest,
 }
 
 /// `[jobs]`.
@@ -190,6 +195,8 @@ impl Default for ModelConfig {
         Self {
             path: PathBuf::from("/var/lib/noduled/models/current"),
             public_key: None,
+            device: crate::device::DeviceRequest::Auto,
+            dtype: crate::device::DtypeRequest::Auto,
         }
     }
 }
@@ -272,6 +279,10 @@ pub struct Settings {
     pub model_path: PathBuf,
     /// When set, only bundles signed with this key are loaded.
     pub model_public_key: Option<crate::bundle::sign::PublicKey>,
+    /// The compute device asked for.
+    pub device: crate::device::DeviceRequest,
+    /// The vision tower dtype asked for.
+    pub dtype: crate::device::DtypeRequest,
     /// Allowed data roots (canonical where they exist).
     pub data_roots: Vec<PathBuf>,
     /// Largest job in bytes.
@@ -443,6 +454,8 @@ impl Config {
         };
         Ok(Settings {
             model_public_key,
+            device: self.model.device,
+            dtype: self.model.dtype,
             state_dir: abs(&self.state_dir),
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
             model_path: abs(&self.model.path),
@@ -485,6 +498,18 @@ mod tests {
         let s = cfg.validate(Path::new("/etc/noduled")).unwrap();
         assert_eq!(s.state_dir, Path::new("/etc/noduled/state"));
         assert_eq!(s.inbox.unwrap(), Path::new("/etc/noduled/in"));
+    }
+
+    #[test]
+    fn device_and_dtype_parse_and_bad_ones_name_the_value() {
+        let cfg: Config =
+            toml::from_str("[model]\ndevice = \"cuda:1\"\ndtype = \"f32\"\n").unwrap();
+        assert_eq!(cfg.model.device, crate::device::DeviceRequest::Cuda(1));
+        assert_eq!(cfg.model.dtype, crate::device::DtypeRequest::F32);
+        let err = toml::from_str::<Config>("[model]\ndevice = \"gpu\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("device `gpu`"), "{err}");
     }
 
     #[test]

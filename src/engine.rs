@@ -66,20 +66,22 @@ fn resolve(path: &std::path::Path) -> std::path::PathBuf {
     }
 }
 
-/// The float model read from a checkpoint folder, on the CPU.
+/// A checkpoint folder's or a bundle's model, on the device [`crate::device::current`] names.
 pub struct CheckpointScorer {
     model: NoduleModel,
     info: ModelInfo,
 }
 
 impl CheckpointScorer {
-    /// Loads the checkpoint folder at `path`.
+    /// Loads the checkpoint folder at `path` onto the process's device.
     pub fn load(path: &std::path::Path) -> Result<Self, crate::model::ModelError> {
         let started = std::time::Instant::now();
-        let model = NoduleModel::load(path)?;
+        let placement = crate::device::current();
+        let model = NoduleModel::load(path)?.placed(&placement)?;
         tracing::info!(
             model = %path.display(),
             folds = model.n_folds(),
+            backend = %placement.label(),
             layout = ?model.layout(),
             ms = started.elapsed().as_millis() as u64,
             "model loaded"
@@ -92,19 +94,24 @@ impl CheckpointScorer {
         let info = ModelInfo {
             id,
             precision: "f32".into(),
-            backend: "cpu".into(),
+            backend: placement.label(),
+            fallback: placement.fallback,
             version: None,
         };
         Ok(Self { model, info })
     }
 
-    /// Loads the bundle directory at `path` (q8_0 weights stay mapped).
+    /// Loads the bundle directory at `path` onto the process's device (on the CPU q8_0
+    /// weights stay mapped; on a GPU they are dequantised to the tower's dtype).
     pub fn load_bundle(path: &std::path::Path) -> Result<Self, crate::model::ModelError> {
         let started = std::time::Instant::now();
+        let placement = crate::device::current();
         let (model, info) = NoduleModel::load_bundle(path)?;
+        let model = model.placed(&placement)?;
         tracing::info!(
             model = %path.display(),
             folds = model.n_folds(),
+            backend = %placement.label(),
             precision = %info.manifest.precision,
             ms = started.elapsed().as_millis() as u64,
             "bundle loaded"
@@ -112,7 +119,8 @@ impl CheckpointScorer {
         let info = ModelInfo {
             id: info.manifest.model_id.clone(),
             precision: info.manifest.precision.clone(),
-            backend: "cpu".into(),
+            backend: placement.label(),
+            fallback: placement.fallback,
             version: Some(info.manifest.version),
         };
         Ok(Self { model, info })

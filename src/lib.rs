@@ -14,6 +14,7 @@
 //! - [`report`]: the score JSON every consumer reads.
 //! - [`convert`]: released checkpoints into a model bundle ([`bundle`]: manifest, signatures,
 //!   the model store; models/README.md).
+//! - [`device`]: the compute device and dtype (`--device auto|cpu|cuda[:N]`), chosen once.
 //! - [`engine`]: a loaded model behind the [`engine::Scorer`] trait, used by the CLI and daemon.
 //! - [`config`]: the daemon's strict TOML configuration, validated into `Settings`.
 //! - [`daemon`]: inbox and MQTT in, one worker, durable outbox and MQTT out, systemd, health.
@@ -26,6 +27,7 @@ pub mod commands;
 pub mod config;
 pub mod convert;
 pub mod daemon;
+pub mod device;
 pub mod engine;
 pub mod eval;
 pub mod finetune;

@@ -3,7 +3,7 @@
 //! never removed or renamed.
 //!
 //! ```json
-//! {"model": {"id", "precision", "backend"},
+//! {"model": {"id", "precision", "backend"[, "fallback"]},
 //!  "nodules": [{"patient_id", "nodule_id",
 //!               "folds": [{"prob", "calibrated", "attention": [9]}],
 //!               "score": {"raw", "calibrated"},
@@ -24,8 +24,12 @@ pub struct ModelInfo {
     pub id: String,
     /// Weight precision in use: "f32", "f16", "q8_0".
     pub precision: String,
-    /// Compute backend in use: "cpu" or "cuda:0".
+    /// Compute backend in use: "cpu", or "cuda:N f16" / "cuda:N f32" (device and the vision
+    /// tower's dtype).
     pub backend: String,
+    /// Why a CUDA build scores on the CPU (no GPU answered); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
     /// Model version when known (bundles).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,

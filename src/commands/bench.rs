@@ -1,7 +1,11 @@
 //! `noduled bench`: per-nodule scoring latency of a model, split into read (input file to
 //! planes), preprocess (planes to CLIP pixels), model (vision tower, all folds) and post
 //! (MIL, classifier, calibration, zero-shot), with the median and p90 over timed nodules after
-//! warm-up, the peak resident memory and the backend.
+//! warm-up, the peak resident memory and the backend. `--batch N` scores N nodules per
+//! timed pass (in model passes of at most [`crate::model::NODULES_PER_PASS`], as scoring
+//! does) and reports per pass and per nodule. On a GPU the startup costs are reported apart:
+//! opening the device (`device_init_s`), loading onto it (`load_s`) and the first pass
+//! (`first_pass_s`: kernel loading / JIT and cuBLAS set-up happen there).
 //!
 //! `--random vit-b32` builds the full-size released architecture with random weights in
 //! process (speed does not depend on the values), so the bench needs no download. Times are
@@ -54,9 +58,12 @@ pub struct Args {
     /// Base weight precision.
     #[arg(long, value_enum, default_value = "f32")]
     pub precision: Precision,
-    /// Nodules timed (after warm-up).
+    /// Timed passes (after warm-up); each scores `--batch` nodules.
     #[arg(long, default_value_t = 5)]
     pub nodules: usize,
+    /// Nodules scored together in each pass.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
     /// Nodules scored before timing starts.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
@@ -78,6 +85,9 @@ pub struct Args {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Compute device and dtype.
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
 }
 
 /// Per-stage seconds of one nodule.
@@ -139,6 +149,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.nodules == 0 {
         anyhow::bail!("--nodules must be at least 1");
     }
+    if args.batch == 0 || args.batch > 1024 {
+        anyhow::bail!("--batch {} is out of range (1..=1024)", args.batch);
+    }
+    let started = Instant::now();
+    let placement = args.device.init()?;
+    let device_init_s = started.elapsed().as_secs_f64();
     if args.threads > 0 {
         std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
         std::env::set_var("CANDLE_NUM_THREADS", args.threads.to_string());
@@ -153,7 +169,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Precision::Q8_0 => Some(candle_core::quantized::GgmlDType::Q8_0),
         Precision::F16 => anyhow::bail!(
             "--precision f16: the CPU has no f16 GEMM faster than f32 (candle dequantises f16 \
-             weights to f32); use f32 or q8_0"
+             weights to f32); use f32 or q8_0 (on CUDA, --dtype f16 computes in f16)"
         ),
     };
     if args.model.is_some() && base.is_some() {
@@ -180,6 +196,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         (None, None) => anyhow::bail!("give --model DIR or --random vit-b32"),
     };
+    let model = model.placed(&placement)?;
     let load_s = started.elapsed().as_secs_f64();
     let load_peak = peak_rss_mib();
     // Peak RSS from here on: the random generator stages f32 weights that a loaded model
@@ -217,6 +234,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     crate::model::profile::enable(false);
     let mut check = 0.0;
     let mut cpu_start = 0.0;
+    let mut first_pass_s = None;
     for i in 0..args.warmup + args.nodules {
         if i == args.warmup {
             crate::model::profile::enable(args.profile);
@@ -235,27 +253,32 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             None => &synthetic,
         };
         let read = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        let pixels = model.pixels(&[planes])?;
-        let preprocess = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        let features = model.encode(&pixels)?;
-        let model_s = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        let out = model.finish(1, &features)?;
-        let post = t.elapsed().as_secs_f64();
-        check = out[0].folds.iter().map(|f| f.prob).sum::<f64>();
+        let batch = vec![planes; args.batch];
+        let mut sample = Sample {
+            read,
+            ..Sample::default()
+        };
+        for chunk in batch.chunks(crate::model::NODULES_PER_PASS) {
+            let t = Instant::now();
+            let pixels = model.pixels(chunk)?;
+            sample.preprocess += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let features = model.encode(&pixels)?;
+            sample.model += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let out = model.finish(chunk.len(), &features)?;
+            sample.post += t.elapsed().as_secs_f64();
+            check = out[0].folds.iter().map(|f| f.prob).sum::<f64>();
+        }
+        first_pass_s.get_or_insert(sample.total());
         if i >= args.warmup {
-            samples.push(Sample {
-                read,
-                preprocess,
-                model: model_s,
-                post,
-            });
+            samples.push(sample);
         }
     }
 
-    let stage = |f: fn(&Sample) -> f64| summary(samples.iter().map(f).collect());
+    let per_pass = summary(samples.iter().map(Sample::total).collect());
+    let b = args.batch as f64;
+    let stage = |f: fn(&Sample) -> f64| summary(samples.iter().map(|s| f(s) / b).collect());
     let total = stage(Sample::total);
     let stages = [
         ("read", stage(|s| s.read)),
@@ -264,13 +287,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ("post", stage(|s| s.post)),
     ];
     let cpu_s = crate::model::profile::process_cpu_s() - cpu_start;
-    let per_nodule = 1.0 / args.nodules as f64;
+    let per_nodule = 1.0 / (args.nodules * args.batch) as f64;
     let mut ops = crate::model::profile::totals();
     crate::model::profile::enable(false);
     ops.sort_by(|a, b| b.cpu_s.total_cmp(&a.cpu_s));
     let model_total: f64 = samples.iter().map(|s| s.model).sum();
     let rss = peak_rss_mib();
-    let backend = backend(threads);
+    let backend = if placement.is_gpu() {
+        placement.label()
+    } else {
+        backend(threads)
+    };
     let precision = match args.model {
         Some(_) => "as stored".to_string(),
         None => format!("{:?}", args.precision).to_lowercase(),
@@ -295,8 +322,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "folds": folds,
             "planes": N_PLANES,
             "nodules": args.nodules,
+            "batch": args.batch,
             "warmup": args.warmup,
+            "fallback": placement.fallback,
+            "device_init_s": device_init_s,
             "load_s": load_s,
+            "first_pass_s": first_pass_s,
+            "median_s_per_pass": per_pass.0,
+            "p90_s_per_pass": per_pass.1,
             "median_s_per_nodule": total.0,
             "p90_s_per_nodule": total.1,
             "stages": stages_json,
@@ -316,10 +349,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         println!("model      {name} ({folds} folds x {N_PLANES} planes, {precision})");
         println!("backend    {backend}");
+        if let Some(reason) = &placement.fallback {
+            println!("fallback   {reason}");
+        }
+        println!("device     {device_init_s:.2} s to open");
         println!("load       {load_s:.2} s");
         println!(
-            "nodules    {} timed after {} warm-up",
-            args.nodules, args.warmup
+            "first pass {:.3} s (warm-up)",
+            first_pass_s.unwrap_or(f64::NAN)
+        );
+        println!(
+            "nodules    {} passes of {} timed after {} warm-up (median {:.4} s per pass)",
+            args.nodules, args.batch, args.warmup, per_pass.0
         );
         println!("{:<11}{:>10}{:>10}", "stage", "median s", "p90 s");
         for (k, (m, p)) in stages.iter().chain([("total", total)].iter()) {

@@ -26,6 +26,9 @@ pub struct Args {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout_secs: u64,
+    /// Compute device and dtype.
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
 }
 
 /// Finds `rel` under the current folder, else under the source tree the binary was built from.
@@ -92,6 +95,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         model: ModelConfig {
             path: model.clone(),
             public_key: None,
+            device: args.device.device,
+            dtype: args.device.dtype,
         },
         jobs: JobsConfig {
             data_roots: vec![job_dir.clone()],

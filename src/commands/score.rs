@@ -39,6 +39,9 @@ pub struct Args {
     /// Nodule id for the report (default: the input file's name without extension).
     #[arg(long)]
     pub nodule_id: Option<String>,
+    /// Compute device and dtype.
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
 }
 
 fn stem(path: &std::path::Path) -> String {
@@ -99,6 +102,7 @@ impl Args {
 /// Runs `noduled score`.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let requests = args.requests()?;
+    args.device.init()?;
     let mut nodules = Vec::new();
     for request in &requests {
         nodules.extend(crate::nodules::load(request)?);

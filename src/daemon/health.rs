@@ -1,4 +1,5 @@
-//! The localhost health endpoint: `GET /healthz` (the worker loop is alive), `GET /readyz`
+//! The localhost health endpoint: `GET /healthz` (the worker loop is alive; the body names a
+//! CPU fallback of a CUDA build), `GET /readyz`
 //! (model loaded, sources live, not stopping) and `GET /metrics` (Prometheus text).
 //!
 //! Written in-house on a tokio `TcpListener`: three GET routes with no bodies, keep-alive
@@ -57,7 +58,11 @@ async fn answer(mut stream: tokio::net::TcpStream, shared: &Shared) -> std::io::
     let (code, ctype, body) = match (method, path) {
         ("GET", "/healthz") => {
             if shared.worker_alive() {
-                (200, "text/plain", "ok\n".to_string())
+                let body = match shared.scorer().model_info().fallback {
+                    Some(reason) => format!("ok (on the CPU: {reason})\n"),
+                    None => "ok\n".to_string(),
+                };
+                (200, "text/plain", body)
             } else {
                 (503, "text/plain", "worker stalled\n".to_string())
             }

@@ -542,6 +542,7 @@ mod tests {
             id: "m".into(),
             precision: "f32".into(),
             backend: "cpu".into(),
+            fallback: None,
             version: Some(1),
         };
         let mut m2 = m.clone();

@@ -105,6 +105,12 @@ impl Metrics {
             esc(&gauges.precision),
             esc(&gauges.backend)
         );
+        let _ = writeln!(
+            s,
+            "# HELP noduled_device_fallback 1 when a CUDA build scores on the CPU because no GPU answered.\n# TYPE noduled_device_fallback gauge\nnoduled_device_fallback{{reason=\"{}\"}} {}",
+            esc(gauges.fallback.as_deref().unwrap_or("")),
+            gauges.fallback.is_some() as u8
+        );
         let h = self.latency.lock().unwrap_or_else(|e| e.into_inner());
         let _ = writeln!(s, "# HELP noduled_job_latency_seconds Time from taking a job to its result in the outbox.");
         let _ = writeln!(s, "# TYPE noduled_job_latency_seconds histogram");
@@ -147,6 +153,8 @@ pub struct Gauges {
     pub precision: String,
     /// Backend in use.
     pub backend: String,
+    /// Why a CUDA build runs on the CPU, if it does.
+    pub fallback: Option<String>,
 }
 
 fn esc(s: &str) -> String {

@@ -65,6 +65,9 @@ pub enum DaemonError {
         /// Why.
         msg: String,
     },
+    /// The configured compute device is not available.
+    #[error("model.device")]
+    Device(#[from] crate::device::DeviceError),
     /// The health endpoint could not listen.
     #[error("health.listen {addr}: {source}")]
     Listen {
@@ -149,6 +152,7 @@ impl Shared {
             model_version: info.version.map(|v| v.to_string()).unwrap_or_default(),
             precision: info.precision,
             backend: info.backend,
+            fallback: info.fallback,
         }
     }
 
@@ -158,6 +162,7 @@ impl Shared {
         serde_json::json!({
             "state": self.state(),
             "backend": info.backend,
+            "fallback": info.fallback,
             "model": {"id": info.id, "version": info.version, "precision": info.precision},
             "queue_depth": self.queue.len(),
             "outbox": self.outbox.stats(),
@@ -268,6 +273,14 @@ pub async fn run_with(
         source,
     })?;
 
+    systemd::status("opening the compute device");
+    let (device, dtype) = (settings.device, settings.dtype);
+    tokio::task::spawn_blocking(move || crate::device::init(device, dtype))
+        .await
+        .map_err(|e| DaemonError::Model {
+            path: settings.model_path.display().to_string(),
+            msg: e.to_string(),
+        })??;
     systemd::status("loading model");
     let model_path = settings.model_path.clone();
     let model_key = settings.model_public_key.clone();

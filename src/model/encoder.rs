@@ -9,15 +9,20 @@
 //!
 //! On the CPU in f32 the memory-bound steps run as fused kernels ([`super::kernels`]): each
 //! bias is applied in the pass that follows its GEMM (LoRA update, QuickGELU, residual add),
-//! and attention runs per batch and head without transposed copies. Elsewhere the same maths
-//! runs as plain candle ops.
+//! and attention runs per batch and head without transposed copies. Elsewhere (CUDA, or
+//! `NODULED_UNFUSED=1`) the same maths runs as plain candle ops.
+//!
+//! In f16 (the GPU default, see [`crate::device`]) weights, residual stream and GEMM outputs
+//! are f16 (cuBLAS accumulates f16 GEMMs in f32); LayerNorm upcasts to f32 for its statistics
+//! (squared deviations of a residual stream overflow f16 past 256) and casts back; candle's
+//! softmax accumulates f16 rows in f32 after subtracting the row maximum.
 
 use super::kernels;
 use super::linear::{Linear, LoraLinear};
 use super::profile::timed;
 use super::weights::Weights;
 use candle_core::quantized::GgmlDType;
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 /// LayerNorm over the last axis with affine parameters.
 #[derive(Debug, Clone)]
@@ -48,6 +53,15 @@ impl LayerNorm {
             eps: Self::EPS,
         }
     }
+
+    /// These parameters on `device`, kept in f32 whatever the activations' dtype.
+    pub fn placed(&self, device: &Device) -> Result<Self> {
+        Ok(Self {
+            weight: self.weight.to_device(device)?,
+            bias: self.bias.to_device(device)?,
+            eps: self.eps,
+        })
+    }
 }
 
 impl Module for LayerNorm {
@@ -63,13 +77,24 @@ impl Module for LayerNorm {
 
 impl LayerNorm {
     fn forward_unfused(&self, xs: &Tensor) -> Result<Tensor> {
-        let mean = xs.mean_keepdim(D::Minus1)?;
-        let centred = xs.broadcast_sub(&mean)?;
+        let half = matches!(xs.dtype(), DType::F16 | DType::BF16);
+        let x = if half {
+            xs.to_dtype(DType::F32)?
+        } else {
+            xs.clone()
+        };
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centred = x.broadcast_sub(&mean)?;
         let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed
+        let out = normed
             .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
+            .broadcast_add(&self.bias)?;
+        if half {
+            out.to_dtype(xs.dtype())
+        } else {
+            Ok(out)
+        }
     }
 }
 
@@ -176,6 +201,23 @@ struct Block {
 }
 
 impl Block {
+    fn placed(&self, device: &Device, dtype: DType) -> Result<Self> {
+        let a = &self.attn;
+        Ok(Self {
+            ln_1: self.ln_1.placed(device)?,
+            attn: Attention {
+                q_proj: a.q_proj.placed(device, dtype)?,
+                k_proj: a.k_proj.placed(device, dtype)?,
+                v_proj: a.v_proj.placed(device, dtype)?,
+                proj: a.proj.placed(device, dtype)?,
+                heads: a.heads,
+            },
+            ln_2: self.ln_2.placed(device)?,
+            c_fc: self.c_fc.placed(device, dtype)?,
+            c_proj: self.c_proj.placed(device, dtype)?,
+        })
+    }
+
     fn quantized(&self, dtype: GgmlDType) -> Result<Self> {
         let a = &self.attn;
         Ok(Self {
@@ -257,6 +299,17 @@ impl Encoder {
             .blocks
             .iter()
             .map(|b| b.quantized(dtype))
+            .collect::<Result<_>>()?;
+        Ok(Self { blocks })
+    }
+
+    /// The same blocks on `device`, weights in `dtype` (LayerNorms in f32); on the CPU in f32
+    /// unchanged.
+    pub fn placed(&self, device: &Device, dtype: DType) -> Result<Self> {
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| b.placed(device, dtype))
             .collect::<Result<_>>()?;
         Ok(Self { blocks })
     }

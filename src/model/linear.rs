@@ -8,7 +8,7 @@
 
 use super::profile::timed;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 /// The weight of a base linear layer, [out, in].
 #[derive(Debug, Clone)]
@@ -80,6 +80,30 @@ impl Linear {
         ))
     }
 
+    /// This layer on `device` with a float weight and bias of `dtype`. On the CPU in f32 it
+    /// is unchanged (quantised and mapped weights stay as they are); anywhere else a
+    /// quantised weight is dequantised first (candle's GPU backends have no q8_0 matmul
+    /// with our mapped storage, and f16 from q8_0 loses nothing: q8_0 values are 8-bit
+    /// integers times an f16 scale).
+    pub fn placed(&self, device: &Device, dtype: DType) -> Result<Self> {
+        if device.is_cpu() && dtype == DType::F32 {
+            return Ok(self.clone());
+        }
+        let float = match &self.weight {
+            BaseWeight::Float(w) => w.clone(),
+            BaseWeight::Quantized(QMatMul::QTensor(q)) => q.dequantize(&Device::Cpu)?,
+            BaseWeight::Quantized(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => w.clone(),
+            BaseWeight::Mapped(q) => q.dequantize()?,
+        };
+        let put = |t: &Tensor| t.to_dtype(dtype)?.to_device(device);
+        Ok(Self {
+            weight: BaseWeight::Float(put(&float)?),
+            bias: self.bias.as_ref().map(put).transpose()?,
+            in_dim: self.in_dim,
+            out_dim: self.out_dim,
+        })
+    }
+
     /// The bias [out], if any.
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
@@ -143,6 +167,16 @@ impl LoraLinear {
         self.a_t.dims()[0]
     }
 
+    /// This layer on `device` in `dtype` (see [`Linear::placed`]), LoRA factors included.
+    pub fn placed(&self, device: &Device, dtype: DType) -> Result<Self> {
+        let put = |t: &Tensor| t.to_dtype(dtype)?.to_device(device);
+        Ok(Self {
+            base: self.base.placed(device, dtype)?,
+            a_t: put(&self.a_t)?,
+            b_t_scaled: put(&self.b_t_scaled)?,
+        })
+    }
+
     /// This layer with its base weight quantised to `dtype`; the LoRA factors stay float.
     pub fn quantized(&self, dtype: GgmlDType) -> Result<Self> {
         Ok(Self {
@@ -180,7 +214,6 @@ impl Module for LoraLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
 
     /// The batched unmerged layer equals, fold by fold, a plain layer with W + s B_k A_k.
     #[test]

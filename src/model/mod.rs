@@ -6,8 +6,11 @@
 //! `[folds * rows, ...]`, fold-major, every base matmul covers all folds at once and only the
 //! rank-r LoRA paths and the heads differ per fold (see [`linear`]). The towers are written
 //! here on candle-core/candle-nn because candle-transformers' CLIP has no place for LoRA.
-//! Towers compute in f32; from the MIL output on (classifier, zero-shot) the heads compute
-//! in f64. The text tower runs once at load: the prompts' per-fold embeddings are cached.
+//! Models load onto the CPU in f32; [`NoduleModel::placed`] then moves the vision tower to the
+//! device and dtype [`crate::device`] chose (f16 on CUDA). The MIL pooling and heads stay on
+//! the CPU: MIL in f32, and from the MIL output on (classifier, zero-shot) the heads compute
+//! in f64. The text tower runs once at load, on the CPU in f32: the prompts' per-fold
+//! embeddings are cached.
 //!
 //! # Components
 //! [`config`] sizes, [`linear`] base/LoRA layers, [`encoder`] transformer blocks,
@@ -158,7 +161,7 @@ pub struct NoduleOutput {
 }
 
 /// Nodules per batched pass (each is 9 planes x folds rows); bounds peak memory.
-const NODULES_PER_PASS: usize = 8;
+pub const NODULES_PER_PASS: usize = 8;
 
 /// A loaded checkpoint set, ready to score.
 pub struct NoduleModel {
@@ -217,6 +220,22 @@ impl NoduleModel {
             text_embeds,
             device,
         })
+    }
+
+    /// This model with its vision tower on `placement`'s device and dtype (a quantised base
+    /// is dequantised there, see [`linear::Linear::placed`]); the CPU in f32 changes nothing.
+    pub fn placed(self, placement: &crate::device::Placement) -> Result<Self, ModelError> {
+        let vision = self.vision.placed(&placement.device, placement.dtype)?;
+        Ok(Self {
+            vision,
+            device: placement.device.clone(),
+            ..self
+        })
+    }
+
+    /// The device the vision tower runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// Fold `k`'s beta calibrator.
@@ -279,9 +298,10 @@ impl NoduleModel {
         Ok(vision::clip_pixels(nodules, &self.device)?)
     }
 
-    /// Stage 2: the vision tower over all folds -> slice features [folds * 9 * n, embed].
+    /// Stage 2: the vision tower over all folds -> slice features [folds * 9 * n, embed], f32
+    /// on the CPU (copied back from a GPU, which also waits for its work to finish).
     pub fn encode(&self, pixels: &Tensor) -> Result<Tensor, ModelError> {
-        Ok(self.vision.forward(pixels)?)
+        Ok(self.vision.forward(pixels)?.to_device(&Device::Cpu)?)
     }
 
     /// Stage 3: per fold MIL, classifier, calibration and zero-shot on `encode`'s output

@@ -202,4 +202,44 @@ mod tests {
             assert!(a != b, "quantisation changed nothing");
         }
     }
+
+    /// The GPU code path (plain candle ops, f16 tower, LayerNorm statistics in f32, a q8_0
+    /// base dequantised at placement) run on the CPU, where CI can check it against f32.
+    #[test]
+    fn f16_placement_stays_close_to_f32() {
+        let mut cfg = ModelConfig::vit_b32(2);
+        cfg.vision_width = 64;
+        cfg.vision_layers = 2;
+        cfg.vision_heads = 4;
+        cfg.embed = 32;
+        cfg.out_dim = 16;
+        let half = crate::device::Placement {
+            dtype: DType::F16,
+            ..crate::device::Placement::cpu()
+        };
+        let planes = crate::nodule::Planes01(
+            (0..9 * 224 * 224)
+                .map(|i| 0.5 + 0.4 * ((i % 211) as f32 * 0.05).sin())
+                .collect(),
+        );
+        for base in [None, Some(GgmlDType::Q8_0)] {
+            let full = model_with_base(&cfg, 3, 7, base).unwrap();
+            let want = full.forward(&[&planes]).unwrap();
+            let got = model_with_base(&cfg, 3, 7, base)
+                .unwrap()
+                .placed(&half)
+                .unwrap()
+                .forward(&[&planes])
+                .unwrap();
+            for (f, g) in want[0].folds.iter().zip(&got[0].folds) {
+                let (a, b) = (&f.slice_features, &g.slice_features);
+                let diff: f32 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+                let norm: f32 = a.iter().map(|x| x * x).sum();
+                let rel = (diff / norm).sqrt();
+                assert!(rel < 1e-2, "{base:?}: relative L2 error {rel}");
+                assert!(rel > 0.0, "{base:?}: f16 changed nothing");
+                assert!((f.prob - g.prob).abs() < 1e-2, "{} vs {}", f.prob, g.prob);
+            }
+        }
+    }
 }

@@ -5,13 +5,15 @@
 //!
 //! Input pixels `[n, 3, image, image]` (CLIP-normalised RGB); output `[folds * n, embed]`,
 //! fold-major. Everything before the first block is fold-independent and computed once.
+//! The tower may live on another device or dtype than the CPU's f32 ([`VisionTower::placed`]):
+//! pixels are cast to the tower's dtype on the way in and the output is f32.
 
 use super::config::ModelConfig;
 use super::encoder::{Encoder, LayerNorm};
 use super::profile::timed;
 use super::weights::Weights;
 use crate::nodule::{Planes01, N_PLANES, PLANE_SIDE};
-use candle_core::{Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 
 /// CLIP's RGB normalisation mean.
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
@@ -68,9 +70,29 @@ impl VisionTower {
         Ok(())
     }
 
-    /// `pixels` [n, 3, image, image] -> slice features [folds * n, embed], fold-major.
+    /// This tower on `device` with weights and activations in `dtype` (LayerNorm parameters
+    /// stay f32); on the CPU in f32 it is unchanged.
+    pub fn placed(&self, device: &Device, dtype: DType) -> Result<Self> {
+        let put = |t: &Tensor| t.to_dtype(dtype)?.to_device(device);
+        Ok(Self {
+            patch_weight: put(&self.patch_weight)?,
+            class_embedding: put(&self.class_embedding)?,
+            positional_embedding: put(&self.positional_embedding)?,
+            ln_pre: self.ln_pre.placed(device)?,
+            encoder: self.encoder.placed(device, dtype)?,
+            ln_post: self.ln_post.placed(device)?,
+            proj: put(&self.proj)?,
+            patch: self.patch,
+            width: self.width,
+            folds: self.folds,
+        })
+    }
+
+    /// `pixels` [n, 3, image, image] (f32, on the tower's device) -> slice features
+    /// [folds * n, embed] in f32, fold-major.
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
         let n = pixels.dim(0)?;
+        let pixels = &pixels.to_dtype(self.patch_weight.dtype())?;
         let tokens = timed("patch_embed", || self.patch_embed(pixels))?;
         let xs = timed("embed", || {
             let cls = self.class_embedding.broadcast_as((n, 1, self.width))?;
@@ -79,7 +101,12 @@ impl VisionTower {
         let xs = self.ln_pre.forward(&xs)?;
         let xs = timed("repeat", || xs.repeat((self.folds, 1, 1)))?;
         let cls = self.encoder.forward_first_token(&xs)?;
-        timed("head", || self.ln_post.forward(&cls)?.matmul(&self.proj))
+        timed("head", || {
+            self.ln_post
+                .forward(&cls)?
+                .matmul(&self.proj)?
+                .to_dtype(DType::F32)
+        })
     }
 
     fn patch_embed(&self, pixels: &Tensor) -> Result<Tensor> {

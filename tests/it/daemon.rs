@@ -134,6 +134,12 @@ fn folder_jobs_good_and_bad_and_the_daemon_keeps_serving() {
     assert_eq!(d.metric("noduled_jobs_failed_total"), Some(4.0));
     assert_eq!(d.metric("noduled_queue_depth"), Some(0.0));
     assert!(d.get("/metrics").unwrap().1.contains("noduled_model_info{"));
+    // A CPU build (the CI one) runs where it was asked: no fallback to report.
+    if !cfg!(feature = "cuda") {
+        let metrics = d.get("/metrics").unwrap().1;
+        assert!(metrics.contains("\nnoduled_device_fallback{reason=\"\"} 0\n"));
+        assert_eq!(d.get("/healthz").unwrap().1, "ok\n");
+    }
     assert_eq!(d.get("/healthz").unwrap().0, 200);
     assert_eq!(d.get("/nope").unwrap().0, 404);
     let st = d.term(20);
@@ -158,7 +164,9 @@ fn mqtt_jobs_in_results_status_and_alerts_out() {
 
     let status = probe.wait(10, "nd/status", |s| s["state"] == "ready");
     assert!(
-        status.json["model"]["id"].is_string() && status.json["backend"].is_string(),
+        status.json["model"]["id"].is_string()
+            && status.json["backend"].is_string()
+            && status.json.get("fallback").is_some(),
         "{:#}",
         status.json
     );

@@ -7,6 +7,7 @@ mod bundle_store;
 mod daemon;
 mod daemon_ct;
 mod daemon_support;
+mod device;
 mod eval;
 mod finetune;
 mod model;
