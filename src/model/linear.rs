@@ -94,6 +94,7 @@ impl Linear {
             BaseWeight::Quantized(QMatMul::QTensor(q)) => q.dequantize(&Device::Cpu)?,
             BaseWeight::Quantized(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => w.clone(),
             BaseWeight::Mapped(q) => q.dequantize()?,
+            BaseWeight::Packed(q) => q.source().dequantize()?,
         };
         let put = |t: &Tensor| t.to_dtype(dtype)?.to_device(device);
         Ok(Self {

@@ -181,6 +181,13 @@ pub struct PackedQ8 {
     released: Arc<std::sync::atomic::AtomicBool>,
 }
 
+impl PackedQ8 {
+    /// The mapped matrix this product reads.
+    pub fn source(&self) -> &MappedQ8 {
+        &self.source
+    }
+}
+
 impl Module for PackedQ8 {
     /// `xs` [rows, in] f32 -> [rows, out].
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
