@@ -76,8 +76,13 @@ pub fn is_trainable(key: &str, role: Role, tuning: Tuning) -> bool {
     }
 }
 
-/// Random initial tensors for every key (CLIP-like scales; LoRA A Kaiming-uniform, B zero;
-/// heads Kaiming-normal; LayerNorm 1/0; logit scale ln(1/0.03)).
+/// Random initial tensors for every key: CLIP's scales in the transformer blocks (q/k/v
+/// std width^-1/2, attention output and MLP output width^-1/2 (2 layers)^-1/2, MLP input
+/// (2 width)^-1/2), so that a fresh tower already mixes its tokens (with 0.02 everywhere a
+/// tiny tower's class token hardly depends on the image and training from scratch stalls);
+/// patch embedding std (3 patch^2)^-1/2 (unit-scale tokens); token embedding 0.02, positional
+/// 0.01; LoRA A Kaiming-uniform, B zero; heads Kaiming-normal; LayerNorm 1/0; logit scale
+/// ln(1/0.03).
 pub fn random_init(cfg: &ModelConfig, rng: &mut SplitMix64) -> Result<BTreeMap<String, Tensor>> {
     let mut out = BTreeMap::new();
     for (key, shape, _) in all_specs(cfg) {
@@ -107,12 +112,40 @@ pub fn random_init(cfg: &ModelConfig, rng: &mut SplitMix64) -> Result<BTreeMap<S
             normal(rng, 1.0 / (shape[0] as f64).sqrt())
         } else if key.ends_with("positional_embedding") {
             normal(rng, 0.01)
+        } else if let Some(std) = block_std(cfg, &key) {
+            normal(rng, std)
+        } else if key == "vision_model.conv1.weight" {
+            normal(rng, 1.0 / ((n / shape[0]) as f64).sqrt())
         } else {
             normal(rng, 0.02)
         };
         out.insert(key, Tensor::from_vec(values, shape, &Device::Cpu)?);
     }
     Ok(out)
+}
+
+/// CLIP's std of a transformer block matmul weight `key`, or None for other keys.
+fn block_std(cfg: &ModelConfig, key: &str) -> Option<f64> {
+    let (width, layers) = if key.starts_with("vision_model.transformer.") {
+        (cfg.vision_width, cfg.vision_layers)
+    } else if key.starts_with("transformer.") {
+        (cfg.text_width, cfg.text_layers)
+    } else {
+        return None;
+    };
+    let w = (width as f64).powf(-0.5);
+    if key.ends_with("_proj.weight")
+        && key.contains(".attn.")
+        && !key.ends_with(".attn.proj.weight")
+    {
+        Some(w)
+    } else if key.ends_with(".attn.proj.weight") || key.ends_with(".mlp.c_proj.weight") {
+        Some(w * (2.0 * layers as f64).powf(-0.5))
+    } else if key.ends_with(".mlp.c_fc.weight") {
+        Some((2.0 * width as f64).powf(-0.5))
+    } else {
+        None
+    }
 }
 
 /// One fold's model: frozen tensors and trainable [`Var`]s under checkpoint keys.
@@ -398,6 +431,39 @@ impl Net {
     /// L2-normalised embedding.
     pub fn classify(&self, unit: &Tensor, which: &str) -> Result<Tensor> {
         self.linear(unit, which)
+    }
+
+    /// Data-dependent initialisation for training from random weights: rescales the first
+    /// layer of the image projection (on the slice features of `pixels`) and of the text
+    /// projection head (on the text features of `ids`) so that each unit's pre-activation has
+    /// mean 0 and variance 1 over these inputs. A fresh tower's features are dominated by a
+    /// part common to every input (measured: between-nodule variance ~1% of the squared
+    /// mean of the L2-normalised image embedding), so the classifier and the contrastive loss
+    /// start with near-identical embeddings and learn very slowly; centred, the embeddings
+    /// differ between nodules from the first step. Only variables are changed.
+    pub fn standardise_heads(&self, pixels: &Tensor, ids: Option<&[Vec<u32>]>) -> Result<()> {
+        let feats = self.vision(pixels, &mut Mode::eval())?;
+        self.standardise("image_projection.projector.0", &feats)?;
+        if let Some(ids) = ids {
+            let text = self.text(ids, &mut Mode::eval())?;
+            self.standardise("semantic_projection.projection", &text)?;
+        }
+        Ok(())
+    }
+
+    /// Sets linear layer `prefix` (when trainable) to `(x W^T + b - mean) / std`.
+    fn standardise(&self, prefix: &str, x: &Tensor) -> Result<()> {
+        let (wk, bk) = (format!("{prefix}.weight"), format!("{prefix}.bias"));
+        let (Some(w), Some(b)) = (self.vars.get(&wk), self.vars.get(&bk)) else {
+            return Ok(());
+        };
+        let z = self.linear(&x.detach(), prefix)?.detach();
+        let mean = z.mean(0)?;
+        let std = (z.broadcast_sub(&mean)?.sqr()?.mean(0)? + 1e-6)?.sqrt()?;
+        let new_w = w.as_tensor().detach().broadcast_div(&std.unsqueeze(1)?)?;
+        let new_b = (b.as_tensor().detach() - &mean)?.div(&std)?;
+        w.set(&new_w)?;
+        b.set(&new_b)
     }
 
     /// exp(clamp(logit_scale, 0, ln 100)).

@@ -41,10 +41,17 @@ pub struct TrainOptions {
     pub augment: bool,
     /// Seed of every random draw.
     pub seed: u64,
+    /// Standardise the heads' first layers on training data before the first step
+    /// ([`Net::standardise_heads`]; used when training from random weights).
+    pub standardise_heads: bool,
     /// Stop the process (exit code 3) after this many epochs were checkpointed in this run
     /// (for testing kill and resume); `None` runs to the end.
     pub stop_after: Option<usize>,
 }
+
+/// Training nodules (the first of the fold's training list) used by the data-dependent
+/// initialisation.
+const STANDARDISE_NODULES: usize = 64;
 
 /// A fold's result.
 pub struct FoldResult {
@@ -95,11 +102,14 @@ impl AdamW {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let m = ((&self.m[i] * Self::B1)? + (g * (1.0 - Self::B1))?)?;
-            let v = ((&self.v[i] * Self::B2)? + (g.sqr()? * (1.0 - Self::B2))?)?;
+            // Gradients computed from variables carry their op graph (the whole forward of
+            // the step); detached, the moments do not chain every step's graph together.
+            let g = g.detach();
+            let m = ((&self.m[i] * Self::B1)? + (&g * (1.0 - Self::B1))?)?.detach();
+            let v = ((&self.v[i] * Self::B2)? + (g.sqr()? * (1.0 - Self::B2))?)?.detach();
             let denom = ((&v / c2)?.sqrt()? + Self::EPS)?;
             let upd = ((&m / c1)? / denom)?;
-            let decayed = (var.as_tensor() * (1.0 - self.lr * self.wd))?;
+            let decayed = (var.as_tensor().detach() * (1.0 - self.lr * self.wd))?;
             var.set(&(decayed - (upd * self.lr)?)?)?;
             self.m[i] = m;
             self.v[i] = v;
@@ -261,10 +271,20 @@ pub fn train_fold(
     let val_ids: Option<Vec<Vec<u32>>> =
         ids.map(|ids| val.iter().map(|&i| ids[i].clone()).collect());
 
+    if opts.standardise_heads {
+        // Data-dependent initialisation (before the first snapshot; a resumed run reads
+        // the variables back from its checkpoint below).
+        let take: Vec<usize> = train.iter().copied().take(STANDARDISE_NODULES).collect();
+        let refs: Vec<&Planes01> = take.iter().map(|&i| &planes[i]).collect();
+        let pixels = clip_pixels(&refs, &Device::Cpu)?;
+        let take_ids: Option<Vec<Vec<u32>>> =
+            ids.map(|ids| take.iter().map(|&i| ids[i].clone()).collect());
+        net.standardise_heads(&pixels, take_ids.as_deref())?;
+    }
     let mut opt = AdamW::new(&vars, opts.lr, opts.weight_decay)?;
     let mut best: Vec<Tensor> = vars
         .iter()
-        .map(|v| v.as_tensor().copy())
+        .map(|v| v.as_tensor().detach().copy())
         .collect::<candle_core::Result<_>>()?;
     let mut state = State {
         epoch: 0,
@@ -377,7 +397,7 @@ pub fn train_fold(
             state.stale = 0;
             best = vars
                 .iter()
-                .map(|v| v.as_tensor().copy())
+                .map(|v| v.as_tensor().detach().copy())
                 .collect::<candle_core::Result<_>>()?;
         } else {
             state.stale += 1;

@@ -36,9 +36,9 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// LoRA fine-tuning from the fixture model writes a checkpoint folder that loads, scores a
-/// held-out manifest through `eval --manifest --model` (metrics, plots, zero-shot AUROC),
-/// and records its parent and gate metrics.
+/// LoRA fine-tuning from the fixture model writes a bundle that loads, scores a held-out
+/// manifest through `eval --manifest --model` (metrics, plots, zero-shot AUROC), and
+/// records its parent and gate metrics.
 #[test]
 fn finetune_writes_a_model_that_scores() {
     let tmp = tempfile::tempdir().unwrap();
@@ -71,19 +71,27 @@ fn finetune_writes_a_model_that_scores() {
     let gate: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
     assert_eq!(gate["n"].as_u64(), Some(30));
     assert!(gate["current_auroc"].as_f64().is_some() && gate["passed"] == true);
+    // A bundle (new id, version 1, the parent in its provenance) beside the checkpoint
+    // folder it was converted from.
     for f in [
-        "config.json",
-        "provenance.json",
-        "fold_0/model.safetensors",
-        "fold_1/calibration.json",
+        "manifest.json",
+        "base.safetensors",
+        "fold_0.safetensors",
+        "fold_1.safetensors",
     ] {
         assert!(out.join(f).is_file(), "{f}");
     }
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["provenance"]["parent"].as_str(), Some(s(&fixture)));
+    assert_eq!(manifest["version"].as_u64(), Some(1));
+    let work = PathBuf::from(format!("{}.work/checkpoint", out.display()));
     let prov: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("provenance.json")).unwrap())
+        serde_json::from_str(&std::fs::read_to_string(work.join("provenance.json")).unwrap())
             .unwrap();
-    assert_eq!(prov["parent"].as_str(), Some(s(&fixture)));
     assert_eq!(prov["tuning"].as_str(), Some("lora"));
+    assert_eq!(manifest["model_id"], prov["model_id"]);
+    assert_ne!(manifest["model_id"].as_str(), Some("model"));
 
     let (n2, seed2) = (16, 12);
     let held = synth_set(&tmp.path().join("held"), n2, seed2);
@@ -213,7 +221,7 @@ fn kill_and_resume_gives_identical_weights() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(!resumed.join("fold_1/model.safetensors").exists());
+    assert!(!resumed.exists());
     let run = finetune(
         &args(&resumed)
             .iter()
@@ -224,7 +232,7 @@ fn kill_and_resume_gives_identical_weights() {
     assert!(run.status.success(), "{stderr}");
     assert!(stderr.contains("fold 0: resumed after epoch 1"), "{stderr}");
     for k in 0..2 {
-        let f = format!("fold_{k}/model.safetensors");
+        let f = format!("fold_{k}.safetensors");
         let a = std::fs::read(whole.join(&f)).unwrap();
         let b = std::fs::read(resumed.join(&f)).unwrap();
         assert!(a == b, "{f} differs after resume");
