@@ -45,6 +45,9 @@ pub struct Args {
     /// AdamW learning rate.
     #[arg(long, default_value_t = 1e-4)]
     pub lr: f64,
+    /// Learning-rate multiplier of the heads (MIL, classifiers, text head, logit scale).
+    #[arg(long, default_value_t = 1.0)]
+    pub head_lr_mult: f64,
     /// AdamW weight decay.
     #[arg(long, default_value_t = 0.1)]
     pub weight_decay: f64,
@@ -73,6 +76,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !(args.lr > 0.0 && args.lr.is_finite()) {
         anyhow::bail!("--lr must be a positive number");
     }
+    if !(args.head_lr_mult > 0.0 && args.head_lr_mult.is_finite()) {
+        anyhow::bail!("--head-lr-mult must be a positive number");
+    }
     let work = args.work.clone().unwrap_or_else(|| {
         let mut w = args.out.clone().into_os_string();
         w.push(".work");
@@ -92,6 +98,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             epochs: args.epochs,
             batch: args.batch,
             lr: args.lr,
+            head_lr_mult: args.head_lr_mult,
             weight_decay: args.weight_decay,
             patience: args.patience.max(1),
             augment: !args.no_augment,

@@ -507,6 +507,8 @@ fn write_model(
         "folds": opts.folds,
         "epochs": opts.train.epochs,
         "lr": opts.train.lr,
+        "head_lr_mult": opts.train.head_lr_mult,
+        "batch": opts.train.batch,
         "seed": opts.train.seed,
         "augment": opts.train.augment,
         "gate": gate,

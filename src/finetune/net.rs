@@ -3,6 +3,9 @@
 //! every trainable tensor; the inference model in [`crate::model`] is not used for training,
 //! so fused inference kernels there never need a backward.
 //!
+//! Every op here has a backward: candle-nn's fused softmax has none and silently cuts the
+//! graph, so [`softmax_last`] is written from elementary ops.
+//!
 //! Tensors are keyed exactly as the checkpoints ([`crate::model::checkpoint::specs`]), plus
 //! `classifier_text.{weight,bias}` (trained, unused at inference). Everything is f32.
 //! Activations: vision `[rows, tokens, width]` with rows = nodules x 9 planes (plane order of
@@ -74,6 +77,14 @@ pub fn is_trainable(key: &str, role: Role, tuning: Tuning) -> bool {
         Tuning::Probe => role == Role::Fold && !lora,
         Tuning::Full => !lora,
     }
+}
+
+/// True for the heads: MIL image projection, classifiers, text projection head, logit scale.
+pub fn is_head(key: &str) -> bool {
+    key == "logit_scale"
+        || key.starts_with("image_projection.")
+        || key.starts_with("semantic_projection.")
+        || key.starts_with("classifier_")
 }
 
 /// Random initial tensors for every key: CLIP's scales in the transformer blocks (q/k/v
@@ -293,7 +304,7 @@ impl Net {
             Some(m) => scores.broadcast_add(m)?,
             None => scores,
         };
-        let att = candle_nn::ops::softmax_last_dim(&scores)?;
+        let att = softmax_last(&scores)?;
         let y = att
             .matmul(&v)?
             .transpose(1, 2)?
@@ -370,7 +381,7 @@ impl Net {
             &self.linear(&h, "image_projection.attention.0")?.tanh()?,
             "image_projection.attention.2",
         )?;
-        let att = candle_nn::ops::softmax_last_dim(&s.reshape((nodules, N_PLANES))?)?;
+        let att = softmax_last(&s.reshape((nodules, N_PLANES))?)?;
         let h = h.reshape((nodules, N_PLANES, self.cfg.out_dim))?;
         att.unsqueeze(1)?.matmul(&h)?.squeeze(1)
     }
@@ -475,7 +486,72 @@ impl Net {
     }
 }
 
+/// Softmax over the last axis from differentiable ops. candle-nn's `softmax_last_dim` is a
+/// fused kernel without a backward (it cuts the graph: nothing before it would get a
+/// gradient, so attention queries and keys, their LoRA factors and the MIL attention
+/// would never train).
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
 /// Rows divided by their L2 norm.
 pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
     x.broadcast_div(&(x.sqr()?.sum_keepdim(D::Minus1)? + 1e-12)?.sqrt()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every trainable tensor of a LoRA fold gets a non-zero gradient from the image loss
+    /// through attention (queries, keys, their LoRA factors) and the MIL attention.
+    #[test]
+    fn gradients_reach_attention_lora_and_mil() {
+        let cfg: ModelConfig = serde_json::from_str(
+            r#"{"vision_width": 16, "vision_layers": 1, "vision_heads": 2, "patch": 56,
+            "image": 224, "embed": 8, "text_width": 8, "text_layers": 1, "text_heads": 2,
+            "vocab": 49408, "context": 16, "out_dim": 8, "lora_r": 2, "lora_alpha": 1.0}"#,
+        )
+        .unwrap();
+        let mut rng = SplitMix64::new(3);
+        let mut values = random_init(&cfg, &mut rng).unwrap();
+        // Non-zero B so that A gets a gradient too.
+        for (k, v) in values.iter_mut() {
+            if k.ends_with("w_lora_B") {
+                *v = (v.ones_like().unwrap() * 0.1).unwrap();
+            }
+        }
+        let net = Net::new(&cfg, &values, Tuning::Lora).unwrap();
+        let n = 2 * N_PLANES * 3 * 224 * 224;
+        let pixels: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+        let pixels = Tensor::from_vec(pixels, (2 * N_PLANES, 3, 224, 224), &Device::Cpu).unwrap();
+        let feats = net.vision(&pixels, &mut Mode::eval()).unwrap();
+        let unit = l2_normalize(&net.mil(&feats).unwrap()).unwrap();
+        let loss = net
+            .classify(&unit, "classifier_image")
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        for key in [
+            "vision_model.transformer.resblocks.0.attn.q_proj.w_lora_A",
+            "vision_model.transformer.resblocks.0.attn.k_proj.w_lora_B",
+            "vision_model.transformer.resblocks.0.attn.v_proj.w_lora_B",
+            "image_projection.attention.0.weight",
+        ] {
+            let g = grads.get(net.vars()[key].as_tensor()).expect(key);
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(norm > 0.0, "{key}: zero gradient");
+        }
+    }
 }

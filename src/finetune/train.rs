@@ -33,6 +33,9 @@ pub struct TrainOptions {
     pub batch: usize,
     /// AdamW learning rate.
     pub lr: f64,
+    /// Learning-rate multiplier of the heads ([`super::net::is_head`]): heads on a fresh or
+    /// frozen tower need larger steps than the tower tolerates.
+    pub head_lr_mult: f64,
     /// AdamW decoupled weight decay.
     pub weight_decay: f64,
     /// Epochs without a better validation loss before stopping.
@@ -63,7 +66,8 @@ pub struct FoldResult {
 
 /// AdamW with saved state.
 struct AdamW {
-    lr: f64,
+    /// Learning rate per variable.
+    lr: Vec<f64>,
     wd: f64,
     step: u64,
     m: Vec<Tensor>,
@@ -75,7 +79,7 @@ impl AdamW {
     const B2: f64 = 0.999;
     const EPS: f64 = 1e-8;
 
-    fn new(vars: &[Var], lr: f64, wd: f64) -> candle_core::Result<Self> {
+    fn new(vars: &[Var], lr: Vec<f64>, wd: f64) -> candle_core::Result<Self> {
         let m = vars
             .iter()
             .map(|v| v.zeros_like())
@@ -109,8 +113,9 @@ impl AdamW {
             let v = ((&self.v[i] * Self::B2)? + (g.sqr()? * (1.0 - Self::B2))?)?.detach();
             let denom = ((&v / c2)?.sqrt()? + Self::EPS)?;
             let upd = ((&m / c1)? / denom)?;
-            let decayed = (var.as_tensor().detach() * (1.0 - self.lr * self.wd))?;
-            var.set(&(decayed - (upd * self.lr)?)?)?;
+            let lr = self.lr[i];
+            let decayed = (var.as_tensor().detach() * (1.0 - lr * self.wd))?;
+            var.set(&(decayed - (upd * lr)?)?)?;
             self.m[i] = m;
             self.v[i] = v;
         }
@@ -281,7 +286,17 @@ pub fn train_fold(
             ids.map(|ids| take.iter().map(|&i| ids[i].clone()).collect());
         net.standardise_heads(&pixels, take_ids.as_deref())?;
     }
-    let mut opt = AdamW::new(&vars, opts.lr, opts.weight_decay)?;
+    let lrs: Vec<f64> = keys
+        .iter()
+        .map(|k| {
+            if super::net::is_head(k) {
+                opts.lr * opts.head_lr_mult
+            } else {
+                opts.lr
+            }
+        })
+        .collect();
+    let mut opt = AdamW::new(&vars, lrs, opts.weight_decay)?;
     let mut best: Vec<Tensor> = vars
         .iter()
         .map(|v| v.as_tensor().detach().copy())
