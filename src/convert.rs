@@ -83,6 +83,8 @@ pub struct Options {
     pub tolerance: f64,
     /// Free-form provenance notes.
     pub notes: String,
+    /// The model this one was derived from (fine-tuning), recorded in the provenance.
+    pub parent: Option<String>,
 }
 
 /// Converter name and version recorded in the provenance.
@@ -372,7 +374,7 @@ pub fn convert(src: &Path, out: &Path, opts: &Options) -> Result<Manifest, Conve
         files: bundle::hash_files(&staging)?,
         provenance: Provenance {
             sources: source_hashes(src)?,
-            parent: None,
+            parent: opts.parent.clone(),
             converter: CONVERTER.into(),
             created: now_rfc3339(),
             notes: opts.notes.clone(),

@@ -9,10 +9,17 @@
 //!    smooth / lobulated / spiculated, consistency solid / part-solid / pure ground glass,
 //!    shape round / ovoid / irregular, margin conspicuity, eccentric calcification,
 //!    cavitation (diameter >= 8 mm only), pleural attachment.
-//! 2. Malignancy from the documented logistic risk rule [`risk_logit`] plus N(0, 0.5) noise:
+//! 2. Malignancy from the documented logistic risk rule [`risk_logit`]:
 //!    `logit = -4.2 + 0.11 d + 1.6 spiculated + 0.8 lobulated + 1.0 part-solid
 //!    + 0.3 ground glass + 0.6 irregular + 0.8 cavitation + 0.4 pleural attachment
-//!    - 2.0 calcification`, label ~ Bernoulli(sigmoid(logit)).
+//!    - 2.0 calcification`. The label ([`Labeling`]) is either drawn (default,
+//!    `--label drawn`): risk = sigmoid(logit + N(0, 0.5)), label ~ Bernoulli(risk), as a
+//!    population would be, so no model can rank it perfectly (the rule itself reaches
+//!    AUROC ~0.80 on it); or the rule (`--label rule`): label = noise-free logit >
+//!    [`RULE_THRESHOLD`] (-1.5, risk 0.18; about 38% of cases malignant), a deterministic
+//!    function of the drawn semantics, so a model that sees them can reach AUROC 1. Both
+//!    use the same random stream, so the images and semantics of a case do not depend on
+//!    the labelling; the suspicion level of the manifest is from the noisy risk in both.
 //! 3. The image ([`Scene::hu`]): lung parenchyma at -850 HU, a chest wall (+35 HU) beyond a
 //!    gently curved sagittal surface on the patient's left, 5-8 vessels (tubes of
 //!    0.6-2.5 mm radius, +40 HU), and the nodule: a radial surface with harmonics (lobulation,
@@ -129,6 +136,30 @@ pub struct NoduleSpec {
     /// Touches the chest wall.
     pub pleural_attachment: bool,
 }
+
+/// How `malignant` is set from the risk rule (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Labeling {
+    /// Bernoulli draw from sigmoid(rule logit + N(0, 0.5)).
+    #[default]
+    Drawn,
+    /// Rule logit (noise-free) above [`RULE_THRESHOLD`].
+    Rule,
+}
+
+impl std::str::FromStr for Labeling {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "drawn" => Ok(Self::Drawn),
+            "rule" => Ok(Self::Rule),
+            _ => Err(format!("--label must be drawn or rule, got `{s}`")),
+        }
+    }
+}
+
+/// Logit threshold of [`Labeling::Rule`]: malignant when [`risk_logit`] > -1.5.
+pub const RULE_THRESHOLD: f64 = -1.5;
 
 /// The documented risk rule's logit (without noise).
 pub fn risk_logit(n: &NoduleSpec) -> f64 {
@@ -557,6 +588,8 @@ pub struct Case {
     pub risk: f64,
     /// Drawn malignancy label.
     pub malignant: bool,
+    /// Rule label: [`risk_logit`] > [`RULE_THRESHOLD`].
+    pub malignant_rule: bool,
     /// Seed of the image noise.
     pub noise_seed: u64,
 }
@@ -576,12 +609,14 @@ pub fn draw_case(seed: u64, index: usize) -> Case {
     let origin = origin.map(round1);
     let scene = Scene::new(spec, origin, &mut rng);
     let noise_seed = rng.next_u64();
+    let malignant_rule = risk_logit(&scene.spec) > RULE_THRESHOLD;
     Case {
         pid: format!("SYN{:05}", index + 1),
         origin,
         scene,
         risk,
         malignant,
+        malignant_rule,
         noise_seed,
     }
 }
@@ -780,8 +815,15 @@ pub struct SynthSummary {
     pub malignant: usize,
 }
 
-/// Generates `n` cases into `out` (volumes or crops, plus manifest.csv).
-pub fn generate(out: &Path, n: usize, seed: u64, crops: bool) -> Result<SynthSummary, SynthError> {
+/// Generates `n` cases into `out` (volumes or crops, plus manifest.csv), labelled by
+/// `labeling`.
+pub fn generate(
+    out: &Path,
+    n: usize,
+    seed: u64,
+    crops: bool,
+    labeling: Labeling,
+) -> Result<SynthSummary, SynthError> {
     if n == 0 || n > MAX_CASES {
         return Err(SynthError::Invalid(format!(
             "--n must be 1..={MAX_CASES}, got {n}"
@@ -813,7 +855,11 @@ pub fn generate(out: &Path, n: usize, seed: u64, crops: bool) -> Result<SynthSum
                 format!("{:.3}", c[0]),
                 format!("{:.3}", c[1]),
                 format!("{:.3}", c[2]),
-                (case.malignant as u8).to_string(),
+                (match labeling {
+                    Labeling::Drawn => case.malignant,
+                    Labeling::Rule => case.malignant_rule,
+                } as u8)
+                    .to_string(),
             ];
             fields.extend(case.scene.semantics(case.risk).csv_fields());
             Ok(fields.join(","))

@@ -54,6 +54,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Precision::F32 | Precision::F16 => 1e-4,
         }),
         notes: args.notes,
+        parent: None,
     };
     let m = convert::convert(&args.checkpoints, &args.out, &opts)?;
     let golden: crate::model::bundle::Payload = serde_json::from_value(m.model.clone())?;

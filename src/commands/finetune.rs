@@ -1,5 +1,5 @@
 //! `noduled finetune`: trains a new model from a manifest (see [`crate::finetune`]) and
-//! writes it as a checkpoint folder, refusing (exit 2, nothing written to `--out`) when the
+//! writes it as a bundle, refusing (exit 2, nothing written to `--out`) when the
 //! gate finds it worse than the current model by more than `--gate-margin` AUROC.
 
 use crate::finetune::{self, net::Tuning, train::TrainOptions, FinetuneOptions};
@@ -12,15 +12,20 @@ pub struct Args {
     /// columns of sample_csv_with_semantic_feats.csv] [+ report].
     #[arg(long)]
     pub manifest: PathBuf,
-    /// The current model (checkpoint folder); required for lora and probe.
+    /// The current model (bundle, model store or checkpoint folder); required for lora and
+    /// probe.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Tower sizes (config.json) for --tuning full without --model.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Output folder of the new model.
+    /// Output bundle directory of the new model (must not exist); install it with
+    /// `noduled bundle install`.
     #[arg(long)]
     pub out: PathBuf,
+    /// Precision of the output bundle's vision base weights.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: crate::convert::Precision,
     /// Work folder for per-epoch checkpoints; a rerun with the same folder resumes.
     /// Default: `<out>.work`.
     #[arg(long)]
@@ -40,6 +45,9 @@ pub struct Args {
     /// AdamW learning rate.
     #[arg(long, default_value_t = 1e-4)]
     pub lr: f64,
+    /// Learning-rate multiplier of the heads (MIL, classifiers, text head, logit scale).
+    #[arg(long, default_value_t = 1.0)]
+    pub head_lr_mult: f64,
     /// AdamW weight decay.
     #[arg(long, default_value_t = 0.1)]
     pub weight_decay: f64,
@@ -68,6 +76,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !(args.lr > 0.0 && args.lr.is_finite()) {
         anyhow::bail!("--lr must be a positive number");
     }
+    if !(args.head_lr_mult > 0.0 && args.head_lr_mult.is_finite()) {
+        anyhow::bail!("--head-lr-mult must be a positive number");
+    }
     let work = args.work.clone().unwrap_or_else(|| {
         let mut w = args.out.clone().into_os_string();
         w.push(".work");
@@ -78,6 +89,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         model: args.model,
         config: args.config,
         out: args.out,
+        precision: args.precision,
         work,
         folds: args.folds,
         tuning: args.tuning,
@@ -86,11 +98,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             epochs: args.epochs,
             batch: args.batch,
             lr: args.lr,
+            head_lr_mult: args.head_lr_mult,
             weight_decay: args.weight_decay,
             patience: args.patience.max(1),
             augment: !args.no_augment,
             seed: args.seed,
             stop_after: args.stop_after,
+            standardise_heads: args.tuning == Tuning::Full,
         },
     };
     let report = finetune::run(&opts)?;

@@ -1,5 +1,5 @@
 //! `noduled synth`: writes synthetic chest CT volumes (or 100^3 crops) of nodules with known
-//! semantics and a malignancy label from a documented risk rule, plus manifest.csv
+//! semantics and a malignancy label from a documented risk rule (drawn, or the rule itself), plus manifest.csv
 //! (see [`crate::synth`]).
 
 use std::path::PathBuf;
@@ -19,11 +19,15 @@ pub struct Args {
     /// Write 100^3 float32 .npy crops at 1 mm instead of NIfTI volumes.
     #[arg(long)]
     pub crops: bool,
+    /// `drawn`: malignant ~ Bernoulli(risk rule + noise); `rule`: malignant = noise-free
+    /// rule logit > -1.5 (deterministic; see the synth module doc).
+    #[arg(long, default_value = "drawn")]
+    pub label: crate::synth::Labeling,
 }
 
 /// Runs `noduled synth`.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let summary = crate::synth::generate(&args.out, args.n, args.seed, args.crops)?;
+    let summary = crate::synth::generate(&args.out, args.n, args.seed, args.crops, args.label)?;
     println!(
         "{} cases ({} malignant), manifest {}",
         summary.cases,

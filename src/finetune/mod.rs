@@ -6,10 +6,18 @@
 //! reference's augmentations; early stopping on the validation loss; a beta calibrator per
 //! fold fitted on its validation predictions; and a gate against the current model.
 //!
-//! Output: a checkpoint folder [`crate::model::checkpoint`] reads: `config.json` (q/k/v
-//! stored unmerged), `fold_k/model.safetensors`, `fold_k/calibration.json`, and
-//! `provenance.json` (new model id, parent, settings, gate metrics). `full` trains one model
-//! on fold 0's split and writes one fold (folds of a checkpoint share their base).
+//! Input model: anything [`crate::engine::load`] reads (a bundle, a model store's current
+//! bundle, or a checkpoint folder); a bundle's q8_0 weights are dequantised to f32.
+//!
+//! Output: a bundle made by [`crate::convert::convert`] (the code of `noduled convert`) from
+//! a checkpoint folder written to `<work>/checkpoint`: `config.json` (q/k/v stored
+//! unmerged), `fold_k/model.safetensors`, `fold_k/calibration.json`, and `provenance.json`
+//! (new model id, parent, settings, gate metrics). The bundle gets the new model id (a UUID
+//! v5 of the fold weights' SHA-256), version = the parent bundle's + 1 (else 1), the parent
+//! (`<id>@<version>` for a bundle, the folder's model id or path otherwise) in its
+//! provenance, and the settings and gate metrics in its notes; install it with
+//! `noduled bundle install`. `full` trains one model on fold 0's split and writes one fold
+//! (folds of a bundle share their base).
 //!
 //! Submodules: [`data`] manifest reading, [`augment`], [`splits`], [`net`] the trainable
 //! model, [`losses`], [`train`] the loop with checkpoints.
@@ -53,6 +61,9 @@ pub enum FinetuneError {
     /// A tensor operation failed.
     #[error("training computation: {0}")]
     Compute(#[from] candle_core::Error),
+    /// Writing the bundle failed.
+    #[error(transparent)]
+    Convert(#[from] crate::convert::ConvertError),
     /// The new model is worse than the current one by more than the margin.
     #[error("gate: new model AUROC {new:.4} < current {current:.4} - margin {margin}; no installable model written")]
     Gate {
@@ -79,12 +90,15 @@ impl FinetuneError {
 pub struct FinetuneOptions {
     /// The training manifest.
     pub manifest: PathBuf,
-    /// The current model (checkpoint folder); required for `lora` and `probe`.
+    /// The current model (bundle, store or checkpoint folder); required for `lora` and
+    /// `probe`.
     pub model: Option<PathBuf>,
     /// Tower sizes for `full` without a model (a `config.json`).
     pub config: Option<PathBuf>,
-    /// Output checkpoint folder.
+    /// Output bundle (must not exist).
     pub out: PathBuf,
+    /// Precision of the output bundle's vision base.
+    pub precision: crate::convert::Precision,
     /// Work folder for per-epoch checkpoints (resume).
     pub work: PathBuf,
     /// Folds.
@@ -118,11 +132,17 @@ pub struct GateReport {
 
 /// Runs fine-tuning and writes the new model; returns the gate report.
 pub fn run(opts: &FinetuneOptions) -> Result<GateReport, FinetuneError> {
-    let samples = data::load(&opts.manifest)?;
+    if opts.out.exists() {
+        return Err(FinetuneError::Data(format!(
+            "{}: exists already; choose a new bundle directory",
+            opts.out.display()
+        )));
+    }
     let current = match &opts.model {
-        Some(dir) => Some((dir.clone(), crate::model::checkpoint::load(dir)?)),
+        Some(path) => Some(Start::read(path)?),
         None => None,
     };
+    let samples = data::load(&opts.manifest)?;
     let mut cfg: ModelConfig = match (&current, &opts.config) {
         (_, Some(path)) => {
             let text = std::fs::read_to_string(path).map_err(|e| FinetuneError::io(path, e))?;
@@ -132,7 +152,7 @@ pub fn run(opts: &FinetuneOptions) -> Result<GateReport, FinetuneError> {
                 .map_err(|e| FinetuneError::Data(format!("{}: {e}", path.display())))?;
             cfg
         }
-        (Some((_, ck)), None) => ck.config.clone(),
+        (Some(start), None) => start.config.clone(),
         (None, None) => {
             return Err(FinetuneError::Data(
                 "--model (or, with --tuning full, --config) is required".into(),
@@ -144,11 +164,11 @@ pub fn run(opts: &FinetuneOptions) -> Result<GateReport, FinetuneError> {
             "--tuning lora/probe adapts a model: --model is required".into(),
         ));
     }
-    if let (Some((dir, ck)), Some(_)) = (&current, &opts.config) {
-        if ck.config != cfg && opts.tuning != Tuning::Full {
+    if let (Some(start), Some(_)) = (&current, &opts.config) {
+        if !same_sizes(&start.config, &cfg) && opts.tuning != Tuning::Full {
             return Err(FinetuneError::Data(format!(
                 "--config differs from {}'s sizes",
-                dir.display()
+                start.path.display()
             )));
         }
     }
@@ -186,7 +206,7 @@ pub fn run(opts: &FinetuneOptions) -> Result<GateReport, FinetuneError> {
     let mut results = Vec::new();
     let mut epochs_here = 0;
     for (k, (tr, va)) in split.iter().enumerate().take(n_train) {
-        let values = initial_values(&cfg, current.as_ref().map(|c| &c.1), k, opts)?;
+        let values = initial_values(&cfg, current.as_ref(), k, opts)?;
         let net = Net::new(&cfg, &values, opts.tuning)?;
         let r = train::train_fold(
             k,
@@ -218,9 +238,9 @@ pub fn run(opts: &FinetuneOptions) -> Result<GateReport, FinetuneError> {
         Ok((a, p))
     };
     let (new_auroc, new_auprc) = metric(&new_scores)?;
-    let (current_auroc, current_auprc) = match &opts.model {
-        Some(dir) => {
-            let model = crate::model::NoduleModel::load(dir)?;
+    let (current_auroc, current_auprc) = match &current {
+        Some(start) => {
+            let model = start.model()?;
             let refs: Vec<&crate::nodule::Planes01> = held.iter().map(|&i| &planes[i]).collect();
             let out = model.forward(&refs)?;
             let s: Vec<f64> = out
@@ -257,15 +277,163 @@ pub fn run(opts: &FinetuneOptions) -> Result<GateReport, FinetuneError> {
             margin: opts.gate_margin,
         });
     }
-    write_model(opts, &cfg, &results, &split, &samples, &report)?;
+    let ckpt = opts.work.join("checkpoint");
+    if ckpt.exists() {
+        std::fs::remove_dir_all(&ckpt).map_err(|e| FinetuneError::io(&ckpt, e))?;
+    }
+    let (model_id, prov) = write_model(
+        opts,
+        &ckpt,
+        current.as_ref(),
+        &cfg,
+        &results,
+        &split,
+        &samples,
+        &report,
+    )?;
+    let tolerance = match opts.precision {
+        crate::convert::Precision::Q8_0 => 1e-2,
+        _ => 1e-4,
+    };
+    crate::convert::convert(
+        &ckpt,
+        &opts.out,
+        &crate::convert::Options {
+            precision: opts.precision,
+            version: current.as_ref().and_then(|c| c.version).unwrap_or(0) + 1,
+            model_id,
+            keep_f16: Vec::new(),
+            tolerance,
+            notes: prov.to_string(),
+            parent: current.as_ref().map(|c| c.id.clone()),
+        },
+    )?;
+    eprintln!("finetune: wrote bundle {}", opts.out.display());
     Ok(report)
+}
+
+/// Tower sizes equal (the q/k/v layout aside).
+fn same_sizes(a: &ModelConfig, b: &ModelConfig) -> bool {
+    let mut a = a.clone();
+    a.lora_layout = b.lora_layout;
+    &a == b
+}
+
+/// The starting model's tensors, as a bundle or a checkpoint folder holds them.
+enum StartWeights {
+    /// A checkpoint folder.
+    Checkpoint(crate::model::checkpoint::Checkpoint),
+    /// A bundle: shared tensors (vision base dequantised, text base) and per-fold tensors.
+    Bundle {
+        base: BTreeMap<String, Tensor>,
+        folds: Vec<BTreeMap<String, Tensor>>,
+    },
+}
+
+/// The model fine-tuning starts from (and the gate compares with).
+struct Start {
+    /// The path as given, resolved (a store's current bundle).
+    path: PathBuf,
+    config: ModelConfig,
+    weights: StartWeights,
+    /// Identity recorded as the new bundle's parent.
+    id: String,
+    /// The bundle's version.
+    version: Option<u64>,
+}
+
+impl Start {
+    /// Reads what `engine::load` reads: a bundle, a store (its current bundle) or a
+    /// checkpoint folder.
+    fn read(path: &Path) -> Result<Self, FinetuneError> {
+        use crate::bundle::{store::CURRENT, MANIFEST};
+        let current = path.join(CURRENT);
+        let path = if !path.join(MANIFEST).is_file() && current.join(MANIFEST).is_file() {
+            current.canonicalize().unwrap_or(current)
+        } else {
+            path.to_path_buf()
+        };
+        if !path.join(MANIFEST).is_file() {
+            let ck = crate::model::checkpoint::load(&path)?;
+            return Ok(Self {
+                id: read_model_id(&path).unwrap_or_else(|| path.display().to_string()),
+                config: ck.config.clone(),
+                weights: StartWeights::Checkpoint(ck),
+                version: None,
+                path,
+            });
+        }
+        use crate::model::bundle::{BundleInfo, MappedFile};
+        let info = BundleInfo::read(&path)?;
+        let cfg = info.config.clone();
+        let vision = MappedFile::open(&path.join(&info.payload.base))?;
+        let text = MappedFile::open(&path.join(&info.payload.text))?;
+        let q8: std::collections::HashSet<&str> =
+            info.payload.q8_0.iter().map(String::as_str).collect();
+        let specs = crate::model::checkpoint::specs(&cfg);
+        let mut base = BTreeMap::new();
+        for s in specs.iter().filter(|s| s.role != Role::Fold) {
+            let t = if !s.key.starts_with("vision_model.") {
+                text.float(&s.key, &s.shape, candle_core::DType::F32)?
+            } else if q8.contains(s.key.as_str()) {
+                vision.q8_0(&s.key, s.shape[0], s.shape[1])?.dequantize()?
+            } else {
+                vision.float(&s.key, &s.shape, candle_core::DType::F32)?
+            };
+            base.insert(s.key.clone(), t);
+        }
+        let mut folds = Vec::new();
+        for entry in &info.manifest.folds {
+            let f = MappedFile::open(&path.join(&entry.file))?;
+            let mut own = BTreeMap::new();
+            for s in specs.iter().filter(|s| s.role == Role::Fold) {
+                own.insert(
+                    s.key.clone(),
+                    f.float(&s.key, &s.shape, candle_core::DType::F32)?,
+                );
+            }
+            folds.push(own);
+        }
+        Ok(Self {
+            id: format!("{}@{}", info.manifest.model_id, info.manifest.version),
+            version: Some(info.manifest.version),
+            config: cfg,
+            weights: StartWeights::Bundle { base, folds },
+            path,
+        })
+    }
+
+    fn n_folds(&self) -> usize {
+        match &self.weights {
+            StartWeights::Checkpoint(ck) => ck.weights.n_folds(),
+            StartWeights::Bundle { folds, .. } => folds.len(),
+        }
+    }
+
+    /// Fold `k`'s tensor `key` of `role`, when the model has it.
+    fn tensor(&self, k: usize, key: &str, role: Role) -> Option<Tensor> {
+        match (&self.weights, role) {
+            (StartWeights::Checkpoint(ck), Role::Fold) => ck.weights.fold(k, key).ok(),
+            (StartWeights::Checkpoint(ck), _) => ck.weights.base(key).ok(),
+            (StartWeights::Bundle { folds, .. }, Role::Fold) => folds[k].get(key).cloned(),
+            (StartWeights::Bundle { base, .. }, _) => base.get(key).cloned(),
+        }
+    }
+
+    /// The inference model, for the gate.
+    fn model(&self) -> Result<crate::model::NoduleModel, FinetuneError> {
+        Ok(match self.weights {
+            StartWeights::Checkpoint(_) => crate::model::NoduleModel::load(&self.path)?,
+            StartWeights::Bundle { .. } => crate::model::NoduleModel::load_bundle(&self.path)?.0,
+        })
+    }
 }
 
 /// Fold `k`'s starting tensors: the current model's fold `k mod K'` (base W0 + its LoRA and
 /// heads; a missing text classifier drawn fresh), or random for `full`.
 fn initial_values(
     cfg: &ModelConfig,
-    current: Option<&crate::model::checkpoint::Checkpoint>,
+    current: Option<&Start>,
     k: usize,
     opts: &FinetuneOptions,
 ) -> Result<BTreeMap<String, Tensor>, FinetuneError> {
@@ -274,14 +442,10 @@ fn initial_values(
     if opts.tuning == Tuning::Full {
         return Ok(values);
     }
-    let ck = current.expect("checked: lora/probe have a model");
-    let kk = k % ck.weights.n_folds();
+    let start = current.expect("checked: lora/probe have a model");
+    let kk = k % start.n_folds();
     for (key, _, role) in net::all_specs(cfg) {
-        let t = match role {
-            Role::Base | Role::LoraWeight => ck.weights.base(&key).ok(),
-            Role::Fold => ck.weights.fold(kk, &key).ok(),
-        };
-        if let Some(t) = t {
+        if let Some(t) = start.tensor(kk, &key, role) {
             values.insert(key, t);
         } else if !key.starts_with("classifier_text") {
             return Err(FinetuneError::Data(format!(
@@ -292,15 +456,18 @@ fn initial_values(
     Ok(values)
 }
 
+/// Writes the checkpoint folder `out`; returns the new model id and the provenance record.
+#[allow(clippy::too_many_arguments)]
 fn write_model(
     opts: &FinetuneOptions,
+    out: &Path,
+    current: Option<&Start>,
     cfg: &ModelConfig,
     results: &[train::FoldResult],
     split: &[(Vec<usize>, Vec<usize>)],
     samples: &[data::Sample],
     gate: &GateReport,
-) -> Result<(), FinetuneError> {
-    let out = &opts.out;
+) -> Result<(String, serde_json::Value), FinetuneError> {
     std::fs::create_dir_all(out).map_err(|e| FinetuneError::io(out, e))?;
     let mut fold_hashes = Vec::new();
     for (k, r) in results.iter().enumerate() {
@@ -331,10 +498,7 @@ fn write_model(
     });
     std::fs::write(&path, format!("{text:#}\n")).map_err(|e| FinetuneError::io(&path, e))?;
     let model_id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, fold_hashes.join(",").as_bytes());
-    let parent = opts
-        .model
-        .as_ref()
-        .map(|p| read_model_id(p).unwrap_or_else(|| p.display().to_string()));
+    let parent = current.map(|c| c.id.clone());
     let prov = serde_json::json!({
         "model_id": model_id.to_string(),
         "parent": parent,
@@ -343,13 +507,16 @@ fn write_model(
         "folds": opts.folds,
         "epochs": opts.train.epochs,
         "lr": opts.train.lr,
+        "head_lr_mult": opts.train.head_lr_mult,
+        "batch": opts.train.batch,
         "seed": opts.train.seed,
         "augment": opts.train.augment,
         "gate": gate,
         "note": "trained by noduled finetune; not for clinical use unless validated",
     });
     let path = out.join("provenance.json");
-    std::fs::write(&path, format!("{prov:#}\n")).map_err(|e| FinetuneError::io(&path, e))
+    std::fs::write(&path, format!("{prov:#}\n")).map_err(|e| FinetuneError::io(&path, e))?;
+    Ok((model_id.to_string(), prov))
 }
 
 fn read_model_id(dir: &Path) -> Option<String> {

@@ -3,6 +3,9 @@
 //! every trainable tensor; the inference model in [`crate::model`] is not used for training,
 //! so fused inference kernels there never need a backward.
 //!
+//! Every op here has a backward: candle-nn's fused softmax has none and silently cuts the
+//! graph, so [`softmax_last`] is written from elementary ops.
+//!
 //! Tensors are keyed exactly as the checkpoints ([`crate::model::checkpoint::specs`]), plus
 //! `classifier_text.{weight,bias}` (trained, unused at inference). Everything is f32.
 //! Activations: vision `[rows, tokens, width]` with rows = nodules x 9 planes (plane order of
@@ -76,8 +79,21 @@ pub fn is_trainable(key: &str, role: Role, tuning: Tuning) -> bool {
     }
 }
 
-/// Random initial tensors for every key (CLIP-like scales; LoRA A Kaiming-uniform, B zero;
-/// heads Kaiming-normal; LayerNorm 1/0; logit scale ln(1/0.03)).
+/// True for the heads: MIL image projection, classifiers, text projection head, logit scale.
+pub fn is_head(key: &str) -> bool {
+    key == "logit_scale"
+        || key.starts_with("image_projection.")
+        || key.starts_with("semantic_projection.")
+        || key.starts_with("classifier_")
+}
+
+/// Random initial tensors for every key: CLIP's scales in the transformer blocks (q/k/v
+/// std width^-1/2, attention output and MLP output width^-1/2 (2 layers)^-1/2, MLP input
+/// (2 width)^-1/2), so that a fresh tower already mixes its tokens (with 0.02 everywhere a
+/// tiny tower's class token hardly depends on the image and training from scratch stalls);
+/// patch embedding std (3 patch^2)^-1/2 (unit-scale tokens); token embedding 0.02, positional
+/// 0.01; LoRA A Kaiming-uniform, B zero; heads Kaiming-normal; LayerNorm 1/0; logit scale
+/// ln(1/0.03).
 pub fn random_init(cfg: &ModelConfig, rng: &mut SplitMix64) -> Result<BTreeMap<String, Tensor>> {
     let mut out = BTreeMap::new();
     for (key, shape, _) in all_specs(cfg) {
@@ -107,12 +123,40 @@ pub fn random_init(cfg: &ModelConfig, rng: &mut SplitMix64) -> Result<BTreeMap<S
             normal(rng, 1.0 / (shape[0] as f64).sqrt())
         } else if key.ends_with("positional_embedding") {
             normal(rng, 0.01)
+        } else if let Some(std) = block_std(cfg, &key) {
+            normal(rng, std)
+        } else if key == "vision_model.conv1.weight" {
+            normal(rng, 1.0 / ((n / shape[0]) as f64).sqrt())
         } else {
             normal(rng, 0.02)
         };
         out.insert(key, Tensor::from_vec(values, shape, &Device::Cpu)?);
     }
     Ok(out)
+}
+
+/// CLIP's std of a transformer block matmul weight `key`, or None for other keys.
+fn block_std(cfg: &ModelConfig, key: &str) -> Option<f64> {
+    let (width, layers) = if key.starts_with("vision_model.transformer.") {
+        (cfg.vision_width, cfg.vision_layers)
+    } else if key.starts_with("transformer.") {
+        (cfg.text_width, cfg.text_layers)
+    } else {
+        return None;
+    };
+    let w = (width as f64).powf(-0.5);
+    if key.ends_with("_proj.weight")
+        && key.contains(".attn.")
+        && !key.ends_with(".attn.proj.weight")
+    {
+        Some(w)
+    } else if key.ends_with(".attn.proj.weight") || key.ends_with(".mlp.c_proj.weight") {
+        Some(w * (2.0 * layers as f64).powf(-0.5))
+    } else if key.ends_with(".mlp.c_fc.weight") {
+        Some((2.0 * width as f64).powf(-0.5))
+    } else {
+        None
+    }
 }
 
 /// One fold's model: frozen tensors and trainable [`Var`]s under checkpoint keys.
@@ -260,7 +304,7 @@ impl Net {
             Some(m) => scores.broadcast_add(m)?,
             None => scores,
         };
-        let att = candle_nn::ops::softmax_last_dim(&scores)?;
+        let att = softmax_last(&scores)?;
         let y = att
             .matmul(&v)?
             .transpose(1, 2)?
@@ -337,7 +381,7 @@ impl Net {
             &self.linear(&h, "image_projection.attention.0")?.tanh()?,
             "image_projection.attention.2",
         )?;
-        let att = candle_nn::ops::softmax_last_dim(&s.reshape((nodules, N_PLANES))?)?;
+        let att = softmax_last(&s.reshape((nodules, N_PLANES))?)?;
         let h = h.reshape((nodules, N_PLANES, self.cfg.out_dim))?;
         att.unsqueeze(1)?.matmul(&h)?.squeeze(1)
     }
@@ -400,6 +444,39 @@ impl Net {
         self.linear(unit, which)
     }
 
+    /// Data-dependent initialisation for training from random weights: rescales the first
+    /// layer of the image projection (on the slice features of `pixels`) and of the text
+    /// projection head (on the text features of `ids`) so that each unit's pre-activation has
+    /// mean 0 and variance 1 over these inputs. A fresh tower's features are dominated by a
+    /// part common to every input (measured: between-nodule variance ~1% of the squared
+    /// mean of the L2-normalised image embedding), so the classifier and the contrastive loss
+    /// start with near-identical embeddings and learn very slowly; centred, the embeddings
+    /// differ between nodules from the first step. Only variables are changed.
+    pub fn standardise_heads(&self, pixels: &Tensor, ids: Option<&[Vec<u32>]>) -> Result<()> {
+        let feats = self.vision(pixels, &mut Mode::eval())?;
+        self.standardise("image_projection.projector.0", &feats)?;
+        if let Some(ids) = ids {
+            let text = self.text(ids, &mut Mode::eval())?;
+            self.standardise("semantic_projection.projection", &text)?;
+        }
+        Ok(())
+    }
+
+    /// Sets linear layer `prefix` (when trainable) to `(x W^T + b - mean) / std`.
+    fn standardise(&self, prefix: &str, x: &Tensor) -> Result<()> {
+        let (wk, bk) = (format!("{prefix}.weight"), format!("{prefix}.bias"));
+        let (Some(w), Some(b)) = (self.vars.get(&wk), self.vars.get(&bk)) else {
+            return Ok(());
+        };
+        let z = self.linear(&x.detach(), prefix)?.detach();
+        let mean = z.mean(0)?;
+        let std = (z.broadcast_sub(&mean)?.sqr()?.mean(0)? + 1e-6)?.sqrt()?;
+        let new_w = w.as_tensor().detach().broadcast_div(&std.unsqueeze(1)?)?;
+        let new_b = (b.as_tensor().detach() - &mean)?.div(&std)?;
+        w.set(&new_w)?;
+        b.set(&new_b)
+    }
+
     /// exp(clamp(logit_scale, 0, ln 100)).
     pub fn scale(&self) -> Result<Tensor> {
         self.t("logit_scale")?
@@ -409,7 +486,72 @@ impl Net {
     }
 }
 
+/// Softmax over the last axis from differentiable ops. candle-nn's `softmax_last_dim` is a
+/// fused kernel without a backward (it cuts the graph: nothing before it would get a
+/// gradient, so attention queries and keys, their LoRA factors and the MIL attention
+/// would never train).
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
 /// Rows divided by their L2 norm.
 pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
     x.broadcast_div(&(x.sqr()?.sum_keepdim(D::Minus1)? + 1e-12)?.sqrt()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every trainable tensor of a LoRA fold gets a non-zero gradient from the image loss
+    /// through attention (queries, keys, their LoRA factors) and the MIL attention.
+    #[test]
+    fn gradients_reach_attention_lora_and_mil() {
+        let cfg: ModelConfig = serde_json::from_str(
+            r#"{"vision_width": 16, "vision_layers": 1, "vision_heads": 2, "patch": 56,
+            "image": 224, "embed": 8, "text_width": 8, "text_layers": 1, "text_heads": 2,
+            "vocab": 49408, "context": 16, "out_dim": 8, "lora_r": 2, "lora_alpha": 1.0}"#,
+        )
+        .unwrap();
+        let mut rng = SplitMix64::new(3);
+        let mut values = random_init(&cfg, &mut rng).unwrap();
+        // Non-zero B so that A gets a gradient too.
+        for (k, v) in values.iter_mut() {
+            if k.ends_with("w_lora_B") {
+                *v = (v.ones_like().unwrap() * 0.1).unwrap();
+            }
+        }
+        let net = Net::new(&cfg, &values, Tuning::Lora).unwrap();
+        let n = 2 * N_PLANES * 3 * 224 * 224;
+        let pixels: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+        let pixels = Tensor::from_vec(pixels, (2 * N_PLANES, 3, 224, 224), &Device::Cpu).unwrap();
+        let feats = net.vision(&pixels, &mut Mode::eval()).unwrap();
+        let unit = l2_normalize(&net.mil(&feats).unwrap()).unwrap();
+        let loss = net
+            .classify(&unit, "classifier_image")
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        for key in [
+            "vision_model.transformer.resblocks.0.attn.q_proj.w_lora_A",
+            "vision_model.transformer.resblocks.0.attn.k_proj.w_lora_B",
+            "vision_model.transformer.resblocks.0.attn.v_proj.w_lora_B",
+            "image_projection.attention.0.weight",
+        ] {
+            let g = grads.get(net.vars()[key].as_tensor()).expect(key);
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(norm > 0.0, "{key}: zero gradient");
+        }
+    }
 }

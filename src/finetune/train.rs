@@ -33,6 +33,9 @@ pub struct TrainOptions {
     pub batch: usize,
     /// AdamW learning rate.
     pub lr: f64,
+    /// Learning-rate multiplier of the heads ([`super::net::is_head`]): heads on a fresh or
+    /// frozen tower need larger steps than the tower tolerates.
+    pub head_lr_mult: f64,
     /// AdamW decoupled weight decay.
     pub weight_decay: f64,
     /// Epochs without a better validation loss before stopping.
@@ -41,10 +44,17 @@ pub struct TrainOptions {
     pub augment: bool,
     /// Seed of every random draw.
     pub seed: u64,
+    /// Standardise the heads' first layers on training data before the first step
+    /// ([`Net::standardise_heads`]; used when training from random weights).
+    pub standardise_heads: bool,
     /// Stop the process (exit code 3) after this many epochs were checkpointed in this run
     /// (for testing kill and resume); `None` runs to the end.
     pub stop_after: Option<usize>,
 }
+
+/// Training nodules (the first of the fold's training list) used by the data-dependent
+/// initialisation.
+const STANDARDISE_NODULES: usize = 64;
 
 /// A fold's result.
 pub struct FoldResult {
@@ -56,7 +66,8 @@ pub struct FoldResult {
 
 /// AdamW with saved state.
 struct AdamW {
-    lr: f64,
+    /// Learning rate per variable.
+    lr: Vec<f64>,
     wd: f64,
     step: u64,
     m: Vec<Tensor>,
@@ -68,7 +79,7 @@ impl AdamW {
     const B2: f64 = 0.999;
     const EPS: f64 = 1e-8;
 
-    fn new(vars: &[Var], lr: f64, wd: f64) -> candle_core::Result<Self> {
+    fn new(vars: &[Var], lr: Vec<f64>, wd: f64) -> candle_core::Result<Self> {
         let m = vars
             .iter()
             .map(|v| v.zeros_like())
@@ -95,12 +106,16 @@ impl AdamW {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let m = ((&self.m[i] * Self::B1)? + (g * (1.0 - Self::B1))?)?;
-            let v = ((&self.v[i] * Self::B2)? + (g.sqr()? * (1.0 - Self::B2))?)?;
+            // Gradients computed from variables carry their op graph (the whole forward of
+            // the step); detached, the moments do not chain every step's graph together.
+            let g = g.detach();
+            let m = ((&self.m[i] * Self::B1)? + (&g * (1.0 - Self::B1))?)?.detach();
+            let v = ((&self.v[i] * Self::B2)? + (g.sqr()? * (1.0 - Self::B2))?)?.detach();
             let denom = ((&v / c2)?.sqrt()? + Self::EPS)?;
             let upd = ((&m / c1)? / denom)?;
-            let decayed = (var.as_tensor() * (1.0 - self.lr * self.wd))?;
-            var.set(&(decayed - (upd * self.lr)?)?)?;
+            let lr = self.lr[i];
+            let decayed = (var.as_tensor().detach() * (1.0 - lr * self.wd))?;
+            var.set(&(decayed - (upd * lr)?)?)?;
             self.m[i] = m;
             self.v[i] = v;
         }
@@ -261,10 +276,30 @@ pub fn train_fold(
     let val_ids: Option<Vec<Vec<u32>>> =
         ids.map(|ids| val.iter().map(|&i| ids[i].clone()).collect());
 
-    let mut opt = AdamW::new(&vars, opts.lr, opts.weight_decay)?;
+    if opts.standardise_heads {
+        // Data-dependent initialisation (before the first snapshot; a resumed run reads
+        // the variables back from its checkpoint below).
+        let take: Vec<usize> = train.iter().copied().take(STANDARDISE_NODULES).collect();
+        let refs: Vec<&Planes01> = take.iter().map(|&i| &planes[i]).collect();
+        let pixels = clip_pixels(&refs, &Device::Cpu)?;
+        let take_ids: Option<Vec<Vec<u32>>> =
+            ids.map(|ids| take.iter().map(|&i| ids[i].clone()).collect());
+        net.standardise_heads(&pixels, take_ids.as_deref())?;
+    }
+    let lrs: Vec<f64> = keys
+        .iter()
+        .map(|k| {
+            if super::net::is_head(k) {
+                opts.lr * opts.head_lr_mult
+            } else {
+                opts.lr
+            }
+        })
+        .collect();
+    let mut opt = AdamW::new(&vars, lrs, opts.weight_decay)?;
     let mut best: Vec<Tensor> = vars
         .iter()
-        .map(|v| v.as_tensor().copy())
+        .map(|v| v.as_tensor().detach().copy())
         .collect::<candle_core::Result<_>>()?;
     let mut state = State {
         epoch: 0,
@@ -377,7 +412,7 @@ pub fn train_fold(
             state.stale = 0;
             best = vars
                 .iter()
-                .map(|v| v.as_tensor().copy())
+                .map(|v| v.as_tensor().detach().copy())
                 .collect::<candle_core::Result<_>>()?;
         } else {
             state.stale += 1;

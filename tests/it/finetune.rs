@@ -36,9 +36,9 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// LoRA fine-tuning from the fixture model writes a checkpoint folder that loads, scores a
-/// held-out manifest through `eval --manifest --model` (metrics, plots, zero-shot AUROC),
-/// and records its parent and gate metrics.
+/// LoRA fine-tuning from the fixture model writes a bundle that loads, scores a held-out
+/// manifest through `eval --manifest --model` (metrics, plots, zero-shot AUROC), and
+/// records its parent and gate metrics.
 #[test]
 fn finetune_writes_a_model_that_scores() {
     let tmp = tempfile::tempdir().unwrap();
@@ -71,19 +71,27 @@ fn finetune_writes_a_model_that_scores() {
     let gate: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
     assert_eq!(gate["n"].as_u64(), Some(30));
     assert!(gate["current_auroc"].as_f64().is_some() && gate["passed"] == true);
+    // A bundle (new id, version 1, the parent in its provenance) beside the checkpoint
+    // folder it was converted from.
     for f in [
-        "config.json",
-        "provenance.json",
-        "fold_0/model.safetensors",
-        "fold_1/calibration.json",
+        "manifest.json",
+        "base.safetensors",
+        "fold_0.safetensors",
+        "fold_1.safetensors",
     ] {
         assert!(out.join(f).is_file(), "{f}");
     }
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["provenance"]["parent"].as_str(), Some(s(&fixture)));
+    assert_eq!(manifest["version"].as_u64(), Some(1));
+    let work = PathBuf::from(format!("{}.work/checkpoint", out.display()));
     let prov: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("provenance.json")).unwrap())
+        serde_json::from_str(&std::fs::read_to_string(work.join("provenance.json")).unwrap())
             .unwrap();
-    assert_eq!(prov["parent"].as_str(), Some(s(&fixture)));
     assert_eq!(prov["tuning"].as_str(), Some("lora"));
+    assert_eq!(manifest["model_id"], prov["model_id"]);
+    assert_ne!(manifest["model_id"].as_str(), Some("model"));
 
     let (n2, seed2) = (16, 12);
     let held = synth_set(&tmp.path().join("held"), n2, seed2);
@@ -122,9 +130,10 @@ fn finetune_writes_a_model_that_scores() {
     assert!(scores.starts_with("patient_id,nodule_id,label,score,raw,zs_"));
 }
 
-/// The gate refuses a barely trained model (`full`, one epoch from random initialisation)
-/// against a current model that ranks the held-out patients well: exit 2, one line naming
-/// both AUROCs, nothing written to --out.
+/// The gate refuses a model that is worse than required: a barely trained one (`full`, one
+/// epoch at lr 1e-6 from random initialisation) against a margin of -0.3 (the new model
+/// must beat the current one by 0.3 AUROC on the same held-out patients, which chance
+/// cannot do on 40 nodules): exit 2, one line naming both AUROCs, nothing written to --out.
 #[test]
 fn gate_refuses_a_worse_model() {
     let tmp = tempfile::tempdir().unwrap();
@@ -148,6 +157,7 @@ fn gate_refuses_a_worse_model() {
         "--no-augment",
         "--lr",
         "1e-6",
+        "--gate-margin=-0.3",
     ]);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert_eq!(run.status.code(), Some(2), "{stderr}");
@@ -213,7 +223,7 @@ fn kill_and_resume_gives_identical_weights() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(!resumed.join("fold_1/model.safetensors").exists());
+    assert!(!resumed.exists());
     let run = finetune(
         &args(&resumed)
             .iter()
@@ -224,7 +234,7 @@ fn kill_and_resume_gives_identical_weights() {
     assert!(run.status.success(), "{stderr}");
     assert!(stderr.contains("fold 0: resumed after epoch 1"), "{stderr}");
     for k in 0..2 {
-        let f = format!("fold_{k}/model.safetensors");
+        let f = format!("fold_{k}.safetensors");
         let a = std::fs::read(whole.join(&f)).unwrap();
         let b = std::fs::read(resumed.join(&f)).unwrap();
         assert!(a == b, "{f} differs after resume");
@@ -281,3 +291,131 @@ fn training_forward_equals_inference() {
         assert!((p - w).abs() < 1e-4, "fold {k}: {p} vs {w}");
     }
 }
+
+fn synth_rule_set(out: &Path, n: usize, seed: u64) -> PathBuf {
+    let run = Command::new(bin())
+        .args(["synth", "--crops", "--label", "rule", "--out"])
+        .arg(out)
+        .args(["--n", &n.to_string(), "--seed", &seed.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    out.join("manifest.csv")
+}
+
+fn eval_json(manifest: &Path, model: &Path, out: Option<&Path>) -> serde_json::Value {
+    let mut cmd = Command::new(bin());
+    cmd.args(["eval", "--resamples", "200", "--manifest"])
+        .arg(manifest)
+        .arg("--model")
+        .arg(model);
+    if let Some(out) = out {
+        cmd.arg("--out").arg(out);
+    }
+    let run = cmd.output().unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    serde_json::from_slice(&run.stdout).unwrap()
+}
+
+/// The learning test, as a site would run it: the box starts with a model of random
+/// weights (the fixture checkpoints converted to a bundle); `finetune --model START --tuning
+/// full --config models/demo-config.json` on the site's labelled synthetic nodules (rule labels: malignancy is a fixed
+/// function of the semantics, see `synth`) writes a bundle that `bundle install` accepts
+/// and that, scored through the store by `eval`, ranks unseen patients with AUROC >= 0.9
+/// (the start: near chance) and predicts margin and consistency zero-shot with weighted
+/// one-vs-rest AUROC > 0.75.
+#[test]
+#[ignore = "targets not reached yet (docs/finetune.md, Measured); ~10 min on 2 cores"]
+fn finetune_learns_synthetic_malignancy_and_semantics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = synth_rule_set(&tmp.path().join("train"), 160, 31);
+    let held = synth_rule_set(&tmp.path().join("held"), 80, 32);
+    let config = crate::util::root().join("models/demo-config.json");
+
+    // The start: the fixture model (random weights), converted to a bundle.
+    let start = tmp.path().join("start");
+    let run = Command::new(bin())
+        .args(["convert", "--precision", "f32", "--checkpoints"])
+        .arg(reference().join("model"))
+        .arg("--out")
+        .arg(&start)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let start_auroc = eval_json(&held, &start, None)["auroc"]["value"]
+        .as_f64()
+        .unwrap();
+
+    let out = tmp.path().join("tuned");
+    let started = std::time::Instant::now();
+    let run = finetune(&[
+        "--manifest",
+        s(&train),
+        "--model",
+        s(&start),
+        "--config",
+        s(&config),
+        "--tuning",
+        "full",
+        "--out",
+        s(&out),
+        "--folds",
+        "4",
+        "--epochs",
+        FULL_EPOCHS,
+        "--batch",
+        "8",
+        "--lr",
+        "3e-3",
+        "--patience",
+        FULL_EPOCHS,
+        "--no-augment",
+        "--seed",
+        "1",
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    eprintln!("finetune took {:.0} s", started.elapsed().as_secs_f64());
+
+    let store = tmp.path().join("store");
+    let run = Command::new(bin())
+        .args(["bundle", "install"])
+        .arg(&out)
+        .arg("--store")
+        .arg(&store)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+
+    let report = eval_json(&held, &store, None);
+    let auroc = report["auroc"]["value"].as_f64().unwrap();
+    let zs = |k: &str| report["zero_shot"][k]["auroc"].as_f64().unwrap();
+    eprintln!(
+        "held-out AUROC start {start_auroc:.3} -> {auroc:.3}; zero-shot margin {:.3} consistency {:.3}",
+        zs("nodule_margin"),
+        zs("nodule_consistency")
+    );
+    assert!(start_auroc < 0.8, "start AUROC {start_auroc}");
+    assert!(auroc >= 0.9, "held-out AUROC {auroc}\n{stderr}");
+    assert!(zs("nodule_margin") > 0.75, "{}", report["zero_shot"]);
+    assert!(zs("nodule_consistency") > 0.75, "{}", report["zero_shot"]);
+}
+
+/// Epochs of the learning test (8 nodules a step, 120 training nodules).
+const FULL_EPOCHS: &str = "25";

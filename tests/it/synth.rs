@@ -199,3 +199,44 @@ fn synth_refuses_zero_cases_in_one_line() {
         "noduled: synth: --n must be 1..=100000, got 0"
     );
 }
+
+/// `--label rule` writes the noise-free rule (logit > threshold) as `malignant`; the images
+/// and semantic columns are those of `--label drawn` with the same seed.
+#[test]
+fn rule_label_is_the_noise_free_rule_on_the_same_cases() {
+    let dir = tempfile::tempdir().unwrap();
+    let (drawn, rule) = (dir.path().join("drawn"), dir.path().join("rule"));
+    run_synth(&drawn, 40, 8, true);
+    let run = Command::new(bin())
+        .args(["synth", "--crops", "--label", "rule", "--out"])
+        .arg(&rule)
+        .args(["--n", "40", "--seed", "8"])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let (a, b) = (
+        Table::read(&drawn.join("manifest.csv")).unwrap(),
+        Table::read(&rule.join("manifest.csv")).unwrap(),
+    );
+    let col = |t: &Table, name: &str| t.header.iter().position(|h| h == name).unwrap();
+    let (ma, mb) = (col(&a, "malignant"), col(&b, "malignant"));
+    let mut differ = 0;
+    for (i, case) in (0..40).map(|i| (i, synth::draw_case(8, i))) {
+        let want = synth::risk_logit(&case.scene.spec) > synth::RULE_THRESHOLD;
+        assert_eq!(b.get(i, mb) == "1", want, "row {i}");
+        assert_eq!(a.get(i, ma) == "1", case.malignant, "row {i}");
+        differ += (case.malignant != want) as usize;
+        for c in 0..a.header.len() {
+            if c != ma {
+                assert_eq!(a.get(i, c), b.get(i, c), "row {i} column {}", a.header[c]);
+            }
+        }
+    }
+    assert!(differ > 0, "drawn and rule labels never differ on 40 cases");
+    let file = "crops/SYN00007_0.npy";
+    assert!(std::fs::read(drawn.join(file)).unwrap() == std::fs::read(rule.join(file)).unwrap());
+}
