@@ -13,8 +13,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Polls `f` every 50 ms until it returns `Some` or `secs` pass (then panics with `what`).
+/// Polls `f` every 50 ms until it returns `Some` or `secs` (times `util::time_scale()`) pass
+/// (then panics with `what`).
 pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let secs = secs * crate::util::time_scale();
     let t0 = Instant::now();
     loop {
         if let Some(v) = f() {

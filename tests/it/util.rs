@@ -17,9 +17,49 @@ pub fn reference() -> PathBuf {
     root().join("tests/fixtures/reference")
 }
 
-/// The built noduled binary.
+/// The built noduled binary, or, when `NODULED_TEST_RUNNER` is set (e.g.
+/// `qemu-aarch64 -L /usr/aarch64-linux-gnu`, by scripts/test-aarch64), a generated shell
+/// script that execs the binary through that runner: tests of a cross-built binary then spawn
+/// it the same way without binfmt_misc, and the child's pid is still the one to signal.
 pub fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_noduled"))
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_noduled"));
+    match std::env::var("NODULED_TEST_RUNNER") {
+        Ok(runner) if !runner.trim().is_empty() => {
+            static WRAPPER: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+            WRAPPER
+                .get_or_init(|| runner_wrapper(&runner, &exe))
+                .clone()
+        }
+        _ => exe,
+    }
+}
+
+/// Factor for the tests' waiting deadlines: `NODULED_TEST_TIME_SCALE` (a positive integer,
+/// default 1). scripts/test-aarch64 raises it: under qemu-user the binary runs one to two
+/// orders of magnitude slower than on hardware.
+pub fn time_scale() -> u64 {
+    std::env::var("NODULED_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&k: &u64| k > 0)
+        .unwrap_or(1)
+}
+
+/// Writes `exec RUNNER EXE "$@"` as an executable script under the target's tmp dir
+/// (write, then rename: test processes may race).
+fn runner_wrapper(runner: &str, exe: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let path = dir.join("noduled-via-runner");
+    let tmp = dir.join(format!("noduled-via-runner.{}", std::process::id()));
+    let script = format!(
+        "#!/bin/sh\nexec {runner} '{}' \"$@\"\n",
+        exe.display().to_string().replace('\'', "'\\''")
+    );
+    std::fs::write(&tmp, script).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    path
 }
 
 /// Tensor `name` of the fixtures' expected.safetensors (float32) as f32 values.
