@@ -174,14 +174,20 @@ mod tests {
         assert!((var.sqrt() - 0.02).abs() < 2e-4, "std {}", var.sqrt());
     }
 
-    #[test]
-    fn small_random_model_scores_every_fold() {
+    /// ViT-B/32's layout with a 64-wide, 2-block tower and small heads.
+    fn small_config() -> ModelConfig {
         let mut cfg = ModelConfig::vit_b32(2);
         cfg.vision_width = 64;
         cfg.vision_layers = 2;
         cfg.vision_heads = 4;
         cfg.embed = 32;
         cfg.out_dim = 16;
+        cfg
+    }
+
+    #[test]
+    fn small_random_model_scores_every_fold() {
+        let cfg = small_config();
         let m = model(&cfg, 3, 7).unwrap();
         let planes = crate::nodule::Planes01(vec![0.5; 9 * 224 * 224]);
         let out = m.forward(&[&planes]).unwrap();
@@ -207,12 +213,7 @@ mod tests {
     /// base dequantised at placement) run on the CPU, where CI can check it against f32.
     #[test]
     fn f16_placement_stays_close_to_f32() {
-        let mut cfg = ModelConfig::vit_b32(2);
-        cfg.vision_width = 64;
-        cfg.vision_layers = 2;
-        cfg.vision_heads = 4;
-        cfg.embed = 32;
-        cfg.out_dim = 16;
+        let cfg = small_config();
         let half = crate::device::Placement {
             dtype: DType::F16,
             ..crate::device::Placement::cpu()

@@ -11,7 +11,7 @@ use noduled::semantics::{self, Semantics, FEATURES};
 use noduled::table::Table;
 use serde_json::Value;
 
-use crate::util::{bin, root};
+use crate::util::{bin, root, run_ok};
 
 fn expected() -> Value {
     let text = std::fs::read_to_string(root().join("tests/fixtures/eval/expected.json")).unwrap();
@@ -518,18 +518,13 @@ fn zero_shot_prompts_equal_the_reference_fixtures() {
 fn eval_cli_writes_json_and_plots() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("eval");
-    let run = Command::new(bin())
-        .args(["eval", "--scores"])
-        .arg(root().join("tests/fixtures/eval/scores.csv"))
-        .arg("--out")
-        .arg(&out)
-        .args(["--seed", "3", "--resamples", "500"])
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
+    let run = run_ok(
+        Command::new(bin())
+            .args(["eval", "--scores"])
+            .arg(root().join("tests/fixtures/eval/scores.csv"))
+            .arg("--out")
+            .arg(&out)
+            .args(["--seed", "3", "--resamples", "500"]),
     );
     let printed: Value = serde_json::from_slice(&run.stdout).unwrap();
     let written: Value =

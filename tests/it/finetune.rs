@@ -7,19 +7,24 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::util::{bin, reference};
+use crate::util::{bin, reference, run_ok};
 
+/// `noduled synth --crops` of `n` cases into `out` with synth's default (drawn) labels.
 fn synth_set(out: &Path, n: usize, seed: u64) -> PathBuf {
-    let run = Command::new(bin())
-        .args(["synth", "--crops", "--out"])
-        .arg(out)
-        .args(["--n", &n.to_string(), "--seed", &seed.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
+    synth_labelled(out, n, seed, "drawn")
+}
+
+/// The same with the deterministic rule labels.
+fn synth_rule_set(out: &Path, n: usize, seed: u64) -> PathBuf {
+    synth_labelled(out, n, seed, "rule")
+}
+
+fn synth_labelled(out: &Path, n: usize, seed: u64, label: &str) -> PathBuf {
+    run_ok(
+        Command::new(bin())
+            .args(["synth", "--crops", "--label", label, "--out"])
+            .arg(out)
+            .args(["--n", &n.to_string(), "--seed", &seed.to_string()]),
     );
     out.join("manifest.csv")
 }
@@ -96,19 +101,14 @@ fn finetune_writes_a_model_that_scores() {
     let (n2, seed2) = (16, 12);
     let held = synth_set(&tmp.path().join("held"), n2, seed2);
     let eval_out = tmp.path().join("eval");
-    let run = Command::new(bin())
-        .args(["eval", "--resamples", "20", "--manifest"])
-        .arg(&held)
-        .arg("--model")
-        .arg(&out)
-        .arg("--out")
-        .arg(&eval_out)
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
+    let run = run_ok(
+        Command::new(bin())
+            .args(["eval", "--resamples", "20", "--manifest"])
+            .arg(&held)
+            .arg("--model")
+            .arg(&out)
+            .arg("--out")
+            .arg(&eval_out),
     );
     let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
     assert_eq!(report["n"].as_u64(), Some(n2 as u64));
@@ -292,21 +292,6 @@ fn training_forward_equals_inference() {
     }
 }
 
-fn synth_rule_set(out: &Path, n: usize, seed: u64) -> PathBuf {
-    let run = Command::new(bin())
-        .args(["synth", "--crops", "--label", "rule", "--out"])
-        .arg(out)
-        .args(["--n", &n.to_string(), "--seed", &seed.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    out.join("manifest.csv")
-}
-
 fn eval_json(manifest: &Path, model: &Path, out: Option<&Path>) -> serde_json::Value {
     let mut cmd = Command::new(bin());
     cmd.args(["eval", "--resamples", "200", "--manifest"])
@@ -316,12 +301,7 @@ fn eval_json(manifest: &Path, model: &Path, out: Option<&Path>) -> serde_json::V
     if let Some(out) = out {
         cmd.arg("--out").arg(out);
     }
-    let run = cmd.output().unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    let run = run_ok(&mut cmd);
     serde_json::from_slice(&run.stdout).unwrap()
 }
 
@@ -342,17 +322,12 @@ fn finetune_learns_synthetic_malignancy_and_semantics() {
 
     // The start: the fixture model (random weights), converted to a bundle.
     let start = tmp.path().join("start");
-    let run = Command::new(bin())
-        .args(["convert", "--precision", "f32", "--checkpoints"])
-        .arg(reference().join("model"))
-        .arg("--out")
-        .arg(&start)
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
+    run_ok(
+        Command::new(bin())
+            .args(["convert", "--precision", "f32", "--checkpoints"])
+            .arg(reference().join("model"))
+            .arg("--out")
+            .arg(&start),
     );
     let start_auroc = eval_json(&held, &start, None)["auroc"]["value"]
         .as_f64()
@@ -390,17 +365,12 @@ fn finetune_learns_synthetic_malignancy_and_semantics() {
     eprintln!("finetune took {:.0} s", started.elapsed().as_secs_f64());
 
     let store = tmp.path().join("store");
-    let run = Command::new(bin())
-        .args(["bundle", "install"])
-        .arg(&out)
-        .arg("--store")
-        .arg(&store)
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
+    run_ok(
+        Command::new(bin())
+            .args(["bundle", "install"])
+            .arg(&out)
+            .arg("--store")
+            .arg(&store),
     );
 
     let report = eval_json(&held, &store, None);

@@ -11,7 +11,7 @@ use noduled::semantics::{self, Semantics};
 use noduled::synth;
 use noduled::table::Table;
 
-use crate::util::bin;
+use crate::util::{bin, run_ok};
 
 fn run_synth(out: &Path, n: usize, seed: u64, crops: bool) {
     let mut cmd = Command::new(bin());
@@ -24,12 +24,7 @@ fn run_synth(out: &Path, n: usize, seed: u64, crops: bool) {
     if crops {
         cmd.arg("--crops");
     }
-    let run = cmd.output().unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    let run = run_ok(&mut cmd);
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(stdout.starts_with(&format!("{n} cases (")), "{stdout}");
 }
@@ -207,16 +202,11 @@ fn rule_label_is_the_noise_free_rule_on_the_same_cases() {
     let dir = tempfile::tempdir().unwrap();
     let (drawn, rule) = (dir.path().join("drawn"), dir.path().join("rule"));
     run_synth(&drawn, 40, 8, true);
-    let run = Command::new(bin())
-        .args(["synth", "--crops", "--label", "rule", "--out"])
-        .arg(&rule)
-        .args(["--n", "40", "--seed", "8"])
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
+    run_ok(
+        Command::new(bin())
+            .args(["synth", "--crops", "--label", "rule", "--out"])
+            .arg(&rule)
+            .args(["--n", "40", "--seed", "8"]),
     );
     let (a, b) = (
         Table::read(&drawn.join("manifest.csv")).unwrap(),

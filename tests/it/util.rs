@@ -34,6 +34,17 @@ pub fn bin() -> PathBuf {
     }
 }
 
+/// Runs `cmd` to completion and asserts that it succeeded, showing its stderr otherwise.
+pub fn run_ok(cmd: &mut std::process::Command) -> std::process::Output {
+    let run = cmd.output().unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    run
+}
+
 /// Factor for the tests' waiting deadlines: `NODULED_TEST_TIME_SCALE` (a positive integer,
 /// default 1). scripts/test-aarch64 raises it: under qemu-user the binary runs one to two
 /// orders of magnitude slower than on hardware.
