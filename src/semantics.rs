@@ -10,7 +10,9 @@
 //!   `Spiculated/Serrated`, `Complex/Irregular`. Values are matched case-insensitively with
 //!   `-`, `_` and spaces treated alike; empty / `nan` is missing, never absent.
 //! - Reports: [`generate_report`] stands in for the paper's LLM step. Findings list one line
-//!   per known feature (absences included); the impression summarises size, consistency,
+//!   per known feature (absences included), worded as the paper's zero-shot templates are
+//!   ("This nodule consistency is solid.", "There is cavitation.", "No necrosis."), as a
+//!   radiologist's bullet would read; the impression summarises size, consistency,
 //!   shape, margins and present findings, then the suspicion level; missing values are
 //!   skipped. The text then gets the reference's clean-up ([`reference_cleanup`]).
 //! - Zero-shot prompts: [`Feature::prompts`]; training sampler weights of the reference's
@@ -390,13 +392,6 @@ fn join_words(words: &[&str]) -> String {
     }
 }
 
-fn capitalise(s: &str) -> String {
-    let mut c = s.chars();
-    c.next().map_or(String::new(), |f| {
-        f.to_uppercase().collect::<String>() + c.as_str()
-    })
-}
-
 /// Deterministic report for `s` (same input, same text).
 pub fn generate_report(s: &Semantics) -> Report {
     let mut findings = Vec::new();
@@ -425,19 +420,21 @@ pub fn generate_report(s: &Semantics) -> Report {
             margins.push(extra);
         }
     }
-    if !margins.is_empty() {
-        findings.push(format!("Margins: {}.", join_words(&margins)));
+    match margins.as_slice() {
+        [] => {}
+        [one] => findings.push(format!("This nodule margin is {one}.")),
+        more => findings.push(format!("This nodule margins are {}.", join_words(more))),
     }
     for i in [CONSPICUITY, SHAPE, CONSISTENCY] {
         if let Some(w) = s.class_word(i) {
-            findings.push(format!("{}: {w}.", capitalise(FEATURES[i].name)));
+            findings.push(format!("This nodule {} is {w}.", FEATURES[i].name));
         }
     }
     let mut present = Vec::new();
     for (i, f) in FEATURES.iter().enumerate().filter(|(_, f)| f.is_binary()) {
         match s.classes[i] {
             Some(0) => {
-                findings.push(format!("{} is present.", capitalise(f.name)));
+                findings.push(format!("There is {}.", f.name));
                 present.push(f.name);
             }
             Some(_) => findings.push(format!("No {}.", f.name)),
@@ -714,7 +711,10 @@ mod tests {
         assert_eq!(generate_report(&s).impression, "An 11 mm, solid nodule.");
         assert_eq!(
             generate_report(&s).findings,
-            ["Size: mean diameter 11.4 mm.", "Consistency: solid."]
+            [
+                "Size: mean diameter 11.4 mm.",
+                "This nodule consistency is solid."
+            ]
         );
     }
 

@@ -20,6 +20,13 @@
 //!    function of the drawn semantics, so a model that sees them can reach AUROC 1. Both
 //!    use the same random stream, so the images and semantics of a case do not depend on
 //!    the labelling; the suspicion level of the manifest is from the noisy risk in both.
+//!    The rule above is the `screening` population's ([`Population`], `--population`); the
+//!    `subsolid` population stands for a site whose cancers are mostly subsolid (as in
+//!    never-smoker screening cohorts): part-solid +2.5 and ground glass +2.0 instead of +1.0
+//!    and +0.3, spiculated +0.4 and lobulated +0.4 instead of +1.6 and +0.8, the rest equal.
+//!    A population changes only the labels (and suspicion levels), never the images: the
+//!    same (seed, i) gives the same nodule in both, which is what a site-adaptation test
+//!    needs.
 //! 3. The image ([`Scene::hu`]): lung parenchyma at -850 HU, a chest wall (+35 HU) beyond a
 //!    gently curved sagittal surface on the patient's left, 5-8 vessels (tubes of
 //!    0.6-2.5 mm radius, +40 HU), and the nodule: a radial surface with harmonics (lobulation,
@@ -161,18 +168,52 @@ impl std::str::FromStr for Labeling {
 /// Logit threshold of [`Labeling::Rule`]: malignant when [`risk_logit`] > -1.5.
 pub const RULE_THRESHOLD: f64 = -1.5;
 
-/// The documented risk rule's logit (without noise).
+/// Whose risk rule labels the cases (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Population {
+    /// The documented rule ([`risk_logit`]).
+    #[default]
+    Screening,
+    /// Subsolid nodules carry most of the risk.
+    Subsolid,
+}
+
+impl std::str::FromStr for Population {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "screening" => Ok(Self::Screening),
+            "subsolid" => Ok(Self::Subsolid),
+            _ => Err(format!(
+                "--population must be screening or subsolid, got `{s}`"
+            )),
+        }
+    }
+}
+
+impl Population {
+    /// This population's risk logit (without noise).
+    pub fn logit(self, n: &NoduleSpec) -> f64 {
+        let f = |b: bool| if b { 1.0 } else { 0.0 };
+        let (spiculated, lobulated, part_solid, ground_glass) = match self {
+            Self::Screening => (1.6, 0.8, 1.0, 0.3),
+            Self::Subsolid => (0.4, 0.4, 2.5, 2.0),
+        };
+        -4.2 + 0.11 * n.diameter_mm
+            + spiculated * f(n.margin == Margin::Spiculated)
+            + lobulated * f(n.margin == Margin::Lobulated)
+            + part_solid * f(n.consistency == Consistency::PartSolid)
+            + ground_glass * f(n.consistency == Consistency::GroundGlass)
+            + 0.6 * f(n.shape == Shape::Irregular)
+            + 0.8 * f(n.cavitation)
+            + 0.4 * f(n.pleural_attachment)
+            - 2.0 * f(n.calcification)
+    }
+}
+
+/// The documented (screening population's) risk rule logit, without noise.
 pub fn risk_logit(n: &NoduleSpec) -> f64 {
-    let f = |b: bool| if b { 1.0 } else { 0.0 };
-    -4.2 + 0.11 * n.diameter_mm
-        + 1.6 * f(n.margin == Margin::Spiculated)
-        + 0.8 * f(n.margin == Margin::Lobulated)
-        + 1.0 * f(n.consistency == Consistency::PartSolid)
-        + 0.3 * f(n.consistency == Consistency::GroundGlass)
-        + 0.6 * f(n.shape == Shape::Irregular)
-        + 0.8 * f(n.cavitation)
-        + 0.4 * f(n.pleural_attachment)
-        - 2.0 * f(n.calcification)
+    Population::Screening.logit(n)
 }
 
 fn pick<T: Copy>(rng: &mut SplitMix64, options: &[(T, f64)]) -> T {
@@ -592,14 +633,34 @@ pub struct Case {
     pub malignant_rule: bool,
     /// Seed of the image noise.
     pub noise_seed: u64,
+    /// The risk noise and the uniform of the label draw, kept so that any population's
+    /// labels come from the same numbers ([`Case::label`]).
+    label_draw: (f64, f64),
+}
+
+impl Case {
+    /// Risk (drawn labels' probability) of this case in `population`.
+    pub fn risk_in(&self, population: Population) -> f64 {
+        step(population.logit(&self.scene.spec) + self.label_draw.0)
+    }
+
+    /// The case's malignancy label in `population` under `labeling`.
+    pub fn label(&self, population: Population, labeling: Labeling) -> bool {
+        match labeling {
+            Labeling::Drawn => self.label_draw.1 < self.risk_in(population),
+            Labeling::Rule => population.logit(&self.scene.spec) > RULE_THRESHOLD,
+        }
+    }
 }
 
 /// Draws case `index` of the stream `seed`.
 pub fn draw_case(seed: u64, index: usize) -> Case {
     let mut rng = SplitMix64::new(SplitMix64::nth(seed, index as u64));
     let spec = draw_spec(&mut rng);
-    let risk = step(risk_logit(&spec) + 0.5 * rng.normal());
-    let malignant = rng.bernoulli(risk);
+    let noise = 0.5 * rng.normal();
+    let risk = step(risk_logit(&spec) + noise);
+    let u = rng.uniform();
+    let malignant = u < risk;
     let half = [0, 1, 2].map(|a| (VOLUME_DIMS[a] - 1) as f64 * VOLUME_SPACING_MM[a] / 2.0);
     let origin = [
         rng.range(-60.0, 20.0) - half[0],
@@ -618,6 +679,7 @@ pub fn draw_case(seed: u64, index: usize) -> Case {
         malignant,
         malignant_rule,
         noise_seed,
+        label_draw: (noise, u),
     }
 }
 
@@ -816,13 +878,14 @@ pub struct SynthSummary {
 }
 
 /// Generates `n` cases into `out` (volumes or crops, plus manifest.csv), labelled by
-/// `labeling`.
+/// `labeling` in `population`.
 pub fn generate(
     out: &Path,
     n: usize,
     seed: u64,
     crops: bool,
     labeling: Labeling,
+    population: Population,
 ) -> Result<SynthSummary, SynthError> {
     if n == 0 || n > MAX_CASES {
         return Err(SynthError::Invalid(format!(
@@ -855,13 +918,9 @@ pub fn generate(
                 format!("{:.3}", c[0]),
                 format!("{:.3}", c[1]),
                 format!("{:.3}", c[2]),
-                (match labeling {
-                    Labeling::Drawn => case.malignant,
-                    Labeling::Rule => case.malignant_rule,
-                } as u8)
-                    .to_string(),
+                (case.label(population, labeling) as u8).to_string(),
             ];
-            fields.extend(case.scene.semantics(case.risk).csv_fields());
+            fields.extend(case.scene.semantics(case.risk_in(population)).csv_fields());
             Ok(fields.join(","))
         })
         .collect::<Result<_, SynthError>>()?;

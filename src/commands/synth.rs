@@ -23,11 +23,22 @@ pub struct Args {
     /// rule logit > -1.5 (deterministic; see the synth module doc).
     #[arg(long, default_value = "drawn")]
     pub label: crate::synth::Labeling,
+    /// Whose risk rule sets the labels: `screening` (the documented rule) or `subsolid`
+    /// (subsolid nodules carry most of the risk); the images are the same in both.
+    #[arg(long, default_value = "screening")]
+    pub population: crate::synth::Population,
 }
 
 /// Runs `noduled synth`.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let summary = crate::synth::generate(&args.out, args.n, args.seed, args.crops, args.label)?;
+    let summary = crate::synth::generate(
+        &args.out,
+        args.n,
+        args.seed,
+        args.crops,
+        args.label,
+        args.population,
+    )?;
     println!(
         "{} cases ({} malignant), manifest {}",
         summary.cases,

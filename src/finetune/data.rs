@@ -4,8 +4,10 @@
 //! `sample_csv_with_semantic_feats.csv` and/or a free-text `report` column.
 //!
 //! The text of a nodule is its `report` when given, else the impression of the template
-//! report made from its semantic columns ([`crate::semantics::generate_report`]); without
-//! either, training is image-only. Crops are kept as HU in (z, y, x) order.
+//! report made from its semantic columns ([`crate::semantics::generate_report`]), whose
+//! findings lines are kept too: training draws, per step, the impression or one findings
+//! line (the paper's "randomly selected findings/impression"). Without a report or semantic
+//! columns, training is image-only. Crops are kept as HU in (z, y, x) order.
 
 use super::FinetuneError;
 use crate::semantics::{generate_report, Semantics, SEMANTIC_COLUMNS};
@@ -25,8 +27,10 @@ pub struct Sample {
     pub crop: CropHu,
     /// Semantic features, when the manifest has semantic columns.
     pub semantics: Option<Semantics>,
-    /// Report text (see the module doc).
+    /// Report text: the impression (see the module doc).
     pub text: Option<String>,
+    /// Findings lines of the template report (empty with a free-text `report`).
+    pub findings: Vec<String>,
 }
 
 /// Reads every row of `path` and crops its nodule.
@@ -101,9 +105,12 @@ pub fn load(path: &Path) -> Result<Vec<Sample>, FinetuneError> {
         } else {
             None
         };
-        let text = match c_report.map(|c| table.get(row, c).trim().to_string()) {
-            Some(t) if !t.is_empty() => Some(t),
-            _ => semantics.as_ref().map(|s| generate_report(s).impression),
+        let (text, findings) = match c_report.map(|c| table.get(row, c).trim().to_string()) {
+            Some(t) if !t.is_empty() => (Some(t), Vec::new()),
+            _ => match semantics.as_ref().map(generate_report) {
+                Some(report) => (Some(report.impression), report.findings),
+                None => (None, Vec::new()),
+            },
         };
         out.push(Sample {
             pid: table.get(row, c_pid).trim().to_string(),
@@ -112,6 +119,7 @@ pub fn load(path: &Path) -> Result<Vec<Sample>, FinetuneError> {
             crop,
             semantics,
             text,
+            findings,
         });
     }
     if out.is_empty() {

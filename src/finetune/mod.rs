@@ -142,7 +142,7 @@ pub fn run(opts: &FinetuneOptions) -> Result<GateReport, FinetuneError> {
         Some(path) => Some(Start::read(path)?),
         None => None,
     };
-    let samples = data::load(&opts.manifest)?;
+    let mut samples = data::load(&opts.manifest)?;
     let mut cfg: ModelConfig = match (&current, &opts.config) {
         (_, Some(path)) => {
             let text = std::fs::read_to_string(path).map_err(|e| FinetuneError::io(path, e))?;
@@ -173,12 +173,12 @@ pub fn run(opts: &FinetuneOptions) -> Result<GateReport, FinetuneError> {
         }
     }
     cfg.lora_layout = Some(LoraLayout::Unmerged);
-    let ids = train::tokenise(&samples, cfg.context);
+    let texts = train::tokenise(&samples, cfg.context);
     eprintln!(
         "finetune: {} nodules, {} malignant, {}",
         samples.len(),
         samples.iter().filter(|s| s.label).count(),
-        if ids.is_some() {
+        if texts.is_some() {
             "image + text"
         } else {
             "image only (no text or semantic columns)"
@@ -197,6 +197,12 @@ pub fn run(opts: &FinetuneOptions) -> Result<GateReport, FinetuneError> {
         }
     }
     let planes = train::plain_planes(&samples);
+    if !opts.train.augment {
+        // Only the planes are used from here on: free the crops (4 MB each).
+        for s in &mut samples {
+            s.crop.voxels = Vec::new();
+        }
+    }
     let n_train = if opts.tuning == Tuning::Full {
         1
     } else {
@@ -213,7 +219,7 @@ pub fn run(opts: &FinetuneOptions) -> Result<GateReport, FinetuneError> {
             net,
             &samples,
             &planes,
-            ids.as_deref(),
+            texts.as_ref(),
             tr,
             va,
             &opts.train,

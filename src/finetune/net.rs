@@ -554,4 +554,81 @@ mod tests {
             assert!(norm > 0.0, "{key}: zero gradient");
         }
     }
+
+    /// The backward of the whole image path (patch embedding, attention, QuickGELU MLP,
+    /// LayerNorms, MIL, L2 norm, classifier, weighted CE) equals central finite differences
+    /// on sampled entries of every trained tensor: a wrong backward would train slowly or
+    /// not at all without any error.
+    #[test]
+    fn image_loss_gradients_equal_finite_differences() {
+        let cfg: ModelConfig = serde_json::from_str(
+            r#"{"vision_width": 16, "vision_layers": 2, "vision_heads": 2, "patch": 56,
+            "image": 224, "embed": 8, "text_width": 8, "text_layers": 1, "text_heads": 2,
+            "vocab": 49408, "context": 16, "out_dim": 8, "lora_r": 2, "lora_alpha": 1.0}"#,
+        )
+        .unwrap();
+        let mut rng = SplitMix64::new(5);
+        let values = random_init(&cfg, &mut rng).unwrap();
+        let net = Net::new(&cfg, &values, Tuning::Full).unwrap();
+        let n = 2 * N_PLANES * 3 * 224 * 224;
+        let pixels: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+        let pixels = Tensor::from_vec(pixels, (2 * N_PLANES, 3, 224, 224), &Device::Cpu).unwrap();
+        net.standardise_heads(&pixels, None).unwrap();
+        let labels = [true, false];
+        let loss = || {
+            let feats = net.vision(&pixels, &mut Mode::eval()).unwrap();
+            let unit = l2_normalize(&net.mil(&feats).unwrap()).unwrap();
+            let logits = net.classify(&unit, "classifier_image").unwrap();
+            crate::finetune::losses::weighted_ce(&logits, &labels, [0.5, 0.5]).unwrap()
+        };
+        let grads = loss().backward().unwrap();
+        let mut checked = 0;
+        for (key, var) in net.vars() {
+            if key.contains("lora")
+                || !(key.starts_with("vision")
+                    || key.starts_with("image")
+                    || key.starts_with("classifier_image"))
+            {
+                continue;
+            }
+            let g = grads
+                .get(var.as_tensor())
+                .expect(key)
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let orig = var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            // The entry with the largest gradient (a tiny one would be all rounding noise).
+            let (j, &gj) = g
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+                .unwrap();
+            let eps = 2e-3f32 * orig[j].abs().max(0.1);
+            let at = |x: f32| {
+                let mut v = orig.clone();
+                v[j] = x;
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+                loss().to_scalar::<f32>().unwrap() as f64
+            };
+            let fd = (at(orig[j] + eps) - at(orig[j] - eps)) / (2.0 * eps as f64);
+            at(orig[j]);
+            // Relative 10% (the MIL ReLU has kinks within eps), or absolute 2e-3 (f32 rounding
+            // of the loss over 2 eps).
+            let err = (fd - gj as f64).abs();
+            assert!(
+                err < 0.1 * gj.abs() as f64 + 2e-3,
+                "{key}[{j}]: backward {gj} vs finite difference {fd}"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 20, "checked {checked} tensors");
+    }
 }

@@ -134,18 +134,48 @@ struct State {
     stopped: bool,
 }
 
-/// Tokenised texts of the samples (empty when any sample lacks text: image-only training).
-pub fn tokenise(samples: &[Sample], context: usize) -> Option<Vec<Vec<u32>>> {
+/// Token ids of every sample's texts, in sample order.
+pub struct Texts {
+    /// The impression (or free-text report): validation, the gate and the head
+    /// initialisation use it.
+    pub impression: Vec<Vec<u32>>,
+    /// The findings lines (may be empty per sample).
+    pub findings: Vec<Vec<Vec<u32>>>,
+}
+
+/// Probability that a training step uses the impression rather than one findings line.
+pub const IMPRESSION_SHARE: f64 = 0.5;
+
+impl Texts {
+    /// Training text of sample `i`: the impression with probability [`IMPRESSION_SHARE`]
+    /// (always when it has no findings), else a findings line drawn uniformly.
+    fn draw(&self, i: usize, rng: &mut SplitMix64) -> Vec<u32> {
+        let findings = &self.findings[i];
+        if findings.is_empty() || rng.uniform() < IMPRESSION_SHARE {
+            self.impression[i].clone()
+        } else {
+            let j = ((rng.uniform() * findings.len() as f64) as usize).min(findings.len() - 1);
+            findings[j].clone()
+        }
+    }
+}
+
+/// Tokenised texts of the samples (None when any sample lacks text: image-only training).
+pub fn tokenise(samples: &[Sample], context: usize) -> Option<Texts> {
     if samples.iter().any(|s| s.text.is_none()) {
         return None;
     }
     let tok = PromptTokenizer::new(context);
-    Some(
-        samples
+    Some(Texts {
+        impression: samples
             .iter()
             .map(|s| tok.encode(s.text.as_deref().unwrap_or("")))
             .collect(),
-    )
+        findings: samples
+            .iter()
+            .map(|s| s.findings.iter().map(|f| tok.encode(f)).collect())
+            .collect(),
+    })
 }
 
 /// Planes without augmentation for every sample (validation and scoring).
@@ -247,7 +277,7 @@ pub fn train_fold(
     net: Net,
     samples: &[Sample],
     planes: &[Planes01],
-    ids: Option<&[Vec<u32>]>,
+    texts: Option<&Texts>,
     train: &[usize],
     val: &[usize],
     opts: &TrainOptions,
@@ -273,6 +303,7 @@ pub fn train_fold(
     };
     let val_planes: Vec<Planes01> = val.iter().map(|&i| planes[i].clone()).collect();
     let val_labels: Vec<bool> = val.iter().map(|&i| samples[i].label).collect();
+    let ids = texts.map(|t| t.impression.as_slice());
     let val_ids: Option<Vec<Vec<u32>>> =
         ids.map(|ids| val.iter().map(|&i| ids[i].clone()).collect());
 
@@ -362,7 +393,7 @@ pub fn train_fold(
             let refs: Vec<&Planes01> = batch_planes.iter().collect();
             let labels: Vec<bool> = picks.iter().map(|&i| samples[i].label).collect();
             let batch_ids: Option<Vec<Vec<u32>>> =
-                ids.map(|ids| picks.iter().map(|&i| ids[i].clone()).collect());
+                texts.map(|t| picks.iter().map(|&i| t.draw(i, &mut rng)).collect());
             let mut mode = Mode {
                 rng: Some(&mut rng),
             };

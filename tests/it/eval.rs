@@ -454,7 +454,7 @@ fn manifest_semantics_and_reports() {
     assert!(report.findings.contains(&"No necrosis.".to_string()));
     assert!(report
         .findings
-        .contains(&"Cavitation is present.".to_string()));
+        .contains(&"There is cavitation.".to_string()));
     assert_eq!(report, semantics::generate_report(&first), "deterministic");
     let text = report.text();
     assert!(
