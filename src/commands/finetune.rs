@@ -57,6 +57,10 @@ pub struct Args {
     /// Skip the training augmentations.
     #[arg(long)]
     pub no_augment: bool,
+    /// Draw training nodules uniformly instead of with the reference's semantic sampler
+    /// (which favours rare semantic classes; without semantic columns it is uniform anyway).
+    #[arg(long)]
+    pub uniform_sampler: bool,
     /// Seed of every random draw.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -102,6 +106,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             weight_decay: args.weight_decay,
             patience: args.patience.max(1),
             augment: !args.no_augment,
+            semantic_sampler: !args.uniform_sampler,
             seed: args.seed,
             stop_after: args.stop_after,
             standardise_heads: args.tuning == Tuning::Full,

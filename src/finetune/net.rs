@@ -45,6 +45,15 @@ impl std::str::FromStr for Tuning {
     }
 }
 
+/// Gain of the patch embedding's initial std over (3 patch^2)^-1/2. `ln_pre` normalises every
+/// token: with unit-scale content a uniform patch of any density maps to one direction
+/// (lung at -850 HU and ground glass at -620 HU become the same token), so density is lost
+/// before the first block. At 0.1 the content is small beside the positional embedding and
+/// passes `ln_pre` nearly linearly. Measured (1,000 synthetic crops, image only, lr 2e-4,
+/// heads x20): validation AUROC 0.756 after 2 epochs and 0.775 after 4, against 0.725 and
+/// 0.725 at gain 1 and 0.727 after 2 at gain 0.03.
+pub const PATCH_EMBED_GAIN: f64 = 0.1;
+
 /// Upper clamp of the log logit scale (scale <= 100).
 pub const LOGIT_SCALE_MAX: f64 = 4.6052;
 /// Dropout on the LoRA input branch.
@@ -91,8 +100,10 @@ pub fn is_head(key: &str) -> bool {
 /// std width^-1/2, attention output and MLP output width^-1/2 (2 layers)^-1/2, MLP input
 /// (2 width)^-1/2), so that a fresh tower already mixes its tokens (with 0.02 everywhere a
 /// tiny tower's class token hardly depends on the image and training from scratch stalls);
-/// patch embedding std (3 patch^2)^-1/2 (unit-scale tokens); token embedding 0.02, positional
-/// 0.01; LoRA A Kaiming-uniform, B zero; heads Kaiming-normal; LayerNorm 1/0; logit scale
+/// patch embedding std [`PATCH_EMBED_GAIN`] (3 patch^2)^-1/2; token embedding 0.02; positional
+/// embedding width^-1/2 in the vision tower (CLIP's; at 0.01 the tokens hardly know where
+/// they are, attention stays uniform and the class token learns little beyond the mean
+/// intensity) and 0.01 in the text tower; LoRA A Kaiming-uniform, B zero; heads Kaiming-normal; LayerNorm 1/0; logit scale
 /// ln(1/0.03).
 pub fn random_init(cfg: &ModelConfig, rng: &mut SplitMix64) -> Result<BTreeMap<String, Tensor>> {
     let mut out = BTreeMap::new();
@@ -121,12 +132,14 @@ pub fn random_init(cfg: &ModelConfig, rng: &mut SplitMix64) -> Result<BTreeMap<S
             || key == "text_projection"
         {
             normal(rng, 1.0 / (shape[0] as f64).sqrt())
+        } else if key == "vision_model.positional_embedding" {
+            normal(rng, 1.0 / (cfg.vision_width as f64).sqrt())
         } else if key.ends_with("positional_embedding") {
             normal(rng, 0.01)
         } else if let Some(std) = block_std(cfg, &key) {
             normal(rng, std)
         } else if key == "vision_model.conv1.weight" {
-            normal(rng, 1.0 / ((n / shape[0]) as f64).sqrt())
+            normal(rng, PATCH_EMBED_GAIN / ((n / shape[0]) as f64).sqrt())
         } else {
             normal(rng, 0.02)
         };
@@ -610,7 +623,7 @@ mod tests {
                 .enumerate()
                 .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
                 .unwrap();
-            let eps = 2e-3f32 * orig[j].abs().max(0.1);
+            let eps = 1e-4f32 * orig[j].abs().max(1.0);
             let at = |x: f32| {
                 let mut v = orig.clone();
                 v[j] = x;

@@ -42,6 +42,9 @@ pub struct TrainOptions {
     pub patience: usize,
     /// Apply the training augmentations.
     pub augment: bool,
+    /// Draw training nodules with the reference's semantic sampler (when the manifest has
+    /// semantic columns); uniformly otherwise.
+    pub semantic_sampler: bool,
     /// Seed of every random draw.
     pub seed: u64,
     /// Standardise the heads' first layers on training data before the first step
@@ -293,13 +296,13 @@ pub fn train_fold(
         .unzip();
     let train_labels: Vec<bool> = train.iter().map(|&i| samples[i].label).collect();
     let weights = class_weights(&train_labels);
-    let sampler: Vec<f64> = match train
+    let semantics = train
         .iter()
         .map(|&i| samples[i].semantics.clone())
-        .collect::<Option<Vec<_>>>()
-    {
-        Some(sem) => crate::semantics::semantic_sampling_weights(&sem),
-        None => vec![1.0; train.len()],
+        .collect::<Option<Vec<_>>>();
+    let sampler: Vec<f64> = match semantics {
+        Some(sem) if opts.semantic_sampler => crate::semantics::semantic_sampling_weights(&sem),
+        _ => vec![1.0; train.len()],
     };
     let val_planes: Vec<Planes01> = val.iter().map(|&i| planes[i].clone()).collect();
     let val_labels: Vec<bool> = val.iter().map(|&i| samples[i].label).collect();

@@ -411,9 +411,9 @@ impl Drop for Daemon {
     }
 }
 
-/// The demo model (fixture checkpoint, random weights).
+/// The fixture checkpoint folder (random weights, five folds): the daemon tests' model.
 pub fn model() -> PathBuf {
-    crate::util::root().join("models/demo")
+    crate::util::reference().join("model")
 }
 
 /// Writes the planes of fixture nodule `name` (lung1, lung2, synthetic0) as a planes file
