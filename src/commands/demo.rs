@@ -117,7 +117,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let inbox = state.join("inbox");
 
     eprintln!(
-        "noduled demo: model {} (random weights: scores are not clinical)",
+        "noduled demo: model {} (default: a tiny model trained on synthetic nodules only; scores are not clinical)",
         model.display()
     );
     eprintln!("noduled demo: state in {}", state.display());
@@ -190,7 +190,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .flatten()
     {
         eprintln!(
-            "noduled demo: nodule {}: calibrated malignancy score {:.3} (random weights)",
+            "noduled demo: nodule {}: calibrated malignancy score {:.3} (not for clinical use)",
             n.get("nodule_id").and_then(|v| v.as_str()).unwrap_or("?"),
             n.pointer("/score/calibrated")
                 .and_then(|v| v.as_f64())
