@@ -520,14 +520,19 @@ mod tests {
 
     /// Every trainable tensor of a LoRA fold gets a non-zero gradient from the image loss
     /// through attention (queries, keys, their LoRA factors) and the MIL attention.
+    /// A tiny model config with `layers` vision blocks.
+    fn tiny_config(layers: usize) -> ModelConfig {
+        serde_json::from_str(&format!(
+            r#"{{"vision_width": 16, "vision_layers": {layers}, "vision_heads": 2, "patch": 56,
+            "image": 224, "embed": 8, "text_width": 8, "text_layers": 1, "text_heads": 2,
+            "vocab": 49408, "context": 16, "out_dim": 8, "lora_r": 2, "lora_alpha": 1.0}}"#
+        ))
+        .unwrap()
+    }
+
     #[test]
     fn gradients_reach_attention_lora_and_mil() {
-        let cfg: ModelConfig = serde_json::from_str(
-            r#"{"vision_width": 16, "vision_layers": 1, "vision_heads": 2, "patch": 56,
-            "image": 224, "embed": 8, "text_width": 8, "text_layers": 1, "text_heads": 2,
-            "vocab": 49408, "context": 16, "out_dim": 8, "lora_r": 2, "lora_alpha": 1.0}"#,
-        )
-        .unwrap();
+        let cfg = tiny_config(1);
         let mut rng = SplitMix64::new(3);
         let mut values = random_init(&cfg, &mut rng).unwrap();
         // Non-zero B so that A gets a gradient too.
@@ -574,12 +579,7 @@ mod tests {
     /// not at all without any error.
     #[test]
     fn image_loss_gradients_equal_finite_differences() {
-        let cfg: ModelConfig = serde_json::from_str(
-            r#"{"vision_width": 16, "vision_layers": 2, "vision_heads": 2, "patch": 56,
-            "image": 224, "embed": 8, "text_width": 8, "text_layers": 1, "text_heads": 2,
-            "vocab": 49408, "context": 16, "out_dim": 8, "lora_r": 2, "lora_alpha": 1.0}"#,
-        )
-        .unwrap();
+        let cfg = tiny_config(2);
         let mut rng = SplitMix64::new(5);
         let values = random_init(&cfg, &mut rng).unwrap();
         let net = Net::new(&cfg, &values, Tuning::Full).unwrap();

@@ -230,3 +230,63 @@ fn rule_label_is_the_noise_free_rule_on_the_same_cases() {
     let file = "crops/SYN00007_0.npy";
     assert!(std::fs::read(drawn.join(file)).unwrap() == std::fs::read(rule.join(file)).unwrap());
 }
+
+/// `--population subsolid` labels the same cases (same crops, same semantic columns but the
+/// suspicion level) by the subsolid rule, and the labels differ from the screening ones.
+#[test]
+fn subsolid_population_relabels_the_same_cases() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |population: &str| {
+        let out = dir.path().join(population);
+        run_ok(
+            Command::new(bin())
+                .args([
+                    "synth",
+                    "--crops",
+                    "--label",
+                    "rule",
+                    "--population",
+                    population,
+                ])
+                .arg("--out")
+                .arg(&out)
+                .args(["--n", "60", "--seed", "9"]),
+        );
+        (Table::read(&out.join("manifest.csv")).unwrap(), out)
+    };
+    let ((a, a_dir), (b, b_dir)) = (run("screening"), run("subsolid"));
+    let col = |t: &Table, name: &str| t.header.iter().position(|h| h == name).unwrap();
+    let (m, level) = (
+        col(&a, "malignant"),
+        col(&a, "level_of_suspicion_of_lung_cancer"),
+    );
+    let mut differ = 0;
+    for i in 0..60 {
+        let case = synth::draw_case(9, i);
+        let screening =
+            synth::Population::Screening.logit(&case.scene.spec) > synth::RULE_THRESHOLD;
+        let subsolid = synth::Population::Subsolid.logit(&case.scene.spec) > synth::RULE_THRESHOLD;
+        assert_eq!(a.get(i, m) == "1", screening, "row {i}");
+        assert_eq!(b.get(i, m) == "1", subsolid, "row {i}");
+        assert_eq!(
+            case.label(synth::Population::Subsolid, synth::Labeling::Rule),
+            subsolid
+        );
+        differ += (screening != subsolid) as usize;
+        for c in (0..a.header.len()).filter(|&c| c != m && c != level) {
+            assert_eq!(a.get(i, c), b.get(i, c), "row {i} column {}", a.header[c]);
+        }
+    }
+    assert!(differ > 0, "the populations never disagree on 60 cases");
+    let file = "crops/SYN00003_0.npy";
+    assert!(std::fs::read(a_dir.join(file)).unwrap() == std::fs::read(b_dir.join(file)).unwrap());
+    let bad = Command::new(bin())
+        .args(["synth", "--population", "rural", "--out"])
+        .arg(dir.path().join("bad"))
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("--population must be screening or subsolid")
+    );
+}
