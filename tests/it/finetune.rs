@@ -7,34 +7,16 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::util::{bin, reference, run_ok};
+use crate::util::{bin, reference, run_ok, synth_crops};
 
 /// `noduled synth --crops` of `n` cases into `out` with synth's default (drawn) labels.
 fn synth_set(out: &Path, n: usize, seed: u64) -> PathBuf {
-    synth_labelled(out, n, seed, "drawn", "screening")
+    synth_crops(out, n, seed, "drawn", "screening")
 }
 
 /// The same with the deterministic rule labels.
 fn synth_rule_set(out: &Path, n: usize, seed: u64) -> PathBuf {
-    synth_labelled(out, n, seed, "rule", "screening")
-}
-
-fn synth_labelled(out: &Path, n: usize, seed: u64, label: &str, population: &str) -> PathBuf {
-    run_ok(
-        Command::new(bin())
-            .args([
-                "synth",
-                "--crops",
-                "--label",
-                label,
-                "--population",
-                population,
-            ])
-            .arg("--out")
-            .arg(out)
-            .args(["--n", &n.to_string(), "--seed", &seed.to_string()]),
-    );
-    out.join("manifest.csv")
+    synth_crops(out, n, seed, "rule", "screening")
 }
 
 fn finetune(args: &[&str]) -> std::process::Output {
@@ -330,8 +312,8 @@ fn eval_json(manifest: &Path, model: &Path, out: Option<&Path>) -> serde_json::V
 #[ignore = "targets not reached yet (docs/finetune.md, Measured); ~3 min on 2 cores"]
 fn finetune_learns_synthetic_malignancy_and_semantics() {
     let tmp = tempfile::tempdir().unwrap();
-    let train = synth_labelled(&tmp.path().join("train"), 480, 31, "rule", "subsolid");
-    let held = synth_labelled(&tmp.path().join("held"), 120, 32, "rule", "subsolid");
+    let train = synth_crops(&tmp.path().join("train"), 480, 31, "rule", "subsolid");
+    let held = synth_crops(&tmp.path().join("held"), 120, 32, "rule", "subsolid");
     let start = crate::util::root().join("models/demo");
     let start_auroc = eval_json(&held, &start, None)["auroc"]["value"]
         .as_f64()

@@ -238,21 +238,8 @@ fn subsolid_population_relabels_the_same_cases() {
     let dir = tempfile::tempdir().unwrap();
     let run = |population: &str| {
         let out = dir.path().join(population);
-        run_ok(
-            Command::new(bin())
-                .args([
-                    "synth",
-                    "--crops",
-                    "--label",
-                    "rule",
-                    "--population",
-                    population,
-                ])
-                .arg("--out")
-                .arg(&out)
-                .args(["--n", "60", "--seed", "9"]),
-        );
-        (Table::read(&out.join("manifest.csv")).unwrap(), out)
+        let manifest = crate::util::synth_crops(&out, 60, 9, "rule", population);
+        (Table::read(&manifest).unwrap(), out)
     };
     let ((a, a_dir), (b, b_dir)) = (run("screening"), run("subsolid"));
     let col = |t: &Table, name: &str| t.header.iter().position(|h| h == name).unwrap();

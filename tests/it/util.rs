@@ -45,6 +45,26 @@ pub fn run_ok(cmd: &mut std::process::Command) -> std::process::Output {
     run
 }
 
+/// `noduled synth --crops --label LABEL --population POPULATION` of `n` cases into `out`;
+/// returns the manifest's path.
+pub fn synth_crops(out: &Path, n: usize, seed: u64, label: &str, population: &str) -> PathBuf {
+    run_ok(
+        std::process::Command::new(bin())
+            .args([
+                "synth",
+                "--crops",
+                "--label",
+                label,
+                "--population",
+                population,
+            ])
+            .arg("--out")
+            .arg(out)
+            .args(["--n", &n.to_string(), "--seed", &seed.to_string()]),
+    );
+    out.join("manifest.csv")
+}
+
 /// Factor for the tests' waiting deadlines: `NODULED_TEST_TIME_SCALE` (a positive integer,
 /// default 1). scripts/test-aarch64 raises it: under qemu-user the binary runs one to two
 /// orders of magnitude slower than on hardware.
