@@ -625,12 +625,12 @@ pub struct Case {
     pub origin: [f64; 3],
     /// The scene.
     pub scene: Scene,
-    /// Risk-rule probability (before the label draw).
+    /// Risk-rule probability (before the label draw) in the screening population;
+    /// [`Case::risk_in`] for any population.
     pub risk: f64,
-    /// Drawn malignancy label.
+    /// Drawn malignancy label in the screening population; [`Case::label`] for any
+    /// population and labelling.
     pub malignant: bool,
-    /// Rule label: [`risk_logit`] > [`RULE_THRESHOLD`].
-    pub malignant_rule: bool,
     /// Seed of the image noise.
     pub noise_seed: u64,
     /// The risk noise and the uniform of the label draw, kept so that any population's
@@ -670,14 +670,12 @@ pub fn draw_case(seed: u64, index: usize) -> Case {
     let origin = origin.map(round1);
     let scene = Scene::new(spec, origin, &mut rng);
     let noise_seed = rng.next_u64();
-    let malignant_rule = risk_logit(&scene.spec) > RULE_THRESHOLD;
     Case {
         pid: format!("SYN{:05}", index + 1),
         origin,
         scene,
         risk,
         malignant,
-        malignant_rule,
         noise_seed,
         label_draw: (noise, u),
     }

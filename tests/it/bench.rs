@@ -1,7 +1,7 @@
 //! `noduled bench` through the binary: the fixture model, read from the fixture CT, and
 //! the refusals.
 
-use crate::util::{bin, reference};
+use crate::util::{bin, reference, run_ok};
 use std::process::Command;
 
 fn coord() -> String {
@@ -21,27 +21,22 @@ fn coord() -> String {
 
 #[test]
 fn bench_times_every_stage_of_the_fixture_model_from_the_ct() {
-    let out = Command::new(bin())
-        .args(["bench", "--model"])
-        .arg(reference().join("model"))
-        .args([
-            "--nodules",
-            "3",
-            "--warmup",
-            "1",
-            "--threads",
-            "2",
-            "--json",
-            "--ct",
-        ])
-        .arg(reference().join("ct/lung1.nii.gz"))
-        .arg(coord())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        Command::new(bin())
+            .args(["bench", "--model"])
+            .arg(reference().join("model"))
+            .args([
+                "--nodules",
+                "3",
+                "--warmup",
+                "1",
+                "--threads",
+                "2",
+                "--json",
+                "--ct",
+            ])
+            .arg(reference().join("ct/lung1.nii.gz"))
+            .arg(coord()),
     );
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(j["folds"], 5);

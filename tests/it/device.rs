@@ -2,7 +2,7 @@
 //! the CUDA build's fallback is checked by scripts/test-cuda-fallback, the GPU itself by
 //! scripts/device-check).
 
-use crate::util::{bin, reference, Reference};
+use crate::util::{bin, reference, run_ok, Reference};
 use std::process::{Command, Output};
 
 fn score(planes: &std::path::Path, extra: &[&str]) -> Output {
@@ -94,28 +94,23 @@ fn f16_on_the_cpu_and_unknown_devices_are_refused() {
 
 #[test]
 fn bench_reports_backend_startup_and_batches() {
-    let out = Command::new(bin())
-        .args(["bench", "--model"])
-        .arg(reference().join("model"))
-        .args([
-            "--device",
-            "cpu",
-            "--nodules",
-            "2",
-            "--batch",
-            "3",
-            "--warmup",
-            "1",
-            "--threads",
-            "2",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        Command::new(bin())
+            .args(["bench", "--model"])
+            .arg(reference().join("model"))
+            .args([
+                "--device",
+                "cpu",
+                "--nodules",
+                "2",
+                "--batch",
+                "3",
+                "--warmup",
+                "1",
+                "--threads",
+                "2",
+                "--json",
+            ]),
     );
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(j["backend"].as_str().unwrap().starts_with("cpu"), "{j}");

@@ -6,7 +6,7 @@
 //! Regenerate: `cargo test --release --test it -- volume::regenerate_corpus --ignored`.
 
 use crate::preprocess::write_npy;
-use crate::util::{bin, root};
+use crate::util::{bin, root, run_ok};
 use noduled::volume;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -730,22 +730,17 @@ fn dicom_series_uid_picks_one_of_several() {
     assert_eq!(v.dims, [8, 8, 2]);
     let tmp = tempfile::tempdir().unwrap();
     let png = tmp.path().join("two.png");
-    let out = std::process::Command::new(bin())
-        .args(["planes", "--volume"])
-        .arg(&dir)
-        .args([
-            "--series-uid",
-            "1.2.826.0.1.3680043.10.1.1",
-            "--coord=0,0,1",
-            "--png",
-        ])
-        .arg(&png)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        std::process::Command::new(bin())
+            .args(["planes", "--volume"])
+            .arg(&dir)
+            .args([
+                "--series-uid",
+                "1.2.826.0.1.3680043.10.1.1",
+                "--coord=0,0,1",
+                "--png",
+            ])
+            .arg(&png),
     );
     assert!(png.exists());
 }
@@ -802,17 +797,12 @@ fn planes_png_is_a_three_by_three_grid() {
         &crate::preprocess::expected("synthetic0.crop_hu"),
     );
     let png = dir.path().join("syn.png");
-    let out = std::process::Command::new(bin())
-        .args(["planes", "--crop"])
-        .arg(&npy)
-        .arg("--png")
-        .arg(&png)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        std::process::Command::new(bin())
+            .args(["planes", "--crop"])
+            .arg(&npy)
+            .arg("--png")
+            .arg(&png),
     );
     let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
     let reader = decoder.read_info().unwrap();
