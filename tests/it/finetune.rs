@@ -300,19 +300,26 @@ fn eval_json(manifest: &Path, model: &Path, out: Option<&Path>) -> serde_json::V
     serde_json::from_slice(&run.stdout).unwrap()
 }
 
-/// The issue's learning test, as a site would run it: the box's current model is
+/// What the site-adaptation scenario measured: held-out AUROC of the starting model and of
+/// the tuned one (scored through the store), and the tuned model's zero-shot AUROCs.
+struct SiteAdaptation {
+    start_auroc: f64,
+    auroc: f64,
+    margin: f64,
+    consistency: f64,
+    report: serde_json::Value,
+    stderr: String,
+}
+
+/// The issue's learning scenario, as a site would run it: the box's current model is
 /// models/demo (trained on the screening population's synthetic nodules); the site's
 /// patients are the `subsolid` population (the same kind of images, but subsolid nodules
 /// carry most cancers). `finetune --tuning lora` (the paper's recipe: LoRA on q/k/v of both
-/// towers, heads trained) on 480 labelled site nodules writes a bundle that `bundle install`
-/// accepts and that, scored through the store by `eval`, ranks 120 unseen site patients
-/// with AUROC >= 0.9, up from the current model's, and predicts margin and consistency
-/// zero-shot with weighted one-vs-rest AUROC > 0.75.
-#[test]
-#[ignore = "targets not reached yet (docs/finetune.md, Measured); ~3 min on 2 cores"]
-fn finetune_learns_synthetic_malignancy_and_semantics() {
+/// towers, heads trained) on `n_train` labelled site nodules writes a bundle that
+/// `bundle install` accepts; `eval` scores it through the store on 120 unseen site patients.
+fn site_adaptation(n_train: usize) -> SiteAdaptation {
     let tmp = tempfile::tempdir().unwrap();
-    let train = synth_crops(&tmp.path().join("train"), 480, 31, "rule", "subsolid");
+    let train = synth_crops(&tmp.path().join("train"), n_train, 31, "rule", "subsolid");
     let held = synth_crops(&tmp.path().join("held"), 120, 32, "rule", "subsolid");
     let start = crate::util::root().join("models/demo");
     let start_auroc = eval_json(&held, &start, None)["auroc"]["value"]
@@ -346,7 +353,7 @@ fn finetune_learns_synthetic_malignancy_and_semantics() {
         "--seed",
         "1",
     ]);
-    let stderr = String::from_utf8_lossy(&run.stderr);
+    let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
     assert!(run.status.success(), "{stderr}");
     eprintln!("finetune took {:.0} s", started.elapsed().as_secs_f64());
 
@@ -362,16 +369,55 @@ fn finetune_learns_synthetic_malignancy_and_semantics() {
     let report = eval_json(&held, &store, None);
     let auroc = report["auroc"]["value"].as_f64().unwrap();
     let zs = |k: &str| report["zero_shot"][k]["auroc"].as_f64().unwrap();
+    let (margin, consistency) = (zs("nodule_margin"), zs("nodule_consistency"));
     eprintln!(
-        "held-out AUROC start {start_auroc:.3} -> {auroc:.3}; zero-shot margin {:.3} consistency {:.3}",
-        zs("nodule_margin"),
-        zs("nodule_consistency")
+        "{n_train} site nodules: held-out AUROC start {start_auroc:.3} -> {auroc:.3}; \
+         zero-shot margin {margin:.3} consistency {consistency:.3}"
     );
-    assert!(auroc > start_auroc, "start {start_auroc}, tuned {auroc}");
-    assert!(auroc >= 0.9, "held-out AUROC {auroc}\n{stderr}");
-    assert!(zs("nodule_margin") > 0.75, "{}", report["zero_shot"]);
-    assert!(zs("nodule_consistency") > 0.75, "{}", report["zero_shot"]);
+    SiteAdaptation {
+        start_auroc,
+        auroc,
+        margin,
+        consistency,
+        report,
+        stderr,
+    }
 }
 
-/// Epochs of the learning test (16 nodules a step, 320 training nodules per fold).
+/// The issue's targets: with 480 site nodules the tuned model ranks unseen site patients
+/// with AUROC >= 0.9, up from the current model's, and predicts margin and consistency
+/// zero-shot with weighted one-vs-rest AUROC > 0.75.
+#[test]
+#[ignore = "targets not reached yet (docs/finetune.md, Measured); ~3 min on 2 cores"]
+fn finetune_learns_synthetic_malignancy_and_semantics() {
+    let r = site_adaptation(480);
+    assert!(r.auroc > r.start_auroc, "start {}, tuned {}", r.start_auroc, r.auroc);
+    assert!(r.auroc >= 0.9, "held-out AUROC {}\n{}", r.auroc, r.stderr);
+    assert!(r.margin > 0.75, "{}", r.report["zero_shot"]);
+    assert!(r.consistency > 0.75, "{}", r.report["zero_shot"]);
+}
+
+/// What the scenario reaches today, kept by CI so that a regression in training, LoRA,
+/// calibration, install or eval shows: with 240 site nodules the tuned model beats the
+/// current one on unseen site patients by at least [`ADAPTATION_FLOOR`] AUROC and predicts
+/// consistency zero-shot with AUROC > 0.75 (measured 0.775 -> 0.836, consistency 0.85-0.90;
+/// docs/finetune.md).
+#[test]
+fn finetune_adapts_to_a_site() {
+    let r = site_adaptation(240);
+    assert!(
+        r.auroc >= r.start_auroc + ADAPTATION_FLOOR,
+        "start {}, tuned {}\n{}",
+        r.start_auroc,
+        r.auroc,
+        r.stderr
+    );
+    assert!(r.consistency > 0.75, "{}", r.report["zero_shot"]);
+}
+
+/// Least AUROC gain the CI adaptation test accepts.
+const ADAPTATION_FLOOR: f64 = 0.03;
+
+/// Epochs of the site-adaptation runs (16 nodules a step; 3 folds, so 2/3 of the site
+/// nodules train each fold).
 const LORA_EPOCHS: &str = "8";
