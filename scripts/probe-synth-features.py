@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """Linear-probe baselines for synthetic nodule crops (docs/finetune.md, "For scale").
 
-Usage: scripts/probe-synth-features.py DIR [N]
+Usage: scripts/probe-synth-features.py DIR [N] [attributes]
 DIR is a `noduled synth --crops --label rule` folder (seed 11 and N 1200 in the docs). Needs
 numpy. The first N cases are used: the first 5/6 to fit, the rest to test. The script fits
 logistic regression on two feature sets: 7x7 means of the three orthogonal 50 mm planes
 through the centre, and 12 global plane statistics. It fits each set against the rule
 labels of both populations, which it recomputes from the semantic columns with the weights
 of src/synth.rs (`Population::logit`). It prints the test AUROCs and the true mean
-diameter's.
+diameter's (the manifest's mean axial diameter), and the AUROC of parts of the rule's own logit (semantic columns, no image):
+without its margin terms, and with only its diameter, consistency and calcification terms.
+With `attributes` it fits single attributes instead (mean diameter > 10 mm, ovoid shape,
+spiculated margin): the probes beside the tiny tower in docs/finetune.md.
 """
 import csv
 import sys
@@ -20,6 +23,9 @@ n = int(sys.argv[2]) if len(sys.argv) > 2 else 1200
 rows = list(csv.DictReader(open(d + "/manifest.csv")))[:n]
 f = lambda c: np.array(c, float)
 dm = f([float(r["mean_diameter"]) for r in rows])
+# The rule's diameter is the drawn sphere's: an ovoid nodule is that sphere stretched along
+# x only in the axial plane, so it is the short axial diameter (to the manifest's 0.1 mm).
+d_rule = f([float(r["short_diameter_(mm)"]) for r in rows])
 sp = f([r["nodule_margins"].startswith("Spic") for r in rows])
 lob = f([r["nodule_margins"].startswith("Lob") for r in rows])
 ps = f([r["nodule_consistency"] == "Part-solid" for r in rows])
@@ -28,7 +34,11 @@ calc = f([r["eccentric_calcification"] == "Present" for r in rows])
 irr = f([r["nodule_shape"] == "Complex/Irregular" for r in rows])
 cav = f([r["cavitation"] == "Present" for r in rows])
 pl = f([r["pleural_attachment"] == "Present" for r in rows])
-base = -4.2 + 0.11 * dm + 0.6 * irr + 0.8 * cav + 0.4 * pl - 2 * calc
+base = -4.2 + 0.11 * d_rule + 0.6 * irr + 0.8 * cav + 0.4 * pl - 2 * calc
+terms = {
+    "screening": (1.6 * sp + 0.8 * lob, 1.0 * ps + 0.3 * gg),
+    "subsolid": (0.4 * sp + 0.4 * lob, 2.5 * ps + 2.0 * gg),
+}
 labels = {
     "screening": (base + 1.6 * sp + 0.8 * lob + 1.0 * ps + 0.3 * gg > -1.5).astype(int),
     "subsolid": (base + 0.4 * sp + 0.4 * lob + 2.5 * ps + 2.0 * gg > -1.5).astype(int),
@@ -47,9 +57,10 @@ for r in rows:
 
 
 def auc(s, y):
-    o = np.argsort(s, kind="stable")
-    rank = np.empty(len(s))
-    rank[o] = np.arange(1, len(s) + 1)
+    """Mann-Whitney AUROC, ties counted one half (average ranks)."""
+    values, inverse = np.unique(s, return_inverse=True)
+    counts = np.bincount(inverse)
+    rank = (np.cumsum(counts) - (counts - 1) / 2)[inverse]
     pos = y.sum()
     return (rank[y == 1].sum() - pos * (pos + 1) / 2) / (pos * (len(y) - pos))
 
@@ -66,8 +77,28 @@ def probe(x, y):
     return auc(x[k:] @ w, y[k:])
 
 
+if len(sys.argv) > 3 and sys.argv[3] == "attributes":
+    for name, y in {
+        "mean diameter > 10 mm": (dm > 10).astype(int),
+        "ovoid shape": f([r["nodule_shape"] == "Ovoid" for r in rows]).astype(int),
+        "spiculated margin": sp.astype(int),
+    }.items():
+        print(
+            f"{name}: positive {y.sum()}  patch-mean probe {probe(patch, y):.3f}  "
+            f"global probe {probe(glob, y):.3f}"
+        )
+    sys.exit(0)
+
+manifest = f([int(r["malignant"]) for r in rows])
 for name, y in labels.items():
+    print(f"{name}: recomputed labels equal the manifest's for {(y == manifest).mean():.3f}")
+for name, y in labels.items():
+    margin, consistency = terms[name]
+    no_margin = base + consistency
+    size_density = -4.2 + 0.11 * d_rule - 2 * calc + consistency
     print(
         f"{name}: malignant {y.mean():.3f}  patch-mean probe {probe(patch, y):.3f}  "
-        f"global probe {probe(glob, y):.3f}  true diameter {auc(dm, y):.3f}"
+        f"global probe {probe(glob, y):.3f}  true diameter {auc(dm, y):.3f}  "
+        f"rule without margin {auc(no_margin, y):.3f}  "
+        f"diameter+consistency+calcification {auc(size_density, y):.3f}"
     )

@@ -391,7 +391,12 @@ fn site_adaptation(n_train: usize) -> SiteAdaptation {
 #[ignore = "targets not reached yet (docs/finetune.md, Measured); ~3 min on 2 cores"]
 fn finetune_learns_synthetic_malignancy_and_semantics() {
     let r = site_adaptation(480);
-    assert!(r.auroc > r.start_auroc, "start {}, tuned {}", r.start_auroc, r.auroc);
+    assert!(
+        r.auroc > r.start_auroc,
+        "start {}, tuned {}",
+        r.start_auroc,
+        r.auroc
+    );
     assert!(r.auroc >= 0.9, "held-out AUROC {}\n{}", r.auroc, r.stderr);
     assert!(r.margin > 0.75, "{}", r.report["zero_shot"]);
     assert!(r.consistency > 0.75, "{}", r.report["zero_shot"]);
