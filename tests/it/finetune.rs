@@ -404,14 +404,15 @@ fn finetune_learns_synthetic_malignancy_and_semantics() {
 
 /// What the scenario reaches today, kept by CI so that a regression in training, LoRA,
 /// calibration, install or eval shows: with 240 site nodules the tuned model beats the
-/// current one on unseen site patients by at least [`ADAPTATION_FLOOR`] AUROC and predicts
-/// consistency zero-shot with AUROC > 0.75 (measured 0.775 -> 0.836, consistency 0.85-0.90;
-/// docs/finetune.md).
+/// current one on unseen site patients by at least [`ADAPTATION_GAIN`] AUROC, reaches
+/// [`ADAPTATION_AUROC`], and predicts consistency zero-shot with AUROC > 0.75 (measured
+/// 0.783 -> 0.905, consistency 0.946; docs/finetune.md). The bounds sit below the measured
+/// figures so that a different machine's float rounding cannot fail it.
 #[test]
 fn finetune_adapts_to_a_site() {
     let r = site_adaptation(240);
     assert!(
-        r.auroc >= r.start_auroc + ADAPTATION_FLOOR,
+        r.auroc >= r.start_auroc + ADAPTATION_GAIN && r.auroc >= ADAPTATION_AUROC,
         "start {}, tuned {}\n{}",
         r.start_auroc,
         r.auroc,
@@ -421,7 +422,9 @@ fn finetune_adapts_to_a_site() {
 }
 
 /// Least AUROC gain the CI adaptation test accepts.
-const ADAPTATION_FLOOR: f64 = 0.03;
+const ADAPTATION_GAIN: f64 = 0.05;
+/// Least held-out AUROC the CI adaptation test accepts.
+const ADAPTATION_AUROC: f64 = 0.88;
 
 /// Epochs of the site-adaptation runs (16 nodules a step; 3 folds, so 2/3 of the site
 /// nodules train each fold).
