@@ -7,9 +7,10 @@ numpy. The first N cases are used: the first 5/6 to fit, the rest to test. The s
 logistic regression on two feature sets: 7x7 means of the three orthogonal 50 mm planes
 through the centre, and 12 global plane statistics. It fits each set against the rule
 labels of both populations, which it recomputes from the semantic columns with the weights
-of src/synth.rs (`Population::logit`). It prints the test AUROCs and the true mean
-diameter's (the manifest's mean axial diameter), and the AUROC of parts of the rule's own logit (semantic columns, no image):
-without its margin terms, and with only its diameter, consistency and calcification terms.
+of src/synth.rs (`Population::logit`). It prints the test AUROCs, the true mean diameter's
+(the manifest's mean axial diameter), and the AUROC of parts of the rule's own logit
+(semantic columns, no image): without its margin terms, and with only its diameter,
+consistency and calcification terms.
 With `attributes` it fits single attributes instead (mean diameter > 10 mm, ovoid shape,
 spiculated margin): the probes beside the tiny tower in docs/finetune.md.
 """
@@ -35,13 +36,14 @@ irr = f([r["nodule_shape"] == "Complex/Irregular" for r in rows])
 cav = f([r["cavitation"] == "Present" for r in rows])
 pl = f([r["pleural_attachment"] == "Present" for r in rows])
 base = -4.2 + 0.11 * d_rule + 0.6 * irr + 0.8 * cav + 0.4 * pl - 2 * calc
+# Each population's (margin terms, consistency terms) of the rule's logit.
 terms = {
     "screening": (1.6 * sp + 0.8 * lob, 1.0 * ps + 0.3 * gg),
     "subsolid": (0.4 * sp + 0.4 * lob, 2.5 * ps + 2.0 * gg),
 }
 labels = {
-    "screening": (base + 1.6 * sp + 0.8 * lob + 1.0 * ps + 0.3 * gg > -1.5).astype(int),
-    "subsolid": (base + 0.4 * sp + 0.4 * lob + 2.5 * ps + 2.0 * gg > -1.5).astype(int),
+    name: (base + margin + consistency > -1.5).astype(int)
+    for name, (margin, consistency) in terms.items()
 }
 patch, glob = [], []
 for r in rows:
@@ -93,7 +95,7 @@ manifest = f([int(r["malignant"]) for r in rows])
 for name, y in labels.items():
     print(f"{name}: recomputed labels equal the manifest's for {(y == manifest).mean():.3f}")
 for name, y in labels.items():
-    margin, consistency = terms[name]
+    consistency = terms[name][1]
     no_margin = base + consistency
     size_density = -4.2 + 0.11 * d_rule - 2 * calc + consistency
     print(

@@ -103,8 +103,8 @@ pub fn is_head(key: &str) -> bool {
 /// patch embedding std [`PATCH_EMBED_GAIN`] (3 patch^2)^-1/2; token embedding 0.02; positional
 /// embedding width^-1/2 in the vision tower (CLIP's; at 0.01 the tokens hardly know where
 /// they are, attention stays uniform and the class token learns little beyond the mean
-/// intensity) and 0.01 in the text tower; LoRA A Kaiming-uniform, B zero; heads Kaiming-normal; LayerNorm 1/0; logit scale
-/// ln(1/0.03).
+/// intensity) and 0.01 in the text tower; LoRA A Kaiming-uniform, B zero; heads
+/// Kaiming-normal; LayerNorm 1/0; logit scale ln(1/0.03).
 pub fn random_init(cfg: &ModelConfig, rng: &mut SplitMix64) -> Result<BTreeMap<String, Tensor>> {
     let mut out = BTreeMap::new();
     for (key, shape, _) in all_specs(cfg) {
@@ -518,8 +518,6 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
 
-    /// Every trainable tensor of a LoRA fold gets a non-zero gradient from the image loss
-    /// through attention (queries, keys, their LoRA factors) and the MIL attention.
     /// A tiny model config with `layers` vision blocks.
     fn tiny_config(layers: usize) -> ModelConfig {
         serde_json::from_str(&format!(
@@ -530,6 +528,8 @@ mod tests {
         .unwrap()
     }
 
+    /// Every trainable tensor of a LoRA fold gets a non-zero gradient from the image loss
+    /// through attention (queries, keys, their LoRA factors) and the MIL attention.
     #[test]
     fn gradients_reach_attention_lora_and_mil() {
         let cfg = tiny_config(1);
