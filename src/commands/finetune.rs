@@ -13,10 +13,11 @@ pub struct Args {
     #[arg(long)]
     pub manifest: PathBuf,
     /// The current model (bundle, model store or checkpoint folder); required for lora and
-    /// probe.
+    /// probe; with full (and no --config), training continues from its weights. The gate
+    /// compares against it.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Tower sizes (config.json) for --tuning full without --model.
+    /// Tower sizes (config.json): --tuning full from random weights of these sizes.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Output bundle directory of the new model (must not exist); install it with
@@ -109,7 +110,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             semantic_sampler: !args.uniform_sampler,
             seed: args.seed,
             stop_after: args.stop_after,
-            standardise_heads: args.tuning == Tuning::Full,
+            standardise_heads: false, // decided by finetune::run
         },
     };
     let report = finetune::run(&opts)?;

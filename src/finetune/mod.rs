@@ -1,7 +1,8 @@
 //! On-device fine-tuning of the nodule model (method notes section 3): patient-level K-fold
 //! splits, per fold LoRA (r, alpha from the model config; dropout 0.25) on q/k/v of both
 //! towers with the heads and the logit scale trainable (`lora`), heads only (`probe`), or
-//! everything from random initialisation (`full`); symmetric InfoNCE with label smoothing
+//! every base tensor (`full`: from the current model's weights when `--model` is given
+//! without `--config`; from random initialisation with `--config`); symmetric InfoNCE with label smoothing
 //! plus class-weighted image and text cross-entropy; AdamW; the semantic sampler; the
 //! reference's augmentations; early stopping on the validation loss; a beta calibrator per
 //! fold fitted on its validation predictions; and a gate against the current model.
@@ -203,6 +204,13 @@ pub fn run(opts: &FinetuneOptions) -> Result<GateReport, FinetuneError> {
             s.crop.voxels = Vec::new();
         }
     }
+    // `full` continues the current model unless --config asks for fresh towers; from random
+    // weights it standardises the heads on training data first.
+    let from_random = opts.tuning == Tuning::Full && (current.is_none() || opts.config.is_some());
+    let train_opts = train::TrainOptions {
+        standardise_heads: from_random,
+        ..opts.train.clone()
+    };
     let n_train = if opts.tuning == Tuning::Full {
         1
     } else {
@@ -212,7 +220,7 @@ pub fn run(opts: &FinetuneOptions) -> Result<GateReport, FinetuneError> {
     let mut results = Vec::new();
     let mut epochs_here = 0;
     for (k, (tr, va)) in split.iter().enumerate().take(n_train) {
-        let values = initial_values(&cfg, current.as_ref(), k, opts)?;
+        let values = initial_values(&cfg, current.as_ref().filter(|_| !from_random), k, opts)?;
         let net = Net::new(&cfg, &values, opts.tuning)?;
         let r = train::train_fold(
             k,
@@ -222,7 +230,7 @@ pub fn run(opts: &FinetuneOptions) -> Result<GateReport, FinetuneError> {
             texts.as_ref(),
             tr,
             va,
-            &opts.train,
+            &train_opts,
             &opts.work,
             &mut epochs_here,
         )?;
@@ -445,10 +453,9 @@ fn initial_values(
 ) -> Result<BTreeMap<String, Tensor>, FinetuneError> {
     let mut rng = SplitMix64::new(SplitMix64::nth(opts.train.seed, 77 + k as u64));
     let mut values = net::random_init(cfg, &mut rng)?;
-    if opts.tuning == Tuning::Full {
+    let Some(start) = current else {
         return Ok(values);
-    }
-    let start = current.expect("checked: lora/probe have a model");
+    };
     let kk = k % start.n_folds();
     for (key, _, role) in net::all_specs(cfg) {
         if let Some(t) = start.tensor(kk, &key, role) {

@@ -48,7 +48,8 @@ pub struct TrainOptions {
     /// Seed of every random draw.
     pub seed: u64,
     /// Standardise the heads' first layers on training data before the first step
-    /// ([`Net::standardise_heads`]; used when training from random weights).
+    /// ([`Net::standardise_heads`]); [`super::run`] sets it when `full` starts from random
+    /// weights.
     pub standardise_heads: bool,
     /// Stop the process (exit code 3) after this many epochs were checkpointed in this run
     /// (for testing kill and resume); `None` runs to the end.

@@ -161,6 +161,49 @@ fn gate_refuses_a_worse_model() {
     assert!(!worse.exists());
 }
 
+/// `full` with a current model and no --config continues from that model's weights: one
+/// epoch at lr 1e-12 leaves models/demo as it was, so on the same held-out patients the new
+/// model's AUROC equals the current one's (from random weights it ranks at chance, see
+/// `gate_refuses_a_worse_model`), and the gate passes at a zero margin.
+#[test]
+fn full_tuning_continues_from_the_current_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = synth_rule_set(&tmp.path().join("data"), 60, 3);
+    let out = tmp.path().join("continued");
+    let current = crate::util::root().join("models/demo");
+    let run = finetune(&[
+        "--manifest",
+        s(&manifest),
+        "--model",
+        s(&current),
+        "--out",
+        s(&out),
+        "--folds",
+        "2",
+        "--epochs",
+        "1",
+        "--batch",
+        "16",
+        "--tuning",
+        "full",
+        "--no-augment",
+        "--lr",
+        "1e-12",
+        "--gate-margin",
+        "0",
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    let gate: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    let (new, old) = (
+        gate["new_auroc"].as_f64().unwrap(),
+        gate["current_auroc"].as_f64().unwrap(),
+    );
+    assert!(old > 0.6, "models/demo should rank these nodules: {old}");
+    assert!((new - old).abs() < 1e-9, "new {new}, current {old}");
+    assert!(out.join("fold_0.safetensors").is_file());
+}
+
 /// Killing the binary after its first epoch checkpoint and rerunning gives the same final
 /// weights as an uninterrupted run with the same seed (augmentations on).
 #[test]
