@@ -120,28 +120,17 @@ fn finetune_writes_a_model_that_scores() {
     assert!(scores.starts_with("patient_id,nodule_id,label,score,raw,zs_"));
 }
 
-/// The gate refuses a deliberately worse model: the current model is models/demo (trained
-/// on synthetic nodules, see scripts/make-demo-model); the candidate is an untrained one
-/// (`full` from random initialisation, one epoch at lr 1e-7). On the same 60 held-out
-/// synthetic patients the candidate ranks at chance while the current model does not, so at
-/// the default margin (0.02) the run exits 2 with one line naming both AUROCs, and nothing
-/// is written to --out.
-#[test]
-fn gate_refuses_a_worse_model() {
-    let tmp = tempfile::tempdir().unwrap();
-    let manifest = synth_rule_set(&tmp.path().join("data"), 120, 1);
-    let worse = tmp.path().join("worse");
+/// `finetune --tuning full --model models/demo` on `manifest` into `out`: two folds, one
+/// epoch of batch 16 at `lr`, no augmentation, then `extra` arguments.
+fn full_from_demo(manifest: &Path, out: &Path, lr: &str, extra: &[&str]) -> std::process::Output {
     let current = crate::util::root().join("models/demo");
-    let config = crate::util::root().join("models/demo-config.json");
-    let run = finetune(&[
+    let mut args = vec![
         "--manifest",
-        s(&manifest),
+        s(manifest),
         "--model",
         s(&current),
-        "--config",
-        s(&config),
         "--out",
-        s(&worse),
+        s(out),
         "--folds",
         "2",
         "--epochs",
@@ -152,8 +141,25 @@ fn gate_refuses_a_worse_model() {
         "full",
         "--no-augment",
         "--lr",
-        "1e-7",
-    ]);
+        lr,
+    ];
+    args.extend_from_slice(extra);
+    finetune(&args)
+}
+
+/// The gate refuses a deliberately worse model: the current model is models/demo (trained
+/// on synthetic nodules, see scripts/make-demo-model); the candidate is an untrained one
+/// (`full` from random initialisation of models/demo-config.json, one epoch at lr 1e-7).
+/// On the same 60 held-out synthetic patients the candidate ranks at chance while the
+/// current model does not, so at the default margin (0.02) the run exits 2 with one line
+/// naming both AUROCs, and nothing is written to --out.
+#[test]
+fn gate_refuses_a_worse_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = synth_rule_set(&tmp.path().join("data"), 120, 1);
+    let worse = tmp.path().join("worse");
+    let config = crate::util::root().join("models/demo-config.json");
+    let run = full_from_demo(&manifest, &worse, "1e-7", &["--config", s(&config)]);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert_eq!(run.status.code(), Some(2), "{stderr}");
     let last = stderr.lines().last().unwrap();
@@ -170,28 +176,7 @@ fn full_tuning_continues_from_the_current_model() {
     let tmp = tempfile::tempdir().unwrap();
     let manifest = synth_rule_set(&tmp.path().join("data"), 60, 3);
     let out = tmp.path().join("continued");
-    let current = crate::util::root().join("models/demo");
-    let run = finetune(&[
-        "--manifest",
-        s(&manifest),
-        "--model",
-        s(&current),
-        "--out",
-        s(&out),
-        "--folds",
-        "2",
-        "--epochs",
-        "1",
-        "--batch",
-        "16",
-        "--tuning",
-        "full",
-        "--no-augment",
-        "--lr",
-        "1e-12",
-        "--gate-margin",
-        "0",
-    ]);
+    let run = full_from_demo(&manifest, &out, "1e-12", &["--gate-margin", "0"]);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stderr}");
     let gate: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
