@@ -433,9 +433,9 @@ fn finetune_learns_synthetic_malignancy_and_semantics() {
 /// What the scenario reaches today, kept by CI so that a regression in training, LoRA,
 /// calibration, install or eval shows: with 240 site nodules the tuned model beats the
 /// current one on unseen site patients by at least [`ADAPTATION_GAIN`] AUROC, reaches
-/// [`ADAPTATION_AUROC`], and predicts consistency zero-shot with AUROC > 0.75 (measured
-/// 0.783 -> 0.905, consistency 0.946; docs/finetune.md). The bounds sit below the measured
-/// figures so that a different machine's float rounding cannot fail it.
+/// [`ADAPTATION_AUROC`] (the 0.9), and predicts consistency zero-shot with AUROC >
+/// 0.75 (measured 0.876 -> 0.938, consistency 0.990; docs/finetune.md). The bounds sit below
+/// the measured figures so that a different machine's float rounding cannot fail it.
 #[test]
 fn finetune_adapts_to_a_site() {
     let r = site_adaptation(240);
@@ -452,7 +452,7 @@ fn finetune_adapts_to_a_site() {
 /// Least AUROC gain the CI adaptation test accepts.
 const ADAPTATION_GAIN: f64 = 0.05;
 /// Least held-out AUROC the CI adaptation test accepts.
-const ADAPTATION_AUROC: f64 = 0.88;
+const ADAPTATION_AUROC: f64 = 0.9;
 
 /// Epochs of the site-adaptation runs (16 nodules a step; 3 folds, so 2/3 of the site
 /// nodules train each fold).
