@@ -2,10 +2,11 @@
 //! splits, per fold LoRA (r, alpha from the model config; dropout 0.25) on q/k/v of both
 //! towers with the heads and the logit scale trainable (`lora`), heads only (`probe`), or
 //! every base tensor (`full`: from the current model's weights when `--model` is given
-//! without `--config`; from random initialisation with `--config`); symmetric InfoNCE with label smoothing
-//! plus class-weighted image and text cross-entropy; AdamW; the semantic sampler; the
-//! reference's augmentations; early stopping on the validation loss; a beta calibrator per
-//! fold fitted on its validation predictions; and a gate against the current model.
+//! without `--config`; from random initialisation with `--config`); symmetric InfoNCE with
+//! label smoothing plus class-weighted image and text cross-entropy; AdamW; the semantic
+//! sampler; the reference's augmentations; early stopping on the validation loss; a beta
+//! calibrator per fold fitted on its validation predictions; and a gate against the current
+//! model.
 //!
 //! Input model: anything [`crate::engine::load`] reads (a bundle, a model store's current
 //! bundle, or a checkpoint folder); a bundle's q8_0 weights are dequantised to f32.
