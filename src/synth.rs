@@ -331,6 +331,8 @@ pub struct Scene {
     cavity: Option<([f64; 3], f64)>,
     wall_x: f64,
     vessels: Vec<Vessel>,
+    /// [`Scene::reach`], computed once: it bounds every HU evaluation.
+    reach: (f64, f64),
 }
 
 fn sub(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
@@ -455,7 +457,7 @@ impl Scene {
                 vessels.push(v);
             }
         }
-        Scene {
+        let mut scene = Scene {
             centre,
             spec,
             radius,
@@ -467,7 +469,10 @@ impl Scene {
             cavity,
             wall_x,
             vessels,
-        }
+            reach: (0.0, 0.0),
+        };
+        scene.reach = scene.reach();
+        scene
     }
 
     /// Noise-free HU at world point `p` (LPS mm).
@@ -491,6 +496,7 @@ impl Scene {
 
     /// Half-width (mm) of the cube around the centre outside which the nodule leaves HU
     /// unchanged (every logistic edge is under 1e-4 there), and the body's radial reach.
+    /// [`Scene::new`] stores it in `self.reach`.
     fn reach(&self) -> (f64, f64) {
         let amp: f64 = self.harmonics.iter().map(|h| h.amp).sum();
         let body = self.radius * (1.0 + amp) + 10.0 * self.edge_mm;
@@ -504,12 +510,11 @@ impl Scene {
     }
 
     /// How far offset `q` (mm from the centre) is inside the body (0 outside, 1 inside, the
-    /// logistic edge between; 0 beyond `body_reach`, the second value of [`Self::reach`]),
-    /// and its radius in the stretched frame.
-    fn body_inside(&self, q: [f64; 3], body_reach: f64) -> (f64, f64) {
+    /// logistic edge between), and its radius in the stretched frame.
+    fn body_inside(&self, q: [f64; 3]) -> (f64, f64) {
         let scaled = [0, 1, 2].map(|a| q[a] / self.stretch[a]);
         let r = norm(scaled);
-        if r >= body_reach {
+        if r >= self.reach.1 {
             return (0.0, r);
         }
         let surface = if r > 1e-9 {
@@ -550,11 +555,10 @@ impl Scene {
     /// `hu` with the nodule drawn over it at `p`.
     fn nodule_over(&self, p: [f64; 3], hu: f64) -> f64 {
         let q = sub(p, self.centre);
-        let (reach, body_reach) = self.reach();
-        if q.iter().any(|c| c.abs() > reach) {
+        if q.iter().any(|c| c.abs() > self.reach.0) {
             return hu;
         }
-        let (body, r) = self.body_inside(q, body_reach);
+        let (body, r) = self.body_inside(q);
         let inside = f64::max(body, self.spikes_inside(q));
         if inside < 1e-4 {
             return hu;
@@ -776,7 +780,7 @@ fn render(scene: &Scene, grid: &Grid) -> Vec<f64> {
             grid.update_box(&mut values, z..z + 1, lo, hi, |p, hu| v.over(p, hu));
         }
     }
-    let (reach, _) = scene.reach();
+    let (reach, _) = scene.reach;
     let c = scene.centre;
     let zs = grid.span(2, c[2] - reach, c[2] + reach);
     let (lo, hi) = ([c[0] - reach, c[1] - reach], [c[0] + reach, c[1] + reach]);
@@ -965,8 +969,7 @@ mod tests {
     /// How many of the three orthogonal planes through the centre show a spike: at least
     /// 2 mm^2 of the plane (sampled every 0.25 mm) lies inside a spike and outside the body.
     fn planes_with_spikes(scene: &Scene) -> usize {
-        let (reach, body_reach) = scene.reach();
-        let steps = (reach / 0.25).ceil() as i64;
+        let steps = (scene.reach.0 / 0.25).ceil() as i64;
         (0..3)
             .filter(|&normal| {
                 let (a, b) = ((normal + 1) % 3, (normal + 2) % 3);
@@ -976,8 +979,7 @@ mod tests {
                         let mut q = [0.0; 3];
                         q[a] = i as f64 * 0.25;
                         q[b] = j as f64 * 0.25;
-                        if scene.spikes_inside(q) > 0.5 && scene.body_inside(q, body_reach).0 < 0.05
-                        {
+                        if scene.spikes_inside(q) > 0.5 && scene.body_inside(q).0 < 0.05 {
                             area += 0.0625;
                         }
                     }

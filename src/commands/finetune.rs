@@ -110,7 +110,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             semantic_sampler: !args.uniform_sampler,
             seed: args.seed,
             stop_after: args.stop_after,
-            standardise_heads: false, // decided by finetune::run
         },
     };
     let report = finetune::run(&opts)?;

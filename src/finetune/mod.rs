@@ -208,10 +208,6 @@ pub fn run(opts: &FinetuneOptions) -> Result<GateReport, FinetuneError> {
     // `full` continues the current model unless --config asks for fresh towers; from random
     // weights it standardises the heads on training data first.
     let from_random = opts.tuning == Tuning::Full && (current.is_none() || opts.config.is_some());
-    let train_opts = train::TrainOptions {
-        standardise_heads: from_random,
-        ..opts.train.clone()
-    };
     let n_train = if opts.tuning == Tuning::Full {
         1
     } else {
@@ -226,12 +222,13 @@ pub fn run(opts: &FinetuneOptions) -> Result<GateReport, FinetuneError> {
         let r = train::train_fold(
             k,
             net,
+            from_random,
             &samples,
             &planes,
             texts.as_ref(),
             tr,
             va,
-            &train_opts,
+            &opts.train,
             &opts.work,
             &mut epochs_here,
         )?;

@@ -47,10 +47,6 @@ pub struct TrainOptions {
     pub semantic_sampler: bool,
     /// Seed of every random draw.
     pub seed: u64,
-    /// Standardise the heads' first layers on training data before the first step
-    /// ([`Net::standardise_heads`]); [`super::run`] sets it when `full` starts from random
-    /// weights.
-    pub standardise_heads: bool,
     /// Stop the process (exit code 3) after this many epochs were checkpointed in this run
     /// (for testing kill and resume); `None` runs to the end.
     pub stop_after: Option<usize>,
@@ -274,11 +270,14 @@ fn save_atomic(path: &Path, bytes: &[u8]) -> Result<(), FinetuneError> {
     std::fs::rename(&tmp, path).map_err(|e| FinetuneError::io(path, e))
 }
 
-/// Trains fold `k` on `train` (indices into `samples`), validating on `val`.
+/// Trains fold `k` on `train` (indices into `samples`), validating on `val`. With
+/// `from_random` (a `full` run from random weights) the heads' first layers are first
+/// standardised on training data ([`Net::standardise_heads`]).
 #[allow(clippy::too_many_arguments)]
 pub fn train_fold(
     k: usize,
     net: Net,
+    from_random: bool,
     samples: &[Sample],
     planes: &[Planes01],
     texts: Option<&Texts>,
@@ -311,7 +310,7 @@ pub fn train_fold(
     let val_ids: Option<Vec<Vec<u32>>> =
         ids.map(|ids| val.iter().map(|&i| ids[i].clone()).collect());
 
-    if opts.standardise_heads {
+    if from_random {
         // Data-dependent initialisation (before the first snapshot; a resumed run reads
         // the variables back from its checkpoint below).
         let take: Vec<usize> = train.iter().copied().take(STANDARDISE_NODULES).collect();
