@@ -5,6 +5,7 @@
 //! # Layout
 //! Data flows one way, top to bottom:
 //!
+//! - [`confine`]: every file a job names opened inside the data roots (openat2 beneath a root).
 //! - [`volume`]: CT readers (DICOM series, NIfTI, NRRD, crop files) into one `Volume` (HU, f32).
 //! - [`preprocess`]: 1 mm resample, LPS 100^3 crop at a world point, HU window, the nine planes.
 //! - [`nodules`]: what a request names (planes file, volume + coordinate, crop, manifest)
@@ -25,6 +26,7 @@ pub mod bundle;
 pub mod calibration;
 pub mod commands;
 pub mod config;
+pub mod confine;
 pub mod convert;
 pub mod daemon;
 pub mod device;

@@ -56,11 +56,28 @@ impl Planes01 {
 
     /// Reads tensor `name` (f32 or f64, shape [9,224,224]) from a safetensors file.
     pub fn read_safetensors(path: &Path, name: &str) -> Result<Self, PlanesError> {
+        Self::read_safetensors_in(&crate::confine::Opener::unconfined(), path, name)
+    }
+
+    /// [`Self::read_safetensors`] with the file opened through `opener` (see
+    /// [`crate::confine`]).
+    pub fn read_safetensors_in(
+        opener: &crate::confine::Opener,
+        path: &Path,
+        name: &str,
+    ) -> Result<Self, PlanesError> {
+        use std::io::Read;
         let p = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|source| PlanesError::Io {
+        let io = |source| PlanesError::Io {
             path: p.clone(),
             source,
-        })?;
+        };
+        let mut bytes = Vec::new();
+        opener
+            .open_file(path)
+            // f64 planes and a generous header; anything longer is not a planes file.
+            .and_then(|f| f.take((PLANES_LEN * 8 + (1 << 20)) as u64).read_to_end(&mut bytes))
+            .map_err(io)?;
         let st =
             safetensors::SafeTensors::deserialize(&bytes).map_err(|e| PlanesError::Format {
                 path: p.clone(),

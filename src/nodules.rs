@@ -2,6 +2,7 @@
 //! (DICOM series folder, NIfTI, NRRD) with one or more LPS world coordinates, a 100^3 crop
 //! file, or a manifest CSV of many nodules.
 
+use crate::confine::Opener;
 use crate::nodule::{NoduleInput, Planes01};
 use crate::preprocess;
 use crate::volume::{self, Volume};
@@ -50,13 +51,19 @@ pub enum NoduleRequest {
 /// Loads and preprocesses every nodule a request names, in request order. A volume is read
 /// once per file, however many nodules it holds.
 pub fn load(request: &NoduleRequest) -> anyhow::Result<Vec<NoduleInput>> {
+    load_in(request, &Opener::unconfined())
+}
+
+/// [`load`] with every file the request names opened through `opener` (the daemon's
+/// data-root confinement, see [`crate::confine`]).
+pub fn load_in(request: &NoduleRequest, opener: &Opener) -> anyhow::Result<Vec<NoduleInput>> {
     match request {
         NoduleRequest::Planes {
             path,
             patient_id,
             nodule_id,
         } => {
-            let planes = Planes01::read_safetensors(path, "planes01")?;
+            let planes = Planes01::read_safetensors_in(opener, path, "planes01")?;
             Ok(vec![NoduleInput {
                 patient_id: patient_id.clone(),
                 nodule_id: nodule_id.clone(),
@@ -71,7 +78,7 @@ pub fn load(request: &NoduleRequest) -> anyhow::Result<Vec<NoduleInput>> {
             patient_id,
             nodules,
         } => {
-            let volume = volume::read(path, series_uid.as_deref())?;
+            let volume = volume::read_in(opener, path, series_uid.as_deref())?;
             let patient_id = patient_id
                 .clone()
                 .or_else(|| volume.ids.patient_id.clone())
@@ -95,7 +102,7 @@ pub fn load(request: &NoduleRequest) -> anyhow::Result<Vec<NoduleInput>> {
             patient_id,
             nodule_id,
         } => {
-            let (planes, source) = from_crop(path)?;
+            let (planes, source) = from_crop_in(opener, path)?;
             Ok(vec![NoduleInput {
                 patient_id: patient_id.clone(),
                 nodule_id: nodule_id.clone(),
@@ -129,7 +136,12 @@ pub fn from_volume(
 
 /// One nodule's planes from a crop file (.npy or .pt), with its source identifiers.
 pub fn from_crop(path: &Path) -> anyhow::Result<(Planes01, serde_json::Value)> {
-    let crop = volume::crop::read(path)?;
+    from_crop_in(&Opener::unconfined(), path)
+}
+
+/// [`from_crop`] with the file opened through `opener`.
+pub fn from_crop_in(opener: &Opener, path: &Path) -> anyhow::Result<(Planes01, serde_json::Value)> {
+    let crop = volume::crop::read_in(opener, path)?;
     let planes = preprocess::nine_planes(&crop);
     Ok((
         planes,

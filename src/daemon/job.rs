@@ -136,6 +136,11 @@ pub struct PathPolicy {
     pub relative_base: Option<PathBuf>,
     /// Folder inline crops are written to (canonical).
     pub spool: PathBuf,
+    /// Opens the job's files beneath the roots (see [`crate::confine`]).
+    pub opener: std::sync::Arc<crate::confine::Opener>,
+    /// File stem of the job's own spool files (its job file's stem): the only spool files it
+    /// may name. Set per job by [`PathPolicy::for_job`].
+    pub own_spool: Option<String>,
 }
 
 /// A checked job, ready to load.
@@ -171,8 +176,19 @@ fn field(name: &str, msg: impl Into<String>) -> JobError {
 }
 
 impl PathPolicy {
-    /// Resolves `p` (relative only when a base is set), follows links and `..`, and checks
-    /// that it lies under a root.
+    /// This policy for the job in file `job_file` (its spool files are `<stem>.*`).
+    pub fn for_job(&self, job_file: &str) -> PathPolicy {
+        let stem = job_file.strip_suffix(".json").unwrap_or(job_file);
+        PathPolicy {
+            own_spool: Some(file_safe(stem)),
+            ..self.clone()
+        }
+    }
+
+    /// Resolves `p` (relative only when a base is set) lexically (`.`, `..`) and checks that
+    /// it lies under a root, without touching the filesystem: links are resolved when the
+    /// file is opened, beneath its root, by [`Self::opener`]. A spool file must be the job's
+    /// own. Refusals say "outside data_roots" and nothing about the target.
     pub fn check(&self, field_name: &str, p: &Path) -> Result<PathBuf, JobError> {
         let joined = if p.is_absolute() {
             p.to_path_buf()
@@ -184,16 +200,26 @@ impl PathPolicy {
                 format!("{}: must be an absolute path", p.display()),
             ));
         };
-        let real = joined
-            .canonicalize()
-            .map_err(|e| field(field_name, format!("{}: {e}", p.display())))?;
-        if self.roots.iter().any(|r| real.starts_with(r)) {
-            Ok(real)
-        } else {
-            Err(field(
+        let outside = || {
+            field(
                 field_name,
-                format!("{}: outside the data roots (jobs.data_roots)", p.display()),
-            ))
+                format!("{}: {}", p.display(), crate::confine::OUTSIDE),
+            )
+        };
+        let norm = crate::confine::normalize(&joined).ok_or_else(outside)?;
+        if norm.starts_with(&self.spool) {
+            let own = self.own_spool.as_deref().unwrap_or("");
+            let stem = norm.file_stem().map(|s| s.to_string_lossy().into_owned());
+            let in_spool = norm.parent() == Some(self.spool.as_path());
+            if own.is_empty() || !in_spool || stem.as_deref() != Some(own) {
+                return Err(outside());
+            }
+            return Ok(norm);
+        }
+        if self.roots.iter().any(|r| norm.starts_with(r)) {
+            Ok(norm)
+        } else {
+            Err(outside())
         }
     }
 }
@@ -286,7 +312,8 @@ pub fn check(
                 let bytes = base64::engine::general_purpose::STANDARD
                     .decode(b64.as_bytes())
                     .map_err(|e| field("crop.base64", e.to_string()))?;
-                let path = policy.spool.join(format!("{}.{format}", file_safe(key)));
+                let stem = policy.own_spool.clone().unwrap_or_else(|| file_safe(key));
+                let path = policy.spool.join(format!("{stem}.{format}"));
                 super::outbox::write_atomic(&path, &bytes)
                     .map_err(|e| JobError::Processing(format!("{}: {e}", path.display())))?;
                 spooled.push(path.clone());
@@ -472,10 +499,13 @@ mod tests {
     use super::*;
 
     fn policy(root: &Path) -> PathPolicy {
+        let root = root.canonicalize().unwrap();
         PathPolicy {
-            roots: vec![root.canonicalize().unwrap()],
+            roots: vec![root.clone()],
             relative_base: None,
-            spool: root.to_path_buf(),
+            spool: root.join("spool"),
+            opener: std::sync::Arc::new(crate::confine::Opener::confined(&[root]).unwrap()),
+            own_spool: None,
         }
     }
 
@@ -500,7 +530,7 @@ mod tests {
             .check("volume", &sneaky)
             .unwrap_err()
             .to_string()
-            .contains("outside the data roots"));
+            .contains("outside data_roots"));
         assert!(p
             .check("volume", Path::new("ok.nii.gz"))
             .unwrap_err()

@@ -300,10 +300,16 @@ pub async fn run_with(
         roots.push(extra.canonicalize().unwrap_or_else(|_| extra.clone()));
     }
     let spool = spool.canonicalize().unwrap_or(spool);
+    let opener = crate::confine::Opener::confined(&roots).map_err(|source| DaemonError::Folder {
+        path: "jobs.data_roots".into(),
+        source,
+    })?;
     let policy = job::PathPolicy {
         roots,
         relative_base: settings.inbox.as_ref().map(|_| inbox_dir.clone()),
         spool: spool.clone(),
+        opener: Arc::new(opener),
+        own_spool: None,
     };
 
     let shared = Arc::new(Shared {

@@ -97,7 +97,8 @@ fn process(
         let doc = job::parse(&bytes)?;
         key = format!("job:{}", doc.job_id);
         doc_ids = (Some(doc.job_id.clone()), Some(doc.patient_id.clone()));
-        let checked: CheckedJob = job::check(doc, &key, policy, shared.settings.max_nodules)?;
+        let policy = policy.for_job(&name);
+        let checked: CheckedJob = job::check(doc, &key, &policy, shared.settings.max_nodules)?;
         spooled = checked.spooled.clone();
         if let (Some(dst), Some(src)) = (input.as_object_mut(), checked.input.as_object()) {
             dst.extend(src.clone());
@@ -107,7 +108,8 @@ fn process(
         for req in &checked.requests {
             watchdog.ping();
             inputs.extend(
-                crate::nodules::load(req).map_err(|e| JobError::Processing(format!("{e:#}")))?,
+                crate::nodules::load_in(req, &policy.opener)
+                    .map_err(|e| JobError::Processing(format!("{e:#}")))?,
             );
             if shared.stop.load(Ordering::SeqCst) {
                 return Ok(Outcome::Interrupted);

@@ -10,6 +10,7 @@
 //!
 //! Both are checked for size before reading and for finite values after.
 
+use crate::confine::Opener;
 use std::io::Read;
 use std::path::Path;
 
@@ -69,16 +70,27 @@ pub enum CropError {
     },
 }
 
-/// Reads a `.npy` or `.pt` crop.
+/// Reads a `.npy` or `.pt` crop, from anywhere (the command line).
 pub fn read(path: &Path) -> Result<CropHu, CropError> {
+    read_in(&Opener::unconfined(), path)
+}
+
+/// Reads a `.npy` or `.pt` crop opened through `opener` (see [`crate::confine`]).
+pub fn read_in(opener: &Opener, path: &Path) -> Result<CropHu, CropError> {
+    let open = || {
+        opener.open_file(path).map_err(|err| CropError::Io {
+            path: path.display().to_string(),
+            err,
+        })
+    };
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().to_ascii_lowercase())
         .unwrap_or_default();
     if name.ends_with(".npy") {
-        read_npy(path)
+        read_npy_file(path, open()?)
     } else if name.ends_with(".pt") || name.ends_with(".pth") {
-        read_pt(path)
+        read_pt_file(path, open()?)
     } else {
         Err(CropError::Format {
             path: path.display().to_string(),
@@ -99,15 +111,24 @@ fn crop_shape(shape: &[usize]) -> Result<(), String> {
 
 /// Reads a NumPy `.npy` crop.
 pub fn read_npy(path: &Path) -> Result<CropHu, CropError> {
+    read_npy_file(path, open_named(path)?)
+}
+
+fn open_named(path: &Path) -> Result<std::fs::File, CropError> {
+    Opener::unconfined()
+        .open_file(path)
+        .map_err(|err| CropError::Io {
+            path: path.display().to_string(),
+            err,
+        })
+}
+
+fn read_npy_file(path: &Path, mut f: std::fs::File) -> Result<CropHu, CropError> {
     let p = path.display().to_string();
     let fmt = |msg: String| CropError::Format {
         path: p.clone(),
         msg,
     };
-    let mut f = std::fs::File::open(path).map_err(|err| CropError::Io {
-        path: p.clone(),
-        err,
-    })?;
     let mut magic = [0u8; 10];
     f.read_exact(&mut magic)
         .map_err(|_| fmt("not a .npy file (too short for the header)".into()))?;
@@ -212,16 +233,16 @@ fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
 
 /// Reads the reference pipeline's `.pt` crop (a torch zip-pickle of one float tensor).
 pub fn read_pt(path: &Path) -> Result<CropHu, CropError> {
+    read_pt_file(path, open_named(path)?)
+}
+
+fn read_pt_file(path: &Path, file: std::fs::File) -> Result<CropHu, CropError> {
     use candle_core::pickle::{Object, Stack};
     let p = path.display().to_string();
     let fmt = |msg: String| CropError::Format {
         path: p.clone(),
         msg,
     };
-    let file = std::fs::File::open(path).map_err(|err| CropError::Io {
-        path: p.clone(),
-        err,
-    })?;
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
         .map_err(|e| fmt(format!("not a torch zip archive ({e})")))?;
     let pkl: String = zip

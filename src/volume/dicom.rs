@@ -21,10 +21,12 @@
 
 use super::{check_dims, cross, dot, Format, Volume, VolumeError, VolumeIds};
 use dicom_dictionary_std::tags;
+use crate::confine::{Dir, Opener};
+use dicom_object::file::ReadPreamble;
 use dicom_object::{DefaultDicomObject, OpenFileOptions, Tag};
 use dicom_pixeldata::PixelDecoder;
 use rayon::prelude::*;
-use std::io::Read;
+use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 
 /// Transfer syntaxes this build decodes (native, deflate, JPEG baseline/extended/lossless, RLE).
@@ -160,6 +162,8 @@ pub enum DicomError {
 /// Header facts of one slice.
 struct Slice {
     path: PathBuf,
+    /// The member as opened when its header was read; its pixels are read from it too.
+    file: std::fs::File,
     series_uid: String,
     study_uid: Option<String>,
     patient_id: Option<String>,
@@ -172,22 +176,31 @@ fn name_of(path: &Path) -> String {
 
 /// Reads a series from a folder; `series_uid` picks one when the folder holds several.
 pub fn read_series(dir: &Path, series_uid: Option<&str>) -> Result<Volume, VolumeError> {
-    let d = name_of(dir);
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+    let opened = Opener::unconfined()
+        .open_dir(dir)
         .map_err(|err| DicomError::Io {
-            path: d.clone(),
+            path: name_of(dir),
             err,
-        })?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
-        .map(|e| e.path())
-        .filter(|p| {
-            !p.file_name()
-                .map(|n| n.to_string_lossy().starts_with('.'))
-                .unwrap_or(true)
-        })
+        })?;
+    read_series_dir(&opened, series_uid)
+}
+
+/// [`read_series`] on a folder opened through a [`crate::confine::Opener`]: its regular-file
+/// members (not symlinks, not dot files) are opened beneath it, once, and read from those
+/// descriptors.
+pub fn read_series_dir(opened: &Dir, series_uid: Option<&str>) -> Result<Volume, VolumeError> {
+    let dir = opened.path();
+    let d = name_of(dir);
+    let names = opened.file_names().map_err(|err| DicomError::Io {
+        path: d.clone(),
+        err,
+    })?;
+    let files: Vec<(PathBuf, std::ffi::OsString)> = names
+        .into_iter()
+        .filter(|n| !n.to_string_lossy().starts_with('.'))
+        .map(|n| (dir.join(&n), n))
         .collect();
-    files.sort();
+    crate::confine::raise_fd_limit();
     if files.is_empty() {
         return Err(DicomError::Empty { dir: d }.into());
     }
@@ -195,13 +208,13 @@ pub fn read_series(dir: &Path, series_uid: Option<&str>) -> Result<Volume, Volum
     // 1. headers, grouped by series.
     let headers: Vec<Option<Slice>> = files
         .par_iter()
-        .map(|p| read_header(p))
+        .map(|(p, n)| read_header(opened, p, n))
         .collect::<Result<_, _>>()?;
     let skipped: Vec<&PathBuf> = files
         .iter()
         .zip(&headers)
         .filter(|(_, h)| h.is_none())
-        .map(|(p, _)| p)
+        .map(|((p, _), _)| p)
         .collect();
     let slices: Vec<Slice> = headers.into_iter().flatten().collect();
     if slices.is_empty() {
@@ -252,10 +265,14 @@ pub fn read_series(dir: &Path, series_uid: Option<&str>) -> Result<Volume, Volum
 
 /// Opens a file's header (up to Pixel Data). `Ok(None)` for files to skip: not DICOM Part 10,
 /// or a DICOMDIR.
-fn read_header(path: &Path) -> Result<Option<Slice>, DicomError> {
+fn read_header(
+    dir: &Dir,
+    path: &Path,
+    name: &std::ffi::OsStr,
+) -> Result<Option<Slice>, DicomError> {
     let p = name_of(path);
     let mut magic = [0u8; 132];
-    let mut f = std::fs::File::open(path).map_err(|err| DicomError::Io {
+    let mut f = dir.open_file(name).map_err(|err| DicomError::Io {
         path: p.clone(),
         err,
     })?;
@@ -266,9 +283,15 @@ fn read_header(path: &Path) -> Result<Option<Slice>, DicomError> {
     if n < 132 || &magic[128..132] != b"DICM" {
         return Ok(None);
     }
+    (&f).seek(std::io::SeekFrom::Start(0))
+        .map_err(|err| DicomError::Io {
+            path: p.clone(),
+            err,
+        })?;
     let obj = OpenFileOptions::new()
         .read_until(tags::PIXEL_DATA)
-        .open_file(path)
+        .read_preamble(ReadPreamble::Always)
+        .from_reader(&f)
         .map_err(|e| DicomError::Parse {
             path: p.clone(),
             msg: one_line(&e.to_string()),
@@ -287,6 +310,7 @@ fn read_header(path: &Path) -> Result<Option<Slice>, DicomError> {
     })?;
     Ok(Some(Slice {
         path: path.to_path_buf(),
+        file: f,
         series_uid,
         study_uid: text(&obj, tags::STUDY_INSTANCE_UID),
         patient_id: text(&obj, tags::PATIENT_ID),
@@ -680,7 +704,7 @@ fn build_volume(dir: &Path, series_uid: String, slices: Vec<Slice>) -> Result<Vo
         .par_chunks_mut(ni * nj)
         .zip(order.par_iter())
         .try_for_each(|(dst, &idx)| {
-            let plane = read_pixels(&slices[idx].path, &infos[idx])?;
+            let plane = read_pixels(&slices[idx], &infos[idx])?;
             dst.copy_from_slice(&plane);
             Ok::<(), DicomError>(())
         })?;
@@ -701,13 +725,22 @@ fn build_volume(dir: &Path, series_uid: String, slices: Vec<Slice>) -> Result<Vo
 }
 
 /// Decodes one slice to HU (row-major, column index fastest).
-fn read_pixels(path: &Path, info: &SliceInfo) -> Result<Vec<f32>, DicomError> {
-    let p = name_of(path);
+fn read_pixels(slice: &Slice, info: &SliceInfo) -> Result<Vec<f32>, DicomError> {
+    let p = name_of(&slice.path);
     let bytes_per = info.bits_allocated as usize / 8;
     let expected = info.rows * info.cols * bytes_per;
-    check_pixel_data_length(path)?;
+    let mut bytes = Vec::new();
+    (&slice.file)
+        .seek(std::io::SeekFrom::Start(0))
+        .and_then(|_| (&slice.file).read_to_end(&mut bytes))
+        .map_err(|err| DicomError::Io {
+            path: p.clone(),
+            err,
+        })?;
+    check_pixel_data_length(&p, &bytes)?;
     let obj = OpenFileOptions::new()
-        .open_file(path)
+        .read_preamble(ReadPreamble::Always)
+        .from_reader(&bytes[..])
         .map_err(|e| DicomError::Parse {
             path: p.clone(),
             msg: one_line(&e.to_string()),
@@ -771,12 +804,7 @@ fn read_pixels(path: &Path, info: &SliceInfo) -> Result<Vec<f32>, DicomError> {
 /// holds, before the parser would allocate that many. Encapsulated (undefined length) data and
 /// implicit VR files are left to the parser, whose allocations are then bounded by Rows x
 /// Columns checks and the file size.
-fn check_pixel_data_length(path: &Path) -> Result<(), DicomError> {
-    let p = name_of(path);
-    let bytes = std::fs::read(path).map_err(|err| DicomError::Io {
-        path: p.clone(),
-        err,
-    })?;
+fn check_pixel_data_length(p: &str, bytes: &[u8]) -> Result<(), DicomError> {
     let at = bytes.windows(8).position(|w| {
         w[..4] == [0xE0, 0x7F, 0x10, 0x00] && (w[4..] == *b"OW\0\0" || w[4..] == *b"OB\0\0")
     });
@@ -786,7 +814,7 @@ fn check_pixel_data_length(path: &Path) -> Result<(), DicomError> {
             let remaining = bytes.len() - (at + 12).min(bytes.len());
             if len != 0xFFFF_FFFF && len > remaining {
                 return Err(DicomError::Bad {
-                    path: p,
+                    path: p.to_string(),
                     tag: "PixelData",
                     msg: format!(
                         "declares {len} bytes but only {remaining} remain in the file (truncated?)"

@@ -24,6 +24,7 @@ pub mod dicom;
 pub mod nifti;
 pub mod nrrd;
 
+use crate::confine::Opener;
 use std::path::{Path, PathBuf};
 
 /// Largest volume accepted, in voxels (2^29: 2 GiB of f32, e.g. 512 x 512 x 2048).
@@ -314,27 +315,38 @@ pub fn decompose_affine(
 }
 
 /// Reads a CT volume: a DICOM series folder (`series_uid` picks one when it holds several),
-/// a NIfTI file or an NRRD file.
+/// a NIfTI file or an NRRD file, from anywhere (the command line).
 pub fn read(path: &Path, series_uid: Option<&str>) -> Result<Volume, VolumeError> {
-    let meta = std::fs::metadata(path).map_err(|err| VolumeError::Io {
+    read_in(&Opener::unconfined(), path, series_uid)
+}
+
+/// [`read`] with every file (folder members and NRRD data files included) opened through
+/// `opener` (see [`crate::confine`]).
+pub fn read_in(
+    opener: &Opener,
+    path: &Path,
+    series_uid: Option<&str>,
+) -> Result<Volume, VolumeError> {
+    let io = |err| VolumeError::Io {
         path: path.display().to_string(),
         err,
-    })?;
-    if meta.is_dir() {
-        return dicom::read_series(path, series_uid);
-    }
+    };
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().to_ascii_lowercase())
         .unwrap_or_default();
     if name.ends_with(".nii") || name.ends_with(".nii.gz") {
-        nifti::read(path)
+        nifti::read_file(path, opener.open_file(path).map_err(io)?)
     } else if name.ends_with(".nrrd") || name.ends_with(".nhdr") {
-        nrrd::read(path)
+        nrrd::read_file(opener, path, opener.open_file(path).map_err(io)?)
     } else {
-        Err(VolumeError::UnknownFormat {
-            path: path.display().to_string(),
-        })
+        match opener.open_dir(path) {
+            Ok(dir) => dicom::read_series_dir(&dir, series_uid),
+            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => Err(VolumeError::UnknownFormat {
+                path: path.display().to_string(),
+            }),
+            Err(e) => Err(io(e)),
+        }
     }
 }
 

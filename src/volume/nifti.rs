@@ -13,7 +13,7 @@ use super::{
     check_dims, decompose_affine, read_at_most, Format, Sample, Volume, VolumeError, VolumeIds,
 };
 use flate2::read::GzDecoder;
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek};
 use std::path::Path;
 
 /// Errors reading a NIfTI file.
@@ -70,6 +70,15 @@ pub enum NiftiError {
 
 /// Reads a `.nii` or `.nii.gz` file.
 pub fn read(path: &Path) -> Result<Volume, VolumeError> {
+    let file = std::fs::File::open(path).map_err(|err| NiftiError::Io {
+        path: path.display().to_string(),
+        err,
+    })?;
+    read_file(path, file)
+}
+
+/// Reads a `.nii` or `.nii.gz` file from its opened descriptor (`path` names it in messages).
+pub fn read_file(path: &Path, mut file: std::fs::File) -> Result<Volume, VolumeError> {
     let p = path.display().to_string();
     let io = |err: std::io::Error| NiftiError::Io {
         path: p.clone(),
@@ -80,7 +89,6 @@ pub fn read(path: &Path) -> Result<Volume, VolumeError> {
         field,
         msg,
     };
-    let file = std::fs::File::open(path).map_err(io)?;
     let file_len = file.metadata().map_err(io)?.len();
     let mut gz_magic = [0u8; 2];
     {
@@ -90,7 +98,7 @@ pub fn read(path: &Path) -> Result<Volume, VolumeError> {
             gz_magic = [0, 0];
         }
     }
-    let file = std::fs::File::open(path).map_err(io)?;
+    file.seek(std::io::SeekFrom::Start(0)).map_err(io)?;
     let gz = gz_magic == [0x1f, 0x8b];
     let mut reader: Box<dyn Read> = if gz {
         Box::new(GzDecoder::new(BufReader::new(file)))

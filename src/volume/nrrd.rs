@@ -14,6 +14,7 @@ use super::{
 };
 use flate2::read::GzDecoder;
 use std::io::{BufRead, BufReader, Read};
+use crate::confine::Opener;
 use std::path::Path;
 
 /// Longest header accepted, in bytes.
@@ -59,8 +60,19 @@ pub enum NrrdError {
     },
 }
 
-/// Reads an NRRD file (`.nrrd` or `.nhdr`).
+/// Reads an NRRD file (`.nrrd` or `.nhdr`), from anywhere (the command line).
 pub fn read(path: &Path) -> Result<Volume, VolumeError> {
+    let opener = Opener::unconfined();
+    let file = opener.open_file(path).map_err(|err| NrrdError::Io {
+        path: path.display().to_string(),
+        err,
+    })?;
+    read_file(&opener, path, file)
+}
+
+/// Reads an NRRD file from its opened descriptor; a detached `data file:` is opened through
+/// `opener` (relative names against the header's folder), so it too must lie in the roots.
+pub fn read_file(opener: &Opener, path: &Path, file: std::fs::File) -> Result<Volume, VolumeError> {
     let p = path.display().to_string();
     let io = |err: std::io::Error| NrrdError::Io {
         path: p.clone(),
@@ -71,7 +83,6 @@ pub fn read(path: &Path) -> Result<Volume, VolumeError> {
         field: name.to_string(),
         msg,
     };
-    let file = std::fs::File::open(path).map_err(io)?;
     let mut reader = BufReader::new(file);
 
     // Header: magic line, then "key: value" / "key:=value" / "# comment" lines up to a blank
@@ -279,7 +290,7 @@ pub fn read(path: &Path) -> Result<Volume, VolumeError> {
         }
         Some(name) => {
             let dp = path.parent().unwrap_or(Path::new(".")).join(name);
-            let f = std::fs::File::open(&dp).map_err(|err| NrrdError::Io {
+            let f = opener.open_file(&dp).map_err(|err| NrrdError::Io {
                 path: format!("{} (data file of {p})", dp.display()),
                 err,
             })?;
