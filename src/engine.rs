@@ -12,64 +12,56 @@ pub trait Scorer: Send + Sync {
     fn model_info(&self) -> ModelInfo;
     /// Scores `nodules` (any number, any mix of patients) into one report.
     fn score(&self, nodules: &[NoduleInput]) -> anyhow::Result<ScoreReport>;
+    /// Scores the model's recorded golden input (a bundle's) against its recorded outputs;
+    /// `Ok` for models that carry none.
+    fn golden_check(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 /// Loads the model at `path` for scoring: a bundle directory (has `manifest.json`), a model
 /// store (has a `current` link: its current bundle) or a checkpoint folder
-/// (`fold_{k}/best_both.pt` + `calibration.json`).
+/// (`fold_{k}/best_both.pt` + `calibration.json`). A bundle is always verified (every file's
+/// SHA-256, on the mappings that are then served: see [`crate::bundle::open_verified`]).
 pub fn load(path: &std::path::Path) -> anyhow::Result<Arc<dyn Scorer>> {
-    let path = resolve(path);
-    if path.join(crate::bundle::MANIFEST).is_file() {
-        return Ok(Arc::new(CheckpointScorer::load_bundle(&path)?));
-    }
-    Ok(Arc::new(CheckpointScorer::load(&path)?))
+    load_verified(path, None)
 }
 
-/// Like [`load`], but a bundle is first verified (every file's SHA-256, and the signature
-/// when `public_key` is given: unsigned or wrongly signed bundles are refused).
+/// Like [`load`], and with `public_key` the bundle's signature is checked too (on the manifest
+/// bytes that are then used): unsigned or wrongly signed bundles, and anything that is not a
+/// bundle, are refused.
 pub fn load_verified(
     path: &std::path::Path,
     public_key: Option<&crate::bundle::sign::PublicKey>,
 ) -> anyhow::Result<Arc<dyn Scorer>> {
-    verify_signed(path, public_key)?;
-    load(&resolve(path))
-}
-
-/// Checks a model path as [`load_verified`] does, without loading it: a bundle (or a store's
-/// `current` bundle) verifies (hashes, and the signature when `public_key` is given); with a
-/// key, anything that is not a bundle is refused.
-pub fn verify_signed(
-    path: &std::path::Path,
-    public_key: Option<&crate::bundle::sign::PublicKey>,
-) -> anyhow::Result<()> {
-    let path = resolve(path);
-    if path.join(crate::bundle::MANIFEST).is_file() {
-        crate::bundle::verify(&path, public_key)?;
-    } else if public_key.is_some() {
+    if is_bundle(path) {
+        let opened = crate::bundle::open_verified(path, public_key)?;
+        return Ok(Arc::new(CheckpointScorer::from_opened(&opened)?));
+    }
+    if public_key.is_some() {
         anyhow::bail!(
             "{}: not a bundle; a public key is configured, so only signed bundles are loaded",
             path.display()
         );
     }
-    Ok(())
+    Ok(Arc::new(CheckpointScorer::load(path)?))
 }
 
-/// A store directory resolves to its `current` bundle; anything else to itself.
-fn resolve(path: &std::path::Path) -> std::path::PathBuf {
-    let current = path.join(crate::bundle::store::CURRENT);
-    if !path.join(crate::bundle::MANIFEST).is_file()
-        && current.join(crate::bundle::MANIFEST).is_file()
-    {
-        current.canonicalize().unwrap_or(current)
-    } else {
-        path.to_path_buf()
-    }
+/// Whether `path` is a bundle, or a store with a `current` bundle.
+fn is_bundle(path: &std::path::Path) -> bool {
+    path.join(crate::bundle::MANIFEST).is_file()
+        || path
+            .join(crate::bundle::store::CURRENT)
+            .join(crate::bundle::MANIFEST)
+            .is_file()
 }
 
 /// A checkpoint folder's or a bundle's model, on the device [`crate::device::current`] names.
 pub struct CheckpointScorer {
     model: NoduleModel,
     info: ModelInfo,
+    /// A bundle's golden input and recorded outputs (from the verified mapping).
+    golden: Option<(crate::nodule::Planes01, crate::model::bundle::Golden)>,
 }
 
 impl CheckpointScorer {
@@ -98,15 +90,29 @@ impl CheckpointScorer {
             fallback: placement.fallback,
             version: None,
         };
-        Ok(Self { model, info })
+        Ok(Self {
+            model,
+            info,
+            golden: None,
+        })
     }
 
-    /// Loads the bundle directory at `path` onto the process's device (on the CPU q8_0
-    /// weights stay mapped; on a GPU they are dequantised to the tower's dtype).
+    /// Loads the bundle directory at `path` (verified, no key) onto the process's device.
     pub fn load_bundle(path: &std::path::Path) -> Result<Self, crate::model::ModelError> {
+        Self::from_opened(&crate::bundle::open_verified(path, None)?)
+    }
+
+    /// Loads an opened, verified bundle onto the process's device (on the CPU q8_0 weights
+    /// stay mapped; on a GPU they are dequantised to the tower's dtype).
+    pub fn from_opened(bundle: &crate::bundle::Opened) -> Result<Self, crate::model::ModelError> {
+        let path = bundle.dir.as_path();
         let started = std::time::Instant::now();
         let placement = crate::device::current();
-        let (model, info) = NoduleModel::load_bundle(path)?;
+        let (model, info) = NoduleModel::load_opened(bundle)?;
+        let g = &info.payload.golden;
+        let golden_planes = crate::model::bundle::golden_planes(
+            &crate::model::bundle::opened_file(bundle, &g.file)?,
+        )?;
         let model = model.placed(&placement)?;
         tracing::info!(
             model = %path.display(),
@@ -123,7 +129,11 @@ impl CheckpointScorer {
             fallback: placement.fallback,
             version: Some(info.manifest.version),
         };
-        Ok(Self { model, info })
+        Ok(Self {
+            model,
+            info,
+            golden: Some((golden_planes, g.clone())),
+        })
     }
 
     /// The loaded model.
@@ -135,6 +145,13 @@ impl CheckpointScorer {
 impl Scorer for CheckpointScorer {
     fn model_info(&self) -> ModelInfo {
         self.info.clone()
+    }
+
+    fn golden_check(&self) -> anyhow::Result<()> {
+        match &self.golden {
+            Some((planes, golden)) => compare_golden(&self.model, planes, golden),
+            None => Ok(()),
+        }
     }
 
     fn score(&self, nodules: &[NoduleInput]) -> anyhow::Result<ScoreReport> {
@@ -231,7 +248,16 @@ pub fn self_test(dir: &std::path::Path) -> anyhow::Result<()> {
     let (model, info) = NoduleModel::load_bundle(dir)?;
     let golden = &info.payload.golden;
     let planes = crate::model::bundle::read_golden(dir, golden)?;
-    let out = model.forward(&[&planes])?;
+    compare_golden(&model, &planes, golden)
+}
+
+/// Scores `planes` and compares with the golden record, within its tolerance.
+fn compare_golden(
+    model: &NoduleModel,
+    planes: &crate::nodule::Planes01,
+    golden: &crate::model::bundle::Golden,
+) -> anyhow::Result<()> {
+    let out = model.forward(&[planes])?;
     let tol = golden.tolerance;
     for (k, fold) in out[0].folds.iter().enumerate() {
         // NaN counts as the largest difference.

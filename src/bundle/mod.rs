@@ -7,16 +7,26 @@
 //!   manifest.json.minisig  Ed25519 signature over manifest.json (see [`sign`])
 //!   ...                    the weight files the manifest lists (see models/README.md)
 //! ```
-//! Integrity is checked in one place, [`verify`]: the manifest parses, every listed file
-//! exists with its SHA-256, no unlisted file is present, and, when a public key is given,
-//! the signature verifies. What the weight files hold is the model loader's business.
+//! Integrity is checked in one place, [`open_verified`] ([`verify`] is it without the maps):
+//! the folder is opened once (a store's `current` link is resolved once, to a descriptor),
+//! the manifest is read once from it and the signature, when a public key is given, checked
+//! on those bytes; every listed file is opened once beneath the folder (no symlinks), mapped
+//! read-only and private, and its SHA-256 computed *from the mapping*, which is then what the
+//! model loader uses: what is verified is what is served, at every load, key or no key.
+//! An in-place write to a mapped file after the check would show through the mapping
+//! (Linux shares unmodified private pages with the page cache): the store makes bundle files
+//! 0444 in 0555 folders, the unit gives the daemon no write access to installed bundles it did
+//! not create, and every reload hashes again. What the weight files hold is the model
+//! loader's business.
 
+pub mod rollback;
 pub mod sign;
 pub mod store;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
+use crate::model::mapped::SharedMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -139,12 +149,17 @@ impl Manifest {
     /// Reads and parses `BUNDLE/manifest.json` (no hash checks: see [`verify`]).
     pub fn read(bundle: &Path) -> Result<Self, BundleError> {
         let path = bundle.join(MANIFEST);
-        let p = path.display().to_string();
         let bytes = std::fs::read(&path).map_err(|source| BundleError::Io {
-            path: p.clone(),
+            path: path.display().to_string(),
             source,
         })?;
-        let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| BundleError::Manifest {
+        Self::parse(&bytes, &path)
+    }
+
+    /// Parses manifest bytes read from `path` (named in messages).
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<Self, BundleError> {
+        let p = path.display().to_string();
+        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| BundleError::Manifest {
             path: p.clone(),
             msg: e.to_string(),
         })?;
@@ -246,37 +261,109 @@ pub struct Verified {
 }
 
 /// Checks a bundle: manifest, every file's SHA-256, no extra files, and the signature when
-/// `public_key` is given (then an unsigned bundle is refused).
+/// `public_key` is given (then an unsigned bundle is refused). See [`open_verified`].
 pub fn verify(
     bundle: &Path,
     public_key: Option<&sign::PublicKey>,
 ) -> Result<Verified, BundleError> {
-    let manifest = Manifest::read(bundle)?;
+    let o = open_verified(bundle, public_key)?;
+    Ok(Verified {
+        manifest: o.manifest,
+        signed: o.signed,
+    })
+}
+
+/// A bundle opened and verified once; its files' mappings are what was hashed.
+pub struct Opened {
+    /// The bundle folder as resolved when opened (a store's `current` target), for messages.
+    pub dir: PathBuf,
+    /// The manifest, parsed from the bytes the signature was checked on.
+    pub manifest: Manifest,
+    /// The signature's trusted comment when a key checked it.
+    pub signed: Option<String>,
+    maps: BTreeMap<String, SharedMap>,
+}
+
+impl Opened {
+    /// The verified mapping of listed file `name`.
+    pub fn map(&self, name: &str) -> Result<SharedMap, BundleError> {
+        self.maps
+            .get(name)
+            .cloned()
+            .ok_or_else(|| BundleError::Missing {
+                path: self.dir.join(name).display().to_string(),
+            })
+    }
+
+    /// `dir/name`, for messages.
+    pub fn path_of(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+/// Opens `bundle` (a bundle folder, or a store whose `current` it resolves once), reads the
+/// manifest once, checks the signature on those bytes when `public_key` is given, maps every
+/// listed file opened beneath the folder and checks the SHA-256 of the mapping; refuses
+/// unlisted entries.
+pub fn open_verified(
+    bundle: &Path,
+    public_key: Option<&sign::PublicKey>,
+) -> Result<Opened, BundleError> {
+    let io = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| BundleError::Io { path, source }
+    };
+    let mut dir = bundle.to_path_buf();
+    if !bundle.join(MANIFEST).exists() && bundle.join(store::CURRENT).exists() {
+        dir = bundle.join(store::CURRENT);
+    }
+    let dir = dir.canonicalize().map_err(io(&dir))?;
+    let opener = crate::confine::Opener::confined(std::slice::from_ref(&dir)).map_err(io(&dir))?;
+    let folder = opener.open_dir(&dir).map_err(io(&dir))?;
+    let read_member = |name: &str| -> Result<Vec<u8>, BundleError> {
+        let mut bytes = Vec::new();
+        folder
+            .open_file(std::ffi::OsStr::new(name))
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .map_err(io(&dir.join(name)))?;
+        Ok(bytes)
+    };
+    let manifest_bytes = read_member(MANIFEST)?;
+    let manifest = Manifest::parse(&manifest_bytes, &dir.join(MANIFEST))?;
     let signed = match public_key {
         Some(key) => {
-            let sig = bundle.join(SIGNATURE);
-            if !sig.exists() {
-                return Err(BundleError::Unsigned {
-                    path: sig.display().to_string(),
-                });
-            }
-            let msg_path = bundle.join(MANIFEST);
-            let msg = std::fs::read(&msg_path).map_err(|source| BundleError::Io {
-                path: msg_path.display().to_string(),
-                source,
-            })?;
-            Some(key.verify(&msg, &sig)?)
+            let sig_path = dir.join(SIGNATURE);
+            let sig = match read_member(SIGNATURE) {
+                Err(BundleError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    return Err(BundleError::Unsigned {
+                        path: sig_path.display().to_string(),
+                    })
+                }
+                other => other?,
+            };
+            Some(key.verify_bytes(&manifest_bytes, &sig, &sig_path)?)
         }
         None => None,
     };
+    let mut maps = BTreeMap::new();
     for (name, expected) in &manifest.files {
-        let path = bundle.join(name);
-        if !path.is_file() {
-            return Err(BundleError::Missing {
-                path: path.display().to_string(),
-            });
-        }
-        let actual = sha256_file(&path)?;
+        let path = dir.join(name);
+        let file = match folder.open_file(std::ffi::OsStr::new(name)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(BundleError::Missing {
+                    path: path.display().to_string(),
+                })
+            }
+            Err(e) => return Err(io(&path)(e)),
+        };
+        // SAFETY: a private read-only mapping of a file whose bytes are hashed below; see the
+        // module doc for in-place writes.
+        let map = unsafe { memmap2::MmapOptions::new().map_copy_read_only(&file) }
+            .map_err(io(&path))?;
+        let actual = hex::encode(Sha256::digest(&map[..]));
         if &actual != expected {
             return Err(BundleError::Hash {
                 path: path.display().to_string(),
@@ -284,15 +371,21 @@ pub fn verify(
                 actual,
             });
         }
+        maps.insert(name.clone(), std::sync::Arc::new(map));
     }
-    for name in list_files(bundle)? {
+    for name in list_files(&dir)? {
         if name != MANIFEST && name != SIGNATURE && !manifest.files.contains_key(&name) {
             return Err(BundleError::Unlisted {
-                path: bundle.join(name).display().to_string(),
+                path: dir.join(name).display().to_string(),
             });
         }
     }
-    Ok(Verified { manifest, signed })
+    Ok(Opened {
+        dir,
+        manifest,
+        signed,
+        maps,
+    })
 }
 
 /// Signs `BUNDLE/manifest.json` with `key`, writing `manifest.json.minisig`.

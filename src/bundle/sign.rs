@@ -224,7 +224,23 @@ impl PublicKey {
     /// Verifies the signature file `sig_path` over `message`, returning the trusted comment.
     pub fn verify(&self, message: &[u8], sig_path: &Path) -> Result<String, SignError> {
         let text = read_text(sig_path)?;
+        self.verify_bytes(message, text.as_bytes(), sig_path)
+    }
+
+    /// [`Self::verify`] on signature file bytes already read (`sig_path` names them).
+    pub fn verify_bytes(
+        &self,
+        message: &[u8],
+        sig: &[u8],
+        sig_path: &Path,
+    ) -> Result<String, SignError> {
         let p = sig_path.display().to_string();
+        let text = std::str::from_utf8(sig)
+            .map_err(|_| SignError::Format {
+                path: p.clone(),
+                msg: "not UTF-8 text".into(),
+            })?
+            .to_string();
         let raw = payload(sig_path, &text, 1, 74)?;
         if raw[2..10] != self.key_id {
             return Err(SignError::Format {

@@ -127,7 +127,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Action::Rollback { store, pubkey } => {
             let key = read_key(&pubkey)?;
             let st = store::Store::open(&store)?;
+            let from = st
+                .current()
+                .and_then(|c| bundle::Manifest::read(&c).ok())
+                .map(|m| m.version)
+                .unwrap_or(0);
             let cur = st.rollback(key.as_ref())?;
+            // The daemon serves a version below the highest it served only after this record.
+            let to = bundle::Manifest::read(&cur)?;
+            let rec = bundle::rollback::record(&store, from, &to).map_err(anyhow::Error::msg)?;
+            tracing::warn!(from = rec.from_version, to = %rec.to, "rollback recorded for the daemon");
             println!(
                 "{}",
                 serde_json::json!({"current": cur, "previous": st.previous()})

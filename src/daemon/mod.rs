@@ -78,8 +78,10 @@ pub enum DaemonError {
     },
 }
 
-/// Loads a model from a path; `engine::load` in the daemon, injectable for tests.
-pub type ModelLoader = fn(&Path) -> anyhow::Result<Arc<dyn Scorer>>;
+/// Loads a model from a path, with the signature checked when a key is given;
+/// `engine::load_verified` in the daemon, injectable for tests.
+pub type ModelLoader =
+    fn(&Path, Option<&crate::bundle::sign::PublicKey>) -> anyhow::Result<Arc<dyn Scorer>>;
 
 /// State shared by the daemon's tasks.
 pub struct Shared {
@@ -182,15 +184,13 @@ pub fn load_checked(
     loader: ModelLoader,
     path: &Path,
     public_key: Option<&crate::bundle::sign::PublicKey>,
+    state_dir: &Path,
 ) -> Result<Arc<dyn Scorer>, DaemonError> {
     let err = |msg: String| DaemonError::Model {
         path: path.display().to_string(),
         msg,
     };
-    if public_key.is_some() {
-        crate::engine::verify_signed(path, public_key).map_err(|e| err(format!("{e:#}")))?;
-    }
-    let scorer = loader(path).map_err(|e| err(format!("{e:#}")))?;
+    let scorer = loader(path, public_key).map_err(|e| err(format!("{e:#}")))?;
     let mut planes = vec![0.1f32; N_PLANES * PLANE_SIDE * PLANE_SIDE];
     let c = PLANE_SIDE as f32 / 2.0;
     for (i, v) in planes.iter_mut().enumerate() {
@@ -228,15 +228,23 @@ pub fn load_checked(
             "self-test: outputs not finite probabilities (or attention does not sum to 1)".into(),
         ));
     }
+    // A bundle also carries a golden input recorded at convert time.
+    scorer
+        .golden_check()
+        .map_err(|e| err(format!("bundle self-test: {e:#}")))?;
+    let info = scorer.model_info();
+    if let Some(v) = info.version {
+        crate::bundle::rollback::admit(state_dir, path, &info.id, v).map_err(err)?;
+    }
     Ok(scorer)
 }
 
-/// Runs the daemon until `shutdown` resolves, loading the model with [`crate::engine::load`].
+/// Runs the daemon until `shutdown` resolves, loading the model with [`crate::engine::load_verified`].
 pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
-    run_with(settings, crate::engine::load, shutdown).await
+    run_with(settings, crate::engine::load_verified, shutdown).await
 }
 
 /// [`run`] with the model loader given.
@@ -284,9 +292,11 @@ pub async fn run_with(
     systemd::status("loading model");
     let model_path = settings.model_path.clone();
     let model_key = settings.model_public_key.clone();
+    let state_dir = settings.state_dir.clone();
     let t = Instant::now();
-    let scorer =
-        tokio::task::spawn_blocking(move || load_checked(loader, &model_path, model_key.as_ref()))
+    let scorer = tokio::task::spawn_blocking(move || {
+        load_checked(loader, &model_path, model_key.as_ref(), &state_dir)
+    })
             .await
             .map_err(|e| DaemonError::Model {
                 path: settings.model_path.display().to_string(),
@@ -446,16 +456,9 @@ async fn reload(shared: &Arc<Shared>, loader: ModelLoader) {
     let path = shared.settings.model_path.clone();
     let key = shared.settings.model_public_key.clone();
     tracing::info!(model = %path.display(), "reloading the model");
+    let state_dir = shared.settings.state_dir.clone();
     let loaded = tokio::task::spawn_blocking(move || {
-        let scorer = load_checked(loader, &path, key.as_ref())?;
-        // A bundle also carries a golden input recorded at convert time: check it too.
-        if path.join(crate::bundle::MANIFEST).exists() {
-            crate::engine::self_test(&path).map_err(|e| DaemonError::Model {
-                path: path.display().to_string(),
-                msg: format!("bundle self-test: {e:#}"),
-            })?;
-        }
-        Ok::<_, DaemonError>(scorer)
+        load_checked(loader, &path, key.as_ref(), &state_dir)
     })
     .await;
     match loaded {

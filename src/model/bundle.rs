@@ -22,7 +22,7 @@ use super::mapped::{MappedQ8, Q8Kernel, SharedMap, Q8_0_BLOCK_BYTES, Q8_0_BLOCK_
 use super::prompts::{Feature, ZeroShotSpec};
 use super::weights::Weights;
 use super::{ModelError, NoduleModel};
-use crate::bundle::Manifest;
+use crate::bundle::{Manifest, Opened};
 use crate::nodule::{Planes01, N_PLANES, PLANE_SIDE};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -137,12 +137,16 @@ pub struct BundleInfo {
 impl BundleInfo {
     /// Reads `dir/manifest.json` and checks config and payload against each other.
     pub fn read(dir: &Path) -> Result<Self, ModelError> {
+        Self::from_manifest(Manifest::read(dir)?, dir)
+    }
+
+    /// Checks an already read manifest (of the bundle in `dir`, named in messages).
+    pub fn from_manifest(manifest: Manifest, dir: &Path) -> Result<Self, ModelError> {
         let path = dir.join(crate::bundle::MANIFEST).display().to_string();
         let err = |msg: String| ModelError::Config {
             path: path.clone(),
             msg,
         };
-        let manifest = Manifest::read(dir)?;
         let config: ModelConfig = serde_json::from_value(manifest.config.clone())
             .map_err(|e| err(format!("`config`: {e}")))?;
         config
@@ -209,7 +213,17 @@ impl MappedFile {
         // SAFETY: bundle files are immutable once installed (read-only store directories);
         // a file truncated under the mapping would fault, which the store's rules prevent.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| read_err(e.to_string()))?;
-        let map = Arc::new(map);
+        Self::from_map(path, Arc::new(map))
+    }
+
+    /// Parses the safetensors header of a mapping already made (and verified: see
+    /// [`crate::bundle::open_verified`]) of the file at `path` (named in messages).
+    pub fn from_map(path: &Path, map: SharedMap) -> Result<Self, ModelError> {
+        let p = path.display().to_string();
+        let read_err = |msg: String| ModelError::Read {
+            path: p.clone(),
+            msg,
+        };
         let st = safetensors::SafeTensors::deserialize(&map[..])
             .map_err(|e| read_err(format!("safetensors header: {e}")))?;
         let base = map.as_ptr() as usize;
@@ -342,7 +356,16 @@ fn all_finite(t: &Tensor) -> Result<bool, ModelError> {
 
 /// Reads the golden input `planes01` (U8, value / 255) from `dir/<golden.file>`.
 pub fn read_golden(dir: &Path, golden: &Golden) -> Result<Planes01, ModelError> {
-    let f = MappedFile::open(&dir.join(&golden.file))?;
+    golden_planes(&MappedFile::open(&dir.join(&golden.file))?)
+}
+
+/// The verified bundle's member `name`, mapped (see [`crate::bundle::open_verified`]).
+pub fn opened_file(bundle: &Opened, name: &str) -> Result<MappedFile, ModelError> {
+    MappedFile::from_map(&bundle.path_of(name), bundle.map(name)?)
+}
+
+/// The golden input `planes01` (U8, value / 255) of an opened golden file.
+pub fn golden_planes(f: &MappedFile) -> Result<Planes01, ModelError> {
     let bytes = f.bytes(GOLDEN_KEY, &[N_PLANES, PLANE_SIDE, PLANE_SIDE])?;
     Planes01::new(bytes.iter().map(|&b| b as f32 / 255.0).collect()).map_err(|e| ModelError::Read {
         path: f.path().to_string(),
@@ -351,14 +374,19 @@ pub fn read_golden(dir: &Path, golden: &Golden) -> Result<Planes01, ModelError> 
 }
 
 impl NoduleModel {
-    /// Loads a bundle directory: maps the vision base (q8_0 weights stay in the mapping),
-    /// reads every fold's adapters, heads and prompt embeddings. No integrity check here:
-    /// see [`crate::bundle::verify`].
+    /// Loads a bundle directory after verifying it (hashes; no key): see [`Self::load_opened`].
     pub fn load_bundle(dir: &Path) -> Result<(Self, BundleInfo), ModelError> {
-        let info = BundleInfo::read(dir)?;
+        Self::load_opened(&crate::bundle::open_verified(dir, None)?)
+    }
+
+    /// Loads an opened, verified bundle from its verified mappings: the vision base (q8_0
+    /// weights stay in the mapping), every fold's adapters, heads and prompt embeddings.
+    pub fn load_opened(bundle: &Opened) -> Result<(Self, BundleInfo), ModelError> {
+        let dir = bundle.dir.as_path();
+        let info = BundleInfo::from_manifest(bundle.manifest.clone(), dir)?;
         let cfg = &info.config;
         let payload = &info.payload;
-        let base = MappedFile::open(&dir.join(&payload.base))?;
+        let base = opened_file(bundle, &payload.base)?;
         let q8: std::collections::HashSet<&str> = payload.q8_0.iter().map(String::as_str).collect();
         let all_specs = specs(cfg);
         let kernel = Q8Kernel::from_env();
@@ -393,7 +421,7 @@ impl NoduleModel {
         let mut fold_dirs = Vec::new();
         for entry in &info.manifest.folds {
             let path = dir.join(&entry.file);
-            let f = MappedFile::open(&path)?;
+            let f = opened_file(bundle, &entry.file)?;
             let mut own = HashMap::new();
             for spec in all_specs.iter().filter(|s| s.role == Role::Fold) {
                 own.insert(

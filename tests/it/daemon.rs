@@ -94,7 +94,7 @@ fn folder_jobs_good_and_bad_and_the_daemon_keeps_serving() {
     for (name, needle) in [
         ("bad_json", "job JSON"),
         ("bad_field", "priority"),
-        ("bad_root", "outside the data roots"),
+        ("bad_root", "outside data_roots"),
         ("huge", "1073741824 bytes is more than jobs.max_job_bytes"),
     ] {
         let err_file = format!("{name}.error.json");

@@ -4,6 +4,7 @@
 mod bench;
 mod bundle;
 mod bundle_store;
+mod confine;
 mod daemon;
 mod daemon_ct;
 mod daemon_support;
