@@ -172,6 +172,8 @@ pub struct HealthConfig {
     pub enabled: bool,
     /// Listen address; keep it on loopback (port 0 picks a free one).
     pub listen: String,
+    /// Accept a `listen` address other than loopback (the endpoint has no authentication).
+    pub allow_remote: bool,
 }
 
 impl Default for Config {
@@ -264,6 +266,7 @@ impl Default for HealthConfig {
         Self {
             enabled: true,
             listen: "127.0.0.1:9464".into(),
+            allow_remote: false,
         }
     }
 }
@@ -436,12 +439,21 @@ impl Config {
             None
         };
         let health = if self.health.enabled {
-            Some(self.health.listen.parse::<SocketAddr>().map_err(|e| {
+            let addr = self.health.listen.parse::<SocketAddr>().map_err(|e| {
                 invalid(
                     "health.listen",
                     format!("`{}`: {e} (e.g. 127.0.0.1:9464)", self.health.listen),
                 )
-            })?)
+            })?;
+            if !addr.ip().is_loopback() && !self.health.allow_remote {
+                return Err(invalid(
+                    "health.listen",
+                    format!(
+                        "`{addr}` is not a loopback address; set health.allow_remote = true to serve the unauthenticated endpoint there"
+                    ),
+                ));
+            }
+            Some(addr)
         } else {
             None
         };
@@ -510,6 +522,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("device `gpu`"), "{err}");
+    }
+
+    #[test]
+    fn health_binds_to_loopback_unless_allow_remote() {
+        let cfg: Config = toml::from_str("[health]\nlisten = \"0.0.0.0:0\"\n").unwrap();
+        let err = cfg.validate(Path::new("/")).unwrap_err().to_string();
+        assert!(err.contains("health.listen") && err.contains("allow_remote"), "{err}");
+        let cfg: Config =
+            toml::from_str("[health]\nlisten = \"0.0.0.0:0\"\nallow_remote = true\n").unwrap();
+        assert!(cfg.validate(Path::new("/")).unwrap().health.is_some());
+        let cfg: Config = toml::from_str("[health]\nlisten = \"[::1]:0\"\n").unwrap();
+        assert!(cfg.validate(Path::new("/")).is_ok());
     }
 
     #[test]

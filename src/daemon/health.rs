@@ -4,7 +4,8 @@
 //!
 //! Written in-house on a tokio `TcpListener`: three GET routes with no bodies, keep-alive
 //! or TLS do not justify a web framework and its dependency tree. Requests are read up to
-//! 8 KiB and 5 s; anything else gets 404 / 405 / 400 and the connection is closed.
+//! 8 KiB and 5 s; anything else gets 404 / 405 / 400 and the connection is closed. At most
+//! [`MAX_CONNECTIONS`] are answered at once; more wait in the kernel's backlog.
 
 use super::Shared;
 use std::sync::Arc;
@@ -12,13 +13,24 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+/// Connections answered at once.
+pub const MAX_CONNECTIONS: usize = 32;
+
 /// Serves until `stop` fires.
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let permit = tokio::select! {
+            _ = stop.changed() => return,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
         tokio::select! {
             _ = stop.changed() => return,
             acc = listener.accept() => match acc {
@@ -26,6 +38,7 @@ pub async fn serve(
                     let shared = shared.clone();
                     tokio::spawn(async move {
                         let _ = tokio::time::timeout(Duration::from_secs(5), answer(stream, &shared)).await;
+                        drop(permit);
                     });
                 }
                 Err(e) => {
