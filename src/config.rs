@@ -30,6 +30,9 @@ pub enum ConfigError {
         /// The parser's message (names the key).
         msg: String,
     },
+    /// A TLS or password file of `[mqtt]` is unusable.
+    #[error(transparent)]
+    Tls(#[from] crate::mqtt_tls::TlsError),
     /// A key has a value the daemon cannot use.
     #[error("config key `{key}`: {msg}")]
     Invalid {
@@ -132,8 +135,21 @@ pub struct MqttConfig {
     pub client_id: String,
     /// Optional user name.
     pub username: Option<String>,
-    /// Optional password.
+    /// Optional password, inline (prefer `password_file`).
     pub password: Option<String>,
+    /// File whose first line is the password; a relative name is looked up in
+    /// `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`) first, then the config's folder.
+    pub password_file: Option<PathBuf>,
+    /// Connect with TLS (rustls); the broker's certificate and name are always verified.
+    pub tls: bool,
+    /// PEM CA certificate(s) for the broker; absent means the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain (mutual TLS), with `client_key_file`.
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key of the client certificate.
+    pub client_key_file: Option<PathBuf>,
+    /// Allow a plaintext connection to a broker that is not on loopback.
+    pub allow_plaintext: bool,
     /// Topics are `<prefix>/job`, `<prefix>/result/<patient_id>`, `<prefix>/status`,
     /// `<prefix>/alert`.
     pub topic_prefix: String,
@@ -241,6 +257,12 @@ impl Default for MqttConfig {
             client_id: "noduled".into(),
             username: None,
             password: None,
+            password_file: None,
+            tls: false,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+            allow_plaintext: false,
             topic_prefix: "noduled".into(),
             job_topic: String::new(),
             keep_alive_secs: 30,
@@ -319,6 +341,8 @@ pub struct MqttSettings {
     pub client_id: String,
     /// User name and password.
     pub credentials: Option<(String, String)>,
+    /// TLS files when `mqtt.tls` is on.
+    pub tls: Option<crate::mqtt_tls::TlsFiles>,
     /// Topic prefix without a trailing slash.
     pub prefix: String,
     /// Job topic.
@@ -406,7 +430,47 @@ impl Config {
             } else {
                 m.job_topic.clone()
             };
-            let credentials = match (&m.username, &m.password) {
+            let password = match (&m.password, &m.password_file) {
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        "mqtt.password_file",
+                        "set either mqtt.password or mqtt.password_file, not both".into(),
+                    ))
+                }
+                (_, Some(f)) => {
+                    let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+                    let path = crate::mqtt_tls::password_path(f, base, creds.as_deref());
+                    Some(crate::mqtt_tls::read_password(&path)?)
+                }
+                (p, None) => p.clone(),
+            };
+            let tls_files = [&m.ca_file, &m.client_cert_file, &m.client_key_file];
+            if !m.tls && tls_files.iter().any(|f| f.is_some()) {
+                return Err(invalid(
+                    "mqtt.tls",
+                    "TLS files are set but mqtt.tls = false; set mqtt.tls = true".into(),
+                ));
+            }
+            if !m.tls && !m.allow_plaintext && !crate::mqtt_tls::is_loopback(&m.host) {
+                return Err(invalid(
+                    "mqtt.tls",
+                    format!(
+                        "broker `{}` is not on loopback: set mqtt.tls = true (or mqtt.allow_plaintext = true to send patient data in clear)",
+                        m.host
+                    ),
+                ));
+            }
+            let tls = if m.tls {
+                let a = |p: &Option<PathBuf>| p.as_deref().map(abs);
+                Some(crate::mqtt_tls::TlsFiles::read(
+                    a(&m.ca_file).as_deref(),
+                    a(&m.client_cert_file).as_deref(),
+                    a(&m.client_key_file).as_deref(),
+                )?)
+            } else {
+                None
+            };
+            let credentials = match (&m.username, &password) {
                 (Some(u), p) => Some((u.clone(), p.clone().unwrap_or_default())),
                 (None, Some(_)) => {
                     return Err(invalid("mqtt.password", "set `mqtt.username` too".into()))
@@ -426,6 +490,7 @@ impl Config {
                 port: m.port,
                 client_id: m.client_id.clone(),
                 credentials,
+                tls,
                 prefix,
                 job_topic,
                 keep_alive: Duration::from_secs(m.keep_alive_secs.max(5)),

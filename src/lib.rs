@@ -34,6 +34,7 @@ pub mod engine;
 pub mod eval;
 pub mod finetune;
 pub mod model;
+pub mod mqtt_tls;
 pub mod nodule;
 pub mod nodules;
 pub mod preprocess;

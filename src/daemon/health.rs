@@ -71,10 +71,14 @@ async fn answer(mut stream: tokio::net::TcpStream, shared: &Shared) -> std::io::
     let (code, ctype, body) = match (method, path) {
         ("GET", "/healthz") => {
             if shared.worker_alive() {
-                let body = match shared.scorer().model_info().fallback {
+                let mut body = match shared.scorer().model_info().fallback {
                     Some(reason) => format!("ok (on the CPU: {reason})\n"),
                     None => "ok\n".to_string(),
                 };
+                let mqtt = shared.metrics.mqtt_last_error.lock().map(|e| e.clone()).unwrap_or_default();
+                if !mqtt.is_empty() {
+                    body.push_str(&format!("mqtt: {mqtt}\n"));
+                }
                 (200, "text/plain", body)
             } else {
                 (503, "text/plain", "worker stalled\n".to_string())

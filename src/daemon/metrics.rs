@@ -19,6 +19,10 @@ pub struct Metrics {
     pub results_published: AtomicU64,
     /// Whether the broker connection is up.
     pub mqtt_connected: AtomicBool,
+    /// Failed broker connection attempts (TLS, authentication, network).
+    pub mqtt_connect_failures: AtomicU64,
+    /// The last broker connection error, one line (empty once connected).
+    pub mqtt_last_error: Mutex<String>,
     latency: Mutex<Histogram>,
 }
 
@@ -53,6 +57,11 @@ impl Metrics {
             "noduled_jobs_done_total",
             "Jobs that produced a score.",
             self.jobs_done.load(Ordering::Relaxed),
+        );
+        counter(
+            "noduled_mqtt_connect_failures_total",
+            "Failed MQTT connection attempts (TLS, authentication, network); see /healthz.",
+            self.mqtt_connect_failures.load(Ordering::Relaxed),
         );
         counter(
             "noduled_jobs_failed_total",

@@ -73,6 +73,9 @@ pub async fn run(
                 ev = events.recv() => match ev.unwrap_or(Err(rumqttc::v5::ConnectionError::RequestsDone)) {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                         tracing::info!(host = %m.host, port = m.port, session_present = ack.session_present, "MQTT connected");
+                        if let Ok(mut last) = shared.metrics.mqtt_last_error.lock() {
+                            last.clear();
+                        }
                         conn.connected = true;
                         shared.metrics.mqtt_connected.store(true, Ordering::Relaxed);
                         backoff = Duration::from_millis(500);
@@ -130,7 +133,7 @@ pub async fn run(
                         if conn.connected {
                             tracing::warn!(error = %e, "MQTT connection lost");
                         } else {
-                            tracing::debug!(error = %e, "MQTT connect failed");
+                            connect_failed(&shared, &m, &e);
                         }
                         break false;
                     }
@@ -184,6 +187,42 @@ fn spawn_poller(mut el: rumqttc::v5::EventLoop) -> Events {
     rx
 }
 
+/// A failed connection attempt: one warning line per distinct error (TLS, authentication,
+/// network), counted and shown in /healthz until the next connection.
+fn connect_failed(shared: &Shared, m: &MqttSettings, e: &rumqttc::v5::ConnectionError) {
+    let msg = format!("{}:{}: {}", m.host, m.port, one_line_error(e));
+    shared
+        .metrics
+        .mqtt_connect_failures
+        .fetch_add(1, Ordering::Relaxed);
+    let mut last = shared
+        .metrics
+        .mqtt_last_error
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if *last != msg {
+        tracing::warn!(error = %msg, "MQTT connect failed; retrying with backoff");
+        *last = msg;
+    } else {
+        tracing::debug!(error = %msg, "MQTT connect failed");
+    }
+}
+
+/// The error with its sources, on one line ("TLS: ... : invalid peer certificate: ...").
+fn one_line_error(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = c.source();
+    }
+    s.replace('\n', " ")
+}
+
 fn options(shared: &Shared, m: &MqttSettings) -> MqttOptions {
     let mut o = MqttOptions::new(m.client_id.clone(), m.host.clone(), m.port);
     o.set_keep_alive(m.keep_alive)
@@ -204,6 +243,9 @@ fn options(shared: &Shared, m: &MqttSettings) -> MqttOptions {
     ));
     if let Some((u, p)) = &m.credentials {
         o.set_credentials(u.clone(), p.clone());
+    }
+    if let Some(tls) = &m.tls {
+        o.set_transport(tls.transport());
     }
     o
 }

@@ -49,10 +49,15 @@ fn tamper(bundle: &Path) {
     std::fs::rename(&tmp, &f).unwrap();
 }
 
+/// The served model's version, from `noduled_model_info{..,version="N",..}` in /metrics.
 fn version(d: &Daemon) -> String {
-    let (_, body) = d.get("/healthz").unwrap();
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    v["model_version"].to_string().trim_matches('"').to_string()
+    let (_, body) = d.get("/metrics").unwrap();
+    let line = body
+        .lines()
+        .find(|l| l.starts_with("noduled_model_info{"))
+        .unwrap_or_else(|| panic!("no model info in {body}"));
+    let v = line.split("version=\"").nth(1).unwrap();
+    v[..v.find('"').unwrap()].to_string()
 }
 
 fn reload(d: &Daemon, n: usize) {
@@ -136,6 +141,7 @@ fn signed_lower_version_is_refused_on_reload_until_bundle_rollback() {
     // An attacker's switch of `current` to the older signed bundle: refused, v2 kept.
     let current = store.join("current");
     let v1_dir = std::fs::read_link(store.join("previous")).unwrap();
+    let v2_dir = std::fs::read_link(&current).unwrap();
     std::fs::remove_file(&current).unwrap();
     std::os::unix::fs::symlink(&v1_dir, &current).unwrap();
     reload(&d, 1);
@@ -145,8 +151,7 @@ fn signed_lower_version_is_refused_on_reload_until_bundle_rollback() {
 
     // The field engineer's rollback: put v2 back as current, then roll back on purpose.
     std::fs::remove_file(&current).unwrap();
-    std::os::unix::fs::symlink(std::fs::read_link(store.join("previous")).unwrap(), &current)
-        .unwrap();
+    std::os::unix::fs::symlink(&v2_dir, &current).unwrap();
     let _ = std::fs::remove_file(store.join("previous"));
     std::os::unix::fs::symlink(&v1_dir, store.join("previous")).unwrap();
     run(&["bundle", "rollback", "--store", store.to_str().unwrap()]);
