@@ -447,6 +447,11 @@ fn systemd_notify_watchdog_reload_and_stop() {
         d.log()
     );
     assert_eq!(d.get("/readyz").unwrap().0, 200);
+    // The failed reload is visible beyond the journal (issue 15).
+    assert_eq!(d.metric("noduled_reload_failures_total"), Some(1.0));
+    assert_eq!(d.metric("noduled_last_reload_ok"), Some(0.0));
+    let health = d.get("/healthz").unwrap().1;
+    assert!(health.contains("last reload: error at "), "{health}");
     d.drop_job(
         "after_bad_reload.json",
         &job(&d, "after_bad_reload", "P1", 1),
@@ -465,6 +470,8 @@ fn systemd_notify_watchdog_reload_and_stop() {
         (seen("RELOADING=1") == 2 && seen("READY=1") == 3).then_some(())
     });
     assert!(d.log().contains("model reloaded"));
+    assert_eq!(d.metric("noduled_last_reload_ok"), Some(1.0));
+    assert_eq!(d.metric("noduled_reload_failures_total"), Some(1.0));
 
     let st = d.term(20);
     assert!(st.success());
@@ -484,6 +491,17 @@ fn unknown_config_key_is_refused_naming_it() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("paht") && err.contains("bad.toml"), "{err}");
+
+    // A wildcard job topic would take jobs it never runs: refused, naming the key (issue 15).
+    std::fs::write(&cfg, "[mqtt]\nenabled = true\njob_topic = \"x/job/#\"\n").unwrap();
+    let out = std::process::Command::new(crate::util::bin())
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.trim().lines().count() == 1 && err.contains("mqtt.job_topic"), "{err}");
 }
 
 #[test]

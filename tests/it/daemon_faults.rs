@@ -230,6 +230,8 @@ fn full_disk_is_survived_without_a_restart() {
     let cfg = config_text(&dd, &model(), "", &mqtt_conf(broker.port, "noduled-full", ""));
     std::fs::write(vol.join("outbox/.stale.json.1.tmp"), b"half a result").unwrap();
     let d = Daemon::start(&dd, &cfg);
+    // Subscribed (its first session) before the job is published.
+    probe.wait(20, "nd/status", |s| s["state"] == "ready");
     assert!(!vol.join("outbox/.stale.json.1.tmp").exists());
     assert_eq!(d.metric("noduled_stale_tmp_removed_total"), Some(1.0));
     std::fs::create_dir_all(vol.join("stage")).unwrap();
@@ -249,8 +251,12 @@ fn full_disk_is_survived_without_a_restart() {
 
     std::fs::remove_file(&filler).unwrap();
     assert_eq!(wait_for(30, "the inbox job's result", || d.result_for("full"))["status"], "ok");
-    let m = probe.wait(30, "nd/result", |r| r["job_id"] == "full-mqtt");
-    assert_eq!(m.json["status"], "ok");
+    let t0 = Instant::now();
+    while !probe.on("nd/result").iter().any(|m| m.json["job_id"] == "full-mqtt") {
+        assert!(t0.elapsed() < Duration::from_secs(30), "no MQTT result:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(d.result_for("full-mqtt").is_some_and(|r| r["status"] == "ok"));
     wait_for(10, "ready again", || {
         (d.get("/readyz").map(|r| r.0) == Some(200)).then_some(())
     });
