@@ -7,6 +7,7 @@ mod bundle_store;
 mod confine;
 mod daemon;
 mod daemon_ct;
+mod daemon_faults;
 mod daemon_support;
 mod device;
 mod eval;
