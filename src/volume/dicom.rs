@@ -283,15 +283,12 @@ fn read_header(
     if n < 132 || &magic[128..132] != b"DICM" {
         return Ok(None);
     }
-    (&f).seek(std::io::SeekFrom::Start(0))
-        .map_err(|err| DicomError::Io {
-            path: p.clone(),
-            err,
-        })?;
+    let bytes = read_whole(&f, &p)?;
+    check_lengths(&p, &bytes)?;
     let obj = OpenFileOptions::new()
         .read_until(tags::PIXEL_DATA)
         .read_preamble(ReadPreamble::Always)
-        .from_reader(&f)
+        .from_reader(&bytes[..])
         .map_err(|e| DicomError::Parse {
             path: p.clone(),
             msg: one_line(&e.to_string()),
@@ -729,14 +726,8 @@ fn read_pixels(slice: &Slice, info: &SliceInfo) -> Result<Vec<f32>, DicomError> 
     let p = name_of(&slice.path);
     let bytes_per = info.bits_allocated as usize / 8;
     let expected = info.rows * info.cols * bytes_per;
-    let mut bytes = Vec::new();
-    (&slice.file)
-        .seek(std::io::SeekFrom::Start(0))
-        .and_then(|_| (&slice.file).read_to_end(&mut bytes))
-        .map_err(|err| DicomError::Io {
-            path: p.clone(),
-            err,
-        })?;
+    let bytes = read_whole(&slice.file, &p)?;
+    check_lengths(&p, &bytes)?;
     check_pixel_data_length(&p, &bytes)?;
     let obj = OpenFileOptions::new()
         .read_preamble(ReadPreamble::Always)
@@ -798,6 +789,108 @@ fn read_pixels(slice: &Slice, info: &SliceInfo) -> Result<Vec<f32>, DicomError> 
             .collect(),
     };
     Ok(out)
+}
+
+/// Largest DICOM file read, bytes (one slice: 512 x 512 x 2 bytes is 0.5 MiB).
+const MAX_FILE_BYTES: u64 = 256 << 20;
+
+/// The whole file from its descriptor (from the start), at most [`MAX_FILE_BYTES`].
+fn read_whole(f: &std::fs::File, p: &str) -> Result<Vec<u8>, DicomError> {
+    let io = |err| DicomError::Io {
+        path: p.to_string(),
+        err,
+    };
+    let len = f.metadata().map_err(io)?.len();
+    if len > MAX_FILE_BYTES {
+        return Err(DicomError::Parse {
+            path: p.to_string(),
+            msg: format!("{len} bytes is more than the {MAX_FILE_BYTES} read for one slice"),
+        });
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    let mut r = f;
+    r.seek(std::io::SeekFrom::Start(0)).map_err(io)?;
+    r.take(MAX_FILE_BYTES).read_to_end(&mut bytes).map_err(io)?;
+    Ok(bytes)
+}
+
+/// Refuses a file in which an element declares more bytes than remain in the file, before
+/// the parser would allocate that many (it reserves a declared length before reading it).
+/// Walks the meta group and a dataset in explicit or implicit VR little endian, into
+/// sequences and items; other transfer syntaxes (deflated, big endian) are left to the
+/// parser. Every step advances at least 8 bytes.
+fn check_lengths(p: &str, b: &[u8]) -> Result<(), DicomError> {
+    const LONG: [&[u8; 2]; 13] = [
+        b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"OD", b"OL", b"OV", b"UC", b"UR", b"SV", b"UV",
+    ];
+    let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+    let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let mut pos = 132;
+    let mut explicit = true;
+    while pos + 8 <= b.len() {
+        let (group, elem) = (u16_at(pos), u16_at(pos + 2));
+        let meta = group == 0x0002;
+        let (header, len) = if group == 0xFFFE {
+            (8, u32_at(pos + 4)) // item and delimiters: tag + length
+        } else if explicit || meta {
+            let vr: &[u8; 2] = b[pos + 4..pos + 6].try_into().expect("2 bytes");
+            if LONG.contains(&vr) {
+                if pos + 12 > b.len() {
+                    break;
+                }
+                (12, u32_at(pos + 8))
+            } else {
+                (8, u16_at(pos + 6) as u32)
+            }
+        } else {
+            (8, u32_at(pos + 4))
+        };
+        let remaining = b.len() - (pos + header).min(b.len());
+        if len != 0xFFFF_FFFF && len as usize > remaining {
+            return Err(DicomError::Parse {
+                path: p.to_string(),
+                msg: format!(
+                    "element ({group:04X},{elem:04X}) declares {len} bytes but only {remaining} remain in the file (truncated?)"
+                ),
+            });
+        }
+        if meta && elem == 0x0010 {
+            let ts = String::from_utf8_lossy(&b[pos + header..pos + header + len as usize]);
+            let ts = ts.trim_end_matches(['\0', ' ']);
+            match ts {
+                "1.2.840.10008.1.2" => explicit = false,
+                "1.2.840.10008.1.2.1.99" | "1.2.840.10008.1.2.2" => return Ok(()),
+                _ => {}
+            }
+        }
+        let undefined = len == 0xFFFF_FFFF;
+        let sq = (explicit || meta) && group != 0xFFFE && &b[pos + 4..pos + 6] == b"SQ";
+        pos += header;
+        if group == 0x7FE0 && elem == 0x0010 && undefined {
+            // Encapsulated pixel data: fragments are items of raw bytes, skipped by length.
+            while pos + 8 <= b.len() && u16_at(pos) == 0xFFFE && u16_at(pos + 2) == 0xE000 {
+                let n = u32_at(pos + 4) as usize;
+                if n > b.len() - (pos + 8) {
+                    return Err(DicomError::Parse {
+                        path: p.to_string(),
+                        msg: format!(
+                            "a Pixel Data fragment declares {n} bytes but only {} remain in the file (truncated?)",
+                            b.len() - (pos + 8)
+                        ),
+                    });
+                }
+                pos += 8 + n;
+            }
+        } else if group == 0xFFFE || sq || (undefined && !explicit) {
+            // Items and sequences are entered: their contents are elements.
+        } else if undefined {
+            // An undefined length on another VR (UN...): left to the parser.
+            return Ok(());
+        } else {
+            pos += len as usize;
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a file whose (explicit VR) Pixel Data element declares more bytes than the file

@@ -170,6 +170,7 @@ fn run_format(
         let bytes = mutate(seed, head, rng);
         clock.store(t0.elapsed().as_millis() as u64 + 1, Ordering::SeqCst);
         CURRENT.lock().unwrap().clone_from(&format!("{name} case {case}"));
+        CURRENT_BYTES.lock().unwrap().clone_from(&bytes);
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&bytes)));
         clock.store(0, Ordering::SeqCst);
         match r {
@@ -190,6 +191,7 @@ fn run_format(
 }
 
 static CURRENT: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+static CURRENT_BYTES: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
 
 /// The cases themselves; run by [`inputs_never_panic_hang_or_allocate_unboundedly`] in a child
 /// process under a memory cap.
@@ -208,7 +210,13 @@ fn fuzz_cases() {
             let started = clock.load(Ordering::SeqCst);
             let now = t0.elapsed().as_millis() as u64;
             if started != 0 && now.saturating_sub(started) > DEADLINE.as_millis() as u64 {
-                eprintln!("fuzz: {} ran past {DEADLINE:?} (hang)", CURRENT.lock().unwrap());
+                let keep = std::env::temp_dir().join("noduled-fuzz-hang");
+                let _ = std::fs::write(&keep, &*CURRENT_BYTES.lock().unwrap());
+                eprintln!(
+                    "fuzz: {} ran past {DEADLINE:?} (hang; input kept in {})",
+                    CURRENT.lock().unwrap(),
+                    keep.display()
+                );
                 std::process::abort();
             }
         });
