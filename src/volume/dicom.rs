@@ -846,6 +846,15 @@ fn check_lengths(p: &str, b: &[u8]) -> Result<(), DicomError> {
             (8, u32_at(pos + 4))
         };
         let remaining = b.len() - (pos + header).min(b.len());
+        if len != 0xFFFF_FFFF && len as usize > remaining && (group, elem) == (0x7FE0, 0x0010) {
+            return Err(DicomError::Bad {
+                path: p.to_string(),
+                tag: "PixelData",
+                msg: format!(
+                    "declares {len} bytes but only {remaining} remain in the file (truncated?)"
+                ),
+            });
+        }
         if len != 0xFFFF_FFFF && len as usize > remaining {
             return Err(DicomError::Parse {
                 path: p.to_string(),

@@ -168,7 +168,7 @@ fn run_format(
     let (mut ok, mut refused) = (0, 0);
     for case in 0..cases {
         let bytes = mutate(seed, head, rng);
-        clock.store(t0.elapsed().as_millis() as u64 + 1, Ordering::SeqCst);
+        clock.store(epoch().elapsed().as_millis() as u64 + 1, Ordering::SeqCst);
         CURRENT.lock().unwrap().clone_from(&format!("{name} case {case}"));
         CURRENT_BYTES.lock().unwrap().clone_from(&bytes);
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&bytes)));
@@ -191,6 +191,12 @@ fn run_format(
 }
 
 static CURRENT: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
+/// The one clock the cases and the watchdog share.
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
 static CURRENT_BYTES: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
 
 /// The cases themselves; run by [`inputs_never_panic_hang_or_allocate_unboundedly`] in a child
@@ -202,7 +208,7 @@ fn fuzz_cases() {
     let cases = env_u64("NODULED_FUZZ_CASES", 2000);
     let mut rng = Rng(env_u64("NODULED_FUZZ_SEED", 16) | 1);
     let clock = Arc::new(AtomicU64::new(0));
-    let t0 = Instant::now();
+    let t0 = epoch();
     {
         let clock = clock.clone();
         std::thread::spawn(move || loop {
