@@ -1,7 +1,8 @@
 //! Regression tests of issue 15 ("Daemon core as a typed one-way pipeline that loses nothing
 //! and never stalls"): each ordinary fault that lost or stalled results, with the real
-//! binary, a real inbox, a real Mosquitto (its `acl_file` for refused topics), a FIFO for a
-//! hung read, SIGKILL for crashes and a small tmpfs for a full disk.
+//! binary, a real inbox, a real Mosquitto (its `acl_file` for refused topics), a job far
+//! longer than its deadline (a FIFO, the first stand-in for a hung read, is refused at open
+//! since issue 16's confinement), SIGKILL for crashes and a small tmpfs for a full disk.
 
 use crate::daemon_support::*;
 use std::path::Path;
@@ -14,20 +15,13 @@ fn mqtt_conf(port: u16, client: &str, extra: &str) -> String {
     )
 }
 
-fn mkfifo(path: &Path) {
-    let ok = std::process::Command::new("mkfifo")
-        .arg(path)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "mkfifo {}", path.display());
-}
+/// Nodules in [`hung_job`]: seconds of work on the real CT, far past `timeout_secs = 3`.
+const HUNG_NODULES: usize = 256;
 
-/// A job whose volume is `path` (a FIFO nobody writes: the read blocks like a hung share).
-fn hung_job(job_id: &str, path: &Path) -> String {
-    serde_json::json!({"job_id": job_id, "patient_id": "P-hung", "volume": path,
-        "nodules": [{"nodule_id": "a", "coord_lps_mm": [0.0, 0.0, 0.0]}]})
-    .to_string()
+/// A job that holds its thread far longer than the deadline, like a read from a hung share
+/// (the real CT with [`HUNG_NODULES`] nodules; `jobs.max_nodules` must allow them).
+fn hung_job(job_id: &str) -> String {
+    ct_job(job_id, "P-hung", HUNG_NODULES)
 }
 
 /// Fault 1: a second job reusing a job_id (another patient) gets its own result, marked
@@ -65,12 +59,10 @@ fn reused_job_id_gets_its_own_result_and_a_redelivery_does_not() {
 #[test]
 fn blocked_input_read_times_out_and_the_pipeline_moves_on() {
     let tmp = tempfile::tempdir().unwrap();
-    let fifo = tmp.path().join("data/hung.nii");
-    std::fs::create_dir_all(fifo.parent().unwrap()).unwrap();
-    mkfifo(&fifo);
-    let cfg = config_text(tmp.path(), &model(), "timeout_secs = 3", "");
+    let jobs = format!("timeout_secs = 3\nmax_nodules = {HUNG_NODULES}");
+    let cfg = config_text(tmp.path(), &model(), &jobs, "");
     let mut d = Daemon::start(tmp.path(), &cfg);
-    d.drop_job("hung.json", &hung_job("hung", &fifo));
+    d.drop_job("hung.json", &hung_job("hung"));
     d.drop_job("good.json", &ct_job("good", "P1", 1));
     assert_eq!(wait_for(40, "the good job's result", || d.result_for("good"))["status"], "ok");
     let h = wait_for(10, "the hung job's result", || d.result_for("hung"));
@@ -81,7 +73,7 @@ fn blocked_input_read_times_out_and_the_pipeline_moves_on() {
     assert_eq!(d.get("/readyz").unwrap().0, 200);
 
     // Another hung read in hand at SIGTERM: the process still exits.
-    d.drop_job("hung2.json", &hung_job("hung2", &fifo));
+    d.drop_job("hung2.json", &hung_job("hung2"));
     wait_for(10, "hung2 in processing/", || {
         d.files("state/processing").contains(&"hung2.json".to_string()).then_some(())
     });
@@ -96,12 +88,10 @@ fn blocked_input_read_times_out_and_the_pipeline_moves_on() {
 #[test]
 fn a_job_that_kills_the_daemon_is_failed_after_max_attempts() {
     let tmp = tempfile::tempdir().unwrap();
-    let fifo = tmp.path().join("data/hung.nii");
-    std::fs::create_dir_all(fifo.parent().unwrap()).unwrap();
-    mkfifo(&fifo);
-    let cfg = config_text(tmp.path(), &model(), "max_attempts = 2", "");
+    let jobs = format!("max_attempts = 2\nmax_nodules = {HUNG_NODULES}");
+    let cfg = config_text(tmp.path(), &model(), &jobs, "");
     let mut d = Daemon::start(tmp.path(), &cfg);
-    d.drop_job("crash.json", &hung_job("crash", &fifo));
+    d.drop_job("crash.json", &hung_job("crash"));
     for attempt in 1..=2 {
         wait_for(20, "the job in processing/", || {
             d.files("state/processing").contains(&"crash.json".to_string()).then_some(())

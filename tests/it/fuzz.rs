@@ -166,6 +166,7 @@ fn run_format(
 ) -> (u64, u64) {
     let t0 = Instant::now();
     let (mut ok, mut refused) = (0, 0);
+    std::panic::set_hook(Box::new(|_| {})); // one line per failing case, below
     for case in 0..cases {
         let bytes = mutate(seed, head, rng);
         clock.store(epoch().elapsed().as_millis() as u64 + 1, Ordering::SeqCst);
@@ -179,10 +180,12 @@ fn run_format(
             Err(_) => {
                 let keep = std::env::temp_dir().join(format!("noduled-fuzz-{name}-{case}"));
                 let _ = std::fs::write(&keep, &bytes);
+                let _ = std::panic::take_hook();
                 panic!("{name} case {case}: panic (input kept in {})", keep.display());
             }
         }
     }
+    let _ = std::panic::take_hook(); // the default hook again
     println!(
         "fuzz {name}: {cases} cases, {ok} read, {refused} refused, {:.1} s",
         t0.elapsed().as_secs_f64()
@@ -204,7 +207,6 @@ static CURRENT_BYTES: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new
 #[test]
 #[ignore = "child process of fuzz::inputs_never_panic_hang_or_allocate_unboundedly"]
 fn fuzz_cases() {
-    std::panic::set_hook(Box::new(|_| {})); // one line per failing case, below
     let cases = env_u64("NODULED_FUZZ_CASES", 2000);
     let mut rng = Rng(env_u64("NODULED_FUZZ_SEED", 16) | 1);
     let clock = Arc::new(AtomicU64::new(0));
@@ -258,7 +260,7 @@ fn fuzz_cases() {
     let (s0, s1) = (std::fs::read(&slices[0]).unwrap(), std::fs::read(&slices[1]).unwrap());
     let job = std::fs::read(root().join("examples/lung1.job.json")).unwrap();
     let crop_job = br#"{"job_id": "j", "patient_id": "p", "crop": {"format": "npy"}, "nodules": [{"nodule_id": "n"}]}"#;
-    let mqtt = [crop_job.to_vec(), vec![0], npy[..4096].to_vec()].concat();
+    let mqtt = [crop_job.to_vec(), vec![0], npy.clone()].concat();
 
     let read_volume = |name: &str| {
         let name = name.to_string();
@@ -293,7 +295,7 @@ fn fuzz_cases() {
         ("npy", npy, 128, big, Box::new(read_crop("c.npy"))),
         ("pt", pt, 4096, big, Box::new(read_crop("c.pt"))),
         ("job-json", job, 400, cases, Box::new(parse_job)),
-        ("mqtt-payload", mqtt, 200, cases, Box::new(mqtt_payload)),
+        ("mqtt-payload", mqtt, 200, big, Box::new(mqtt_payload)),
     ];
     for (name, seed, head, n, check) in &formats {
         let (ok, refused) = run_format(name, seed, *head, *n, &mut rng, &clock, check.as_ref());
