@@ -6,7 +6,7 @@
 //! input's leading axis is fold-major: rows `[k * n, (k + 1) * n)` belong to fold k, so the
 //! base matmul runs once over all folds and only the rank-r paths differ per fold.
 
-use super::gemm::{GemmDtype, PackedWeight};
+use super::gemm::{Epilogue, GemmDtype, PackedWeight};
 use super::profile::{timed, timed_flops};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor, D};
@@ -128,7 +128,8 @@ impl Linear {
     /// (candle's GPU backends have no q8_0 matmul with our mapped storage, and f16 from q8_0
     /// loses nothing: q8_0 values are 8-bit integers times an f16 scale).
     pub fn placed(&self, device: &Device, dtype: DType) -> Result<Self> {
-        if device.is_cpu() {
+        // The CPU's GEMM dtypes; f16 on the CPU (a test of the GPU path) takes candle's ops.
+        if device.is_cpu() && matches!(dtype, DType::F32 | DType::BF16) {
             return self.packed_for_cpu(dtype);
         }
         let float = self.weight.to_f32(self.out_dim, self.in_dim)?;
@@ -180,23 +181,66 @@ impl Linear {
         self.bias.as_ref()
     }
 
+    /// The profile label of this layer's GEMM.
+    fn label(&self) -> &'static str {
+        match self.out_dim.cmp(&self.in_dim) {
+            std::cmp::Ordering::Equal => "gemm.square",
+            std::cmp::Ordering::Greater => "gemm.up",
+            std::cmp::Ordering::Less => "gemm.down",
+        }
+    }
+
+    /// `x W^T + b` with `op` applied in the GEMM's last store (see [`Epilogue`]), or `None`
+    /// when the weight is not packed for the in-house GEMM or the fused kernels are off
+    /// (`NODULED_UNFUSED=1`): then the caller runs [`Self::forward_no_bias`] and the op.
+    pub fn forward_fused(&self, xs: &Tensor, op: Fused<'_>) -> Result<Option<Tensor>> {
+        let BaseWeight::Gemm(p) = &self.weight else {
+            return Ok(None);
+        };
+        if !super::kernels::enabled() {
+            return Ok(None);
+        }
+        let rows = xs.elem_count() / self.in_dim.max(1);
+        let x2 = xs.reshape((rows, self.in_dim))?;
+        let bias = match &self.bias {
+            Some(b) => b.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+            None => vec![0f32; self.out_dim],
+        };
+        let flops = 2.0 * (rows * self.in_dim * self.out_dim) as f64;
+        let y = timed_flops(self.label(), flops, || match op {
+            Fused::BiasQuickGelu => packed_matmul(p, &x2, |_| Epilogue::BiasQuickGelu(&bias)),
+            Fused::BiasResidual(r) => {
+                let r = r.to_dtype(DType::F32)?.contiguous()?.flatten_all()?;
+                if r.elem_count() != rows * self.out_dim {
+                    candle_core::bail!("gemm: residual of {} values, output {rows}x{}", r.elem_count(), self.out_dim);
+                }
+                let (storage, layout) = r.storage_and_layout();
+                let (Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) =
+                    (&*storage, layout.contiguous_offsets())
+                else {
+                    candle_core::bail!("gemm: the residual is not f32 on the CPU");
+                };
+                packed_matmul(p, &x2, |_| Epilogue::BiasResidual(&bias, &v[start..end]))
+            }
+        })?;
+        let mut out_dims = xs.dims().to_vec();
+        *out_dims.last_mut().expect("rank >= 1") = self.out_dim;
+        Ok(Some(y.reshape(out_dims)?))
+    }
+
     /// `x W^T` without the bias (for kernels that fuse the bias into the next op).
     pub fn forward_no_bias(&self, xs: &Tensor) -> Result<Tensor> {
         let mut out_dims = xs.dims().to_vec();
         let rows = xs.elem_count() / self.in_dim.max(1);
         let x2 = xs.reshape((rows, self.in_dim))?;
-        let label = match self.out_dim.cmp(&self.in_dim) {
-            std::cmp::Ordering::Equal => "gemm.square",
-            std::cmp::Ordering::Greater => "gemm.up",
-            std::cmp::Ordering::Less => "gemm.down",
-        };
+        let label = self.label();
         let flops = 2.0 * (rows * self.in_dim * self.out_dim) as f64;
         let y = timed_flops(label, flops, || match &self.weight {
             BaseWeight::Float(w) => x2.matmul(&w.t()?),
             BaseWeight::Quantized(q) => q.forward(&x2),
             BaseWeight::Mapped(q) => q.forward(&x2),
             BaseWeight::Packed(q) => q.forward(&x2),
-            BaseWeight::Gemm(p) => packed_matmul(p, &x2),
+            BaseWeight::Gemm(p) => packed_matmul(p, &x2, |_| Epilogue::None),
             BaseWeight::Bf16Emulated(w) => round_bf16(&x2)?.matmul(&w.t()?),
         })?;
         *out_dims.last_mut().expect("rank >= 1") = self.out_dim;
@@ -209,8 +253,21 @@ fn round_bf16(t: &Tensor) -> Result<Tensor> {
     t.to_dtype(DType::BF16)?.to_dtype(DType::F32)
 }
 
-/// `x W^T` with the in-house GEMM: `x` [rows, in] f32 on the CPU.
-fn packed_matmul(p: &PackedWeight, x: &Tensor) -> Result<Tensor> {
+/// An op [`Linear::forward_fused`] applies in the GEMM's store.
+#[derive(Debug, Clone, Copy)]
+pub enum Fused<'a> {
+    /// `QuickGELU(x W^T + b)` (CLIP's MLP up-projection).
+    BiasQuickGelu,
+    /// `residual + x W^T + b` (the projections back into the residual stream).
+    BiasResidual(&'a Tensor),
+}
+
+/// `x W^T` with the in-house GEMM and the epilogue `epi` makes: `x` [rows, in] f32 on the CPU.
+fn packed_matmul<'e>(
+    p: &PackedWeight,
+    x: &Tensor,
+    epi: impl FnOnce(()) -> Epilogue<'e>,
+) -> Result<Tensor> {
     let x = x.to_dtype(DType::F32)?.contiguous()?;
     let (rows, in_dim) = x.dims2()?;
     if in_dim != p.in_dim() {
@@ -224,7 +281,7 @@ fn packed_matmul(p: &PackedWeight, x: &Tensor) -> Result<Tensor> {
         else {
             candle_core::bail!("gemm: the input is not contiguous f32 on the CPU");
         };
-        p.matmul(&v[start..end], rows, &mut out);
+        p.matmul_fused(&v[start..end], rows, &mut out, epi(()));
     }
     Tensor::from_vec(out, (rows, p.out_dim()), &Device::Cpu)
 }
@@ -274,7 +331,7 @@ impl LoraLinear {
     /// This layer on `device` in `dtype` (see [`Linear::placed`]), LoRA factors included
     /// (on the CPU they stay f32: activations are f32 there whatever the GEMM dtype).
     pub fn placed(&self, device: &Device, dtype: DType) -> Result<Self> {
-        let act = if device.is_cpu() { DType::F32 } else { dtype };
+        let act = if device.is_cpu() && dtype == DType::BF16 { DType::F32 } else { dtype };
         let put = |t: &Tensor| t.to_dtype(act)?.to_device(device);
         Ok(Self {
             base: self.base.placed(device, dtype)?,

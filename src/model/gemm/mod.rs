@@ -68,6 +68,19 @@ impl GemmDtype {
     }
 }
 
+/// What the GEMM applies to each output element before its last store, where the tile is
+/// still in registers (saves a pass over C): `j` is the column, `i` the row.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum Epilogue<'a> {
+    /// `c[i][j]` as computed.
+    #[default]
+    None,
+    /// `QuickGELU(c[i][j] + bias[j])`, QuickGELU(x) = x sigmoid(1.702 x).
+    BiasQuickGelu(&'a [f32]),
+    /// `c[i][j] + bias[j] + residual[i][j]` (`residual` [m, n] row-major).
+    BiasResidual(&'a [f32], &'a [f32]),
+}
+
 /// A cache line: the unit packed weights are stored in (keeps every panel 64-byte aligned).
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
@@ -213,20 +226,48 @@ impl PackedWeight {
     /// # Panics
     /// When the slices do not hold m rows of k and n values (a caller bug, not input data).
     pub fn matmul(&self, a: &[f32], m: usize, c: &mut [f32]) {
-        assert!(a.len() == m * self.k && c.len() == m * self.n, "gemm shapes");
+        self.matmul_fused(a, m, c, Epilogue::None)
+    }
+
+    /// [`Self::matmul`] with `epi` applied to every output (see [`Epilogue`]).
+    ///
+    /// # Panics
+    /// As [`Self::matmul`], and when the bias is not n long or the residual not [m, n].
+    pub fn matmul_fused(&self, a: &[f32], m: usize, c: &mut [f32], epi: Epilogue<'_>) {
+        let (n, k) = (self.n, self.k);
+        assert!(a.len() == m * k && c.len() == m * n, "gemm shapes");
+        let (bias, residual, gelu) = match epi {
+            Epilogue::None => (None, None, false),
+            Epilogue::BiasQuickGelu(b) => (Some(b), None, true),
+            Epilogue::BiasResidual(b, r) => (Some(b), Some(r), false),
+        };
+        assert!(bias.is_none_or(|b| b.len() == n), "gemm bias length");
+        assert!(residual.is_none_or(|r| r.len() == m * n), "gemm residual shape");
         if m == 0 {
             return;
         }
         let threads = rayon::current_num_threads().max(1);
         let tasks = m.div_ceil(MC_MAX).div_ceil(threads) * threads;
         let mc = m.div_ceil(tasks).div_ceil(MR) * MR;
-        c.par_chunks_mut(mc * self.n)
-            .zip(a.par_chunks(mc * self.k))
-            .for_each(|(c, a)| self.rows(a, c));
+        let res_chunks: Vec<Option<&[f32]>> = match residual {
+            Some(r) => r.chunks(mc * n).map(Some).collect(),
+            None => vec![None; m.div_ceil(mc)],
+        };
+        c.par_chunks_mut(mc * n)
+            .zip(a.par_chunks(mc * k))
+            .zip(res_chunks.into_par_iter())
+            .for_each(|((c, a), residual)| self.rows(a, c, bias, residual, gelu));
     }
 
     /// One task: all of C's columns for the rows in `a` (at most [`MC_MAX`] + [`MR`]).
-    fn rows(&self, a: &[f32], c: &mut [f32]) {
+    fn rows(
+        &self,
+        a: &[f32],
+        c: &mut [f32],
+        bias: Option<&[f32]>,
+        residual: Option<&[f32]>,
+        gelu: bool,
+    ) {
         let (n, k) = (self.n, self.k);
         let m = a.len() / k;
         let strips = m.div_ceil(MR);
@@ -253,8 +294,17 @@ impl PackedWeight {
             for jr in 0..panels {
                 let panel = &buf[at + jr * size..at + (jr + 1) * size];
                 let cols = NR.min(n - jr * NR);
+                let last = k0 + kc == k;
                 for s in 0..strips {
                     let rows = MR.min(m - s * MR);
+                    let epi = match last {
+                        true => avx512::TileEpilogue {
+                            bias: bias.map(|b| &b[jr * NR..]),
+                            residual: residual.map(|r| &r[s * MR * n + jr * NR..]),
+                            gelu,
+                        },
+                        false => avx512::TileEpilogue::default(),
+                    };
                     let tile = avx512::Tile {
                         a: &pack[s * MR * KC..(s + 1) * MR * KC],
                         b: panel,
@@ -264,6 +314,7 @@ impl PackedWeight {
                         rows,
                         cols,
                         accumulate: k0 > 0,
+                        epi,
                     };
                     avx512::kernel(self.dtype, tile);
                 }
@@ -341,6 +392,32 @@ mod tests {
                 };
                 assert_eq!(back, exact, "{dtype:?} unpack");
             }
+        }
+    }
+
+    /// The fused epilogues equal the GEMM followed by the op.
+    #[test]
+    fn epilogues_equal_the_unfused_ops() {
+        if !GemmDtype::F32.supported() {
+            return eprintln!("no AVX-512: the callers keep their unfused path");
+        }
+        let (m, n, k) = (29, 45, 300);
+        let a = values(m * k, 7);
+        let w = values(n * k, 8);
+        let bias = values(n, 9);
+        let res = values(m * n, 10);
+        let p = PackedWeight::pack(&w, n, k, GemmDtype::F32).unwrap();
+        let mut plain = vec![0f32; m * n];
+        p.matmul(&a, m, &mut plain);
+        let mut gelu = vec![0f32; m * n];
+        p.matmul_fused(&a, m, &mut gelu, Epilogue::BiasQuickGelu(&bias));
+        let mut resid = vec![0f32; m * n];
+        p.matmul_fused(&a, m, &mut resid, Epilogue::BiasResidual(&bias, &res));
+        for i in 0..m * n {
+            let v = plain[i] + bias[i % n];
+            let want = v / (1.0 + (-1.702 * v as f64).exp() as f32);
+            assert!((gelu[i] - want).abs() <= 1e-5 * (1.0 + want.abs()), "{i}: {} vs {want}", gelu[i]);
+            assert!((resid[i] - (v + res[i])).abs() <= 1e-6 * (1.0 + v.abs()), "{i}");
         }
     }
 }
