@@ -30,9 +30,8 @@ fn main() -> candle_core::Result<()> {
         .unwrap_or(2250);
     let dev = Device::Cpu;
     let threads = rayon::current_num_threads();
-    let peaks = [GemmDtype::F32, GemmDtype::Bf16].map(|d| {
-        noduled::model::gemm::peak_gflops(d, 200).map(|p| p * threads as f64)
-    });
+    let peaks = [GemmDtype::F32, GemmDtype::Bf16]
+        .map(|d| noduled::model::gemm::peak_gflops(d, 200).map(|p| p * threads as f64));
     println!(
         "# threads {threads}, measured peak GFLOP/s: f32 {:.0}, bf16 {:.0} (one thread's x {threads})",
         peaks[0].unwrap_or(f64::NAN),

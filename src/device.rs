@@ -380,7 +380,9 @@ mod tests {
         assert!(p.fallback.is_none());
         let p = select(DeviceRequest::Cpu, DtypeRequest::Bf16).unwrap();
         assert!(p.label().starts_with("cpu bf16 ("), "{}", p.label());
-        let auto = select(DeviceRequest::Cpu, DtypeRequest::Auto).unwrap().dtype;
+        let auto = select(DeviceRequest::Cpu, DtypeRequest::Auto)
+            .unwrap()
+            .dtype;
         let bf16 = crate::model::gemm::GemmDtype::Bf16.supported();
         assert_eq!(auto, if bf16 { DType::BF16 } else { DType::F32 });
         let err = select(DeviceRequest::Cpu, DtypeRequest::F16).unwrap_err();

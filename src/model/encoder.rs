@@ -261,7 +261,11 @@ impl Block {
             _ => xs,
         };
         let a = self.attn.forward(&self.ln_1.forward(xs)?, mask, queries)?;
-        let xs = match self.attn.proj.forward_fused(&a, Fused::BiasResidual(residual))? {
+        let xs = match self
+            .attn
+            .proj
+            .forward_fused(&a, Fused::BiasResidual(residual))?
+        {
             Some(xs) => xs,
             None => {
                 let a = self.attn.proj.forward_no_bias(&a)?;

@@ -162,6 +162,12 @@ impl Linear {
             return Ok(self.clone());
         }
         let w = self.weight.to_f32(self.out_dim, self.in_dim)?;
+        // A mapped q8_0 matrix is read once here: its pages need not stay resident.
+        match &self.weight {
+            BaseWeight::Mapped(q) => q.release_pages(),
+            BaseWeight::Packed(q) => q.source().release_pages(),
+            _ => {}
+        }
         let values = w.flatten_all()?.to_vec1::<f32>()?;
         let weight = match PackedWeight::pack(&values, self.out_dim, self.in_dim, gemm) {
             Some(p) => BaseWeight::Gemm(Arc::new(p)),
@@ -170,7 +176,11 @@ impl Linear {
         };
         Ok(Self {
             weight,
-            bias: self.bias.as_ref().map(|b| b.to_dtype(DType::F32)).transpose()?,
+            bias: self
+                .bias
+                .as_ref()
+                .map(|b| b.to_dtype(DType::F32))
+                .transpose()?,
             in_dim: self.in_dim,
             out_dim: self.out_dim,
         })
@@ -212,7 +222,11 @@ impl Linear {
             Fused::BiasResidual(r) => {
                 let r = r.to_dtype(DType::F32)?.contiguous()?.flatten_all()?;
                 if r.elem_count() != rows * self.out_dim {
-                    candle_core::bail!("gemm: residual of {} values, output {rows}x{}", r.elem_count(), self.out_dim);
+                    candle_core::bail!(
+                        "gemm: residual of {} values, output {rows}x{}",
+                        r.elem_count(),
+                        self.out_dim
+                    );
                 }
                 let (storage, layout) = r.storage_and_layout();
                 let (Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) =
@@ -331,7 +345,11 @@ impl LoraLinear {
     /// This layer on `device` in `dtype` (see [`Linear::placed`]), LoRA factors included
     /// (on the CPU they stay f32: activations are f32 there whatever the GEMM dtype).
     pub fn placed(&self, device: &Device, dtype: DType) -> Result<Self> {
-        let act = if device.is_cpu() && dtype == DType::BF16 { DType::F32 } else { dtype };
+        let act = if device.is_cpu() && dtype == DType::BF16 {
+            DType::F32
+        } else {
+            dtype
+        };
         let put = |t: &Tensor| t.to_dtype(act)?.to_device(device);
         Ok(Self {
             base: self.base.placed(device, dtype)?,

@@ -75,7 +75,11 @@ impl VisionTower {
     /// bf16, see [`super::linear::Linear::packed_for_cpu`]) and activations stay f32.
     pub fn placed(&self, device: &Device, dtype: DType) -> Result<Self> {
         // On the CPU activations stay f32 whatever the GEMM dtype (bf16 is the GEMMs' input).
-        let act = if device.is_cpu() && dtype == DType::BF16 { DType::F32 } else { dtype };
+        let act = if device.is_cpu() && dtype == DType::BF16 {
+            DType::F32
+        } else {
+            dtype
+        };
         let put = |t: &Tensor| t.to_dtype(act)?.to_device(device);
         Ok(Self {
             patch_weight: put(&self.patch_weight)?,

@@ -427,7 +427,14 @@ fn cli_prints_the_score_json() {
     let nodule = "lung2";
     let planes_file = tmp.path().join("lung2.safetensors");
     r.write_planes(nodule, &planes_file);
-    let extra = ["--patient-id", "P1", "--nodule-id", nodule, "--dtype", "f32"];
+    let extra = [
+        "--patient-id",
+        "P1",
+        "--nodule-id",
+        nodule,
+        "--dtype",
+        "f32",
+    ];
     let out = run_score(&reference().join("model"), &planes_file, &extra);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -501,7 +508,11 @@ fn cli_bf16_is_within_0_01_of_the_reference_on_every_fixture_nodule() {
         let planes = tmp.path().join(format!("{nodule}.safetensors"));
         r.write_planes(nodule, &planes);
         let out = run_score(&reference().join("model"), &planes, &["--dtype", "bf16"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let backend = doc["model"]["backend"].as_str().unwrap();
         assert!(backend.starts_with("cpu bf16 ("), "{backend}");
@@ -511,13 +522,21 @@ fn cli_bf16_is_within_0_01_of_the_reference_on_every_fixture_nodule() {
             let want = r.vec(&name("prob"))[0];
             exact = exact.max((num(&f["prob"]) - want).abs());
             check(num(&f["prob"]), want, name("prob"));
-            check(num(&f["calibrated"]), r.vec(&name("calibrated"))[0], name("calibrated"));
+            check(
+                num(&f["calibrated"]),
+                r.vec(&name("calibrated"))[0],
+                name("calibrated"),
+            );
             let att = r.vec(&name("mil_attention"));
             for (a, b) in f["attention"].as_array().unwrap().iter().zip(&att) {
                 check(num(a), *b, name("mil_attention"));
             }
         }
-        check(num(&n["score"]["raw"]), r.vec("ensemble.raw")[idx], format!("{nodule} ensemble.raw"));
+        check(
+            num(&n["score"]["raw"]),
+            r.vec("ensemble.raw")[idx],
+            format!("{nodule} ensemble.raw"),
+        );
         check(
             num(&n["score"]["calibrated"]),
             r.vec("ensemble.calibrated")[idx],
@@ -531,7 +550,11 @@ fn cli_bf16_is_within_0_01_of_the_reference_on_every_fixture_nodule() {
                     .map(|k| r.vec(&format!("fold{k}.zeroshot.{feature}"))[idx * classes.len() + c])
                     .sum::<f64>()
                     / 5.0;
-                check(num(&n["descriptors"][feature][class]), want, format!("{nodule} {feature}/{class}"));
+                check(
+                    num(&n["descriptors"][feature][class]),
+                    want,
+                    format!("{nodule} {feature}/{class}"),
+                );
             }
         }
     }

@@ -43,9 +43,8 @@ pub fn supported(dtype: GemmDtype) -> bool {
     {
         static F32: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         static BF16: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let f32_ok = *F32.get_or_init(|| {
-            std::is_x86_feature_detected!("avx512f") && !disabled_by_env()
-        });
+        let f32_ok =
+            *F32.get_or_init(|| std::is_x86_feature_detected!("avx512f") && !disabled_by_env());
         match dtype {
             GemmDtype::F32 => f32_ok,
             GemmDtype::Bf16 => {
@@ -74,7 +73,10 @@ pub fn kernel(dtype: GemmDtype, t: Tile<'_>) {
     assert!(t.rows <= MR && t.cols <= NR && t.kc <= KC && t.a.len() >= MR * KC);
     assert!(t.rows == 0 || t.c.len() >= (t.rows - 1) * t.ldc + t.cols);
     assert!(t.epi.bias.is_none_or(|b| b.len() >= t.cols));
-    assert!(t.epi.residual.is_none_or(|r| t.rows == 0 || r.len() >= (t.rows - 1) * t.ldc + t.cols));
+    assert!(t
+        .epi
+        .residual
+        .is_none_or(|r| t.rows == 0 || r.len() >= (t.rows - 1) * t.ldc + t.cols));
     #[cfg(target_arch = "x86_64")]
     {
         assert!(supported(dtype));
@@ -113,7 +115,9 @@ pub fn to_bf16_pairs(src: &[f32], dst: &mut [u32]) {
 fn to_bf16_pairs_scalar(src: &[f32], dst: &mut [u32]) {
     for (d, pair) in dst.iter_mut().zip(src.chunks(2)) {
         let lo = half::bf16::from_f32(pair[0]).to_bits() as u32;
-        let hi = pair.get(1).map_or(0, |&v| half::bf16::from_f32(v).to_bits() as u32);
+        let hi = pair
+            .get(1)
+            .map_or(0, |&v| half::bf16::from_f32(v).to_bits() as u32);
         *d = lo | (hi << 16);
     }
 }
@@ -153,7 +157,13 @@ mod x86 {
     /// Masks of the valid lanes in the tile's two column vectors.
     #[inline(always)]
     fn masks(cols: usize) -> (__mmask16, __mmask16) {
-        let m = |c: usize| if c >= 16 { 0xffff } else { ((1u32 << c) - 1) as u16 };
+        let m = |c: usize| {
+            if c >= 16 {
+                0xffff
+            } else {
+                ((1u32 << c) - 1) as u16
+            }
+        };
         (m(cols.min(16)), m(cols.saturating_sub(16)))
     }
 
@@ -161,12 +171,24 @@ mod x86 {
     /// then `vscalefps` (relative error < 2e-7 over the clamp [-87, 88], as `kernels::exp`).
     #[inline(always)]
     unsafe fn exp16(x: __m512) -> __m512 {
-        let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0)), _mm512_set1_ps(88.0));
-        let k = _mm512_roundscale_ps::<0>(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)));
+        let x = _mm512_min_ps(
+            _mm512_max_ps(x, _mm512_set1_ps(-87.0)),
+            _mm512_set1_ps(88.0),
+        );
+        let k =
+            _mm512_roundscale_ps::<0>(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)));
         let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693_145_75), x);
         let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428_606_8e-6), r);
         let mut p = _mm512_set1_ps(1.0 / 5040.0);
-        for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        for c in [
+            1.0 / 720.0,
+            1.0 / 120.0,
+            1.0 / 24.0,
+            1.0 / 6.0,
+            0.5,
+            1.0,
+            1.0,
+        ] {
             p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
         }
         _mm512_scalef_ps(p, k)

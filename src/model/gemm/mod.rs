@@ -96,7 +96,13 @@ pub struct PackedWeight {
 
 impl std::fmt::Debug for PackedWeight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PackedWeight({} [{}, {}])", self.dtype.name(), self.n, self.k)
+        write!(
+            f,
+            "PackedWeight({} [{}, {}])",
+            self.dtype.name(),
+            self.n,
+            self.k
+        )
     }
 }
 
@@ -242,7 +248,10 @@ impl PackedWeight {
             Epilogue::BiasResidual(b, r) => (Some(b), Some(r), false),
         };
         assert!(bias.is_none_or(|b| b.len() == n), "gemm bias length");
-        assert!(residual.is_none_or(|r| r.len() == m * n), "gemm residual shape");
+        assert!(
+            residual.is_none_or(|r| r.len() == m * n),
+            "gemm residual shape"
+        );
         if m == 0 {
             return;
         }
@@ -339,17 +348,23 @@ mod tests {
         let mut c = vec![0f64; m * n];
         for i in 0..m {
             for j in 0..n {
-                c[i * n + j] = (0..k).map(|p| a[i * k + p] as f64 * w[j * k + p] as f64).sum();
+                c[i * n + j] = (0..k)
+                    .map(|p| a[i * k + p] as f64 * w[j * k + p] as f64)
+                    .sum();
             }
         }
         c
     }
 
     fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..len)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
@@ -361,10 +376,19 @@ mod tests {
     fn packed_gemm_matches_the_definition_at_odd_shapes() {
         for dtype in [GemmDtype::F32, GemmDtype::Bf16] {
             if !dtype.supported() {
-                eprintln!("{}: not on this CPU (the caller falls back to candle)", dtype.name());
+                eprintln!(
+                    "{}: not on this CPU (the caller falls back to candle)",
+                    dtype.name()
+                );
                 continue;
             }
-            for (m, n, k) in [(1, 1, 1), (13, 33, 7), (50, 70, 257), (251, 96, 600), (24, 64, 512)] {
+            for (m, n, k) in [
+                (1, 1, 1),
+                (13, 33, 7),
+                (50, 70, 257),
+                (251, 96, 600),
+                (24, 64, 512),
+            ] {
                 let a = values(m * k, 1 + m as u64);
                 let w = values(n * k, 2 + n as u64);
                 let p = PackedWeight::pack(&w, n, k, dtype).unwrap();
@@ -374,7 +398,9 @@ mod tests {
                     GemmDtype::F32 => naive(&a, &w, m, n, k),
                     GemmDtype::Bf16 => {
                         let r = |v: &[f32]| -> Vec<f32> {
-                            v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()
+                            v.iter()
+                                .map(|&x| half::bf16::from_f32(x).to_f32())
+                                .collect()
                         };
                         naive(&r(&a), &r(&w), m, n, k)
                     }
@@ -384,11 +410,17 @@ mod tests {
                     .zip(&want)
                     .map(|(&g, &w)| (g as f64 - w).abs())
                     .fold(0f64, f64::max);
-                assert!(worst <= 1e-5 * (k as f64).sqrt() * 4.0, "{dtype:?} {m}x{n}x{k}: {worst}");
+                assert!(
+                    worst <= 1e-5 * (k as f64).sqrt() * 4.0,
+                    "{dtype:?} {m}x{n}x{k}: {worst}"
+                );
                 let back = p.unpack();
                 let exact = match dtype {
                     GemmDtype::F32 => w.clone(),
-                    GemmDtype::Bf16 => w.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect(),
+                    GemmDtype::Bf16 => w
+                        .iter()
+                        .map(|&x| half::bf16::from_f32(x).to_f32())
+                        .collect(),
                 };
                 assert_eq!(back, exact, "{dtype:?} unpack");
             }
@@ -416,8 +448,15 @@ mod tests {
         for i in 0..m * n {
             let v = plain[i] + bias[i % n];
             let want = v / (1.0 + (-1.702 * v as f64).exp() as f32);
-            assert!((gelu[i] - want).abs() <= 1e-5 * (1.0 + want.abs()), "{i}: {} vs {want}", gelu[i]);
-            assert!((resid[i] - (v + res[i])).abs() <= 1e-6 * (1.0 + v.abs()), "{i}");
+            assert!(
+                (gelu[i] - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "{i}: {} vs {want}",
+                gelu[i]
+            );
+            assert!(
+                (resid[i] - (v + res[i])).abs() <= 1e-6 * (1.0 + v.abs()),
+                "{i}"
+            );
         }
     }
 }
