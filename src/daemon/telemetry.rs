@@ -78,6 +78,8 @@ pub struct Telemetry {
     pub job_ids_reused: AtomicU64,
     /// Jobs waiting in the channel to the worker.
     pub queue_depth: AtomicU64,
+    /// Job threads still alive when the worker started the latest job (stuck reads).
+    pub stuck_job_threads: AtomicU64,
     /// Results the broker acknowledged.
     pub results_published: AtomicU64,
     /// Results moved to `outbox/refused/`.
@@ -134,6 +136,7 @@ impl Telemetry {
             jobs_abandoned: AtomicU64::new(0),
             job_ids_reused: AtomicU64::new(0),
             queue_depth: AtomicU64::new(0),
+            stuck_job_threads: AtomicU64::new(0),
             results_published: AtomicU64::new(0),
             results_refused: AtomicU64::new(0),
             publish_refusals: AtomicU64::new(0),
@@ -205,6 +208,9 @@ impl Telemetry {
         }
         if self.disk_full.load(Ordering::Relaxed) {
             return Some("disk_full".into());
+        }
+        if self.stuck_job_threads.load(Ordering::Relaxed) >= super::worker::MAX_JOB_THREADS as u64 {
+            return Some("job threads stuck in input reads".into());
         }
         if !self.worker_alive() {
             return Some("worker stalled".into());
@@ -284,6 +290,7 @@ impl Telemetry {
         let last_ok = self.last_reload().map(|r| (r.outcome == "ok") as u64);
         let gauges = [
             ("noduled_queue_depth", "Jobs waiting for the worker.", c(&self.queue_depth)),
+            ("noduled_job_threads_busy", "Job threads alive when the latest job started (stuck reads).", c(&self.stuck_job_threads)),
             ("noduled_outbox_depth", "Results awaiting broker acknowledgement.", c(&self.outbox_depth)),
             ("noduled_outbox_bytes", "Bytes held in the outbox.", c(&self.outbox_bytes)),
             ("noduled_mqtt_connected", "1 when connected to the broker.", b(&self.mqtt_connected)),

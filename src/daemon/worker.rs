@@ -25,9 +25,15 @@ use crate::report::ScoreReport;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::atomic::AtomicUsize;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Job threads that may be alive at once (one running, the rest stuck in a read past their
+/// deadline). At the cap the worker waits for one to end without pinging the watchdog:
+/// the pipeline is wedged, `/readyz` says so, and systemd restarts the daemon.
+pub const MAX_JOB_THREADS: usize = 8;
 
 /// A finished job for the output stage.
 #[derive(Debug)]
@@ -81,6 +87,17 @@ pub struct Worker {
     pub watchdog: Arc<Watchdog>,
     /// Set when the daemon stops.
     pub stop: Arc<AtomicBool>,
+    /// Job threads alive (see [`MAX_JOB_THREADS`]).
+    pub job_threads: Arc<AtomicUsize>,
+}
+
+/// Decrements the live job-thread count when a job thread ends.
+struct ThreadCount(Arc<AtomicUsize>);
+
+impl Drop for ThreadCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The identity of a job, known once its file was read.
@@ -139,7 +156,7 @@ impl Worker {
         let name = file_name(&claimed);
         let started = Instant::now();
         let queued_ms = started.duration_since(job.noticed).as_secs_f64() * 1e3;
-        let rec = match disk::retry("attempts ledger", &self.telemetry, &self.stop, || {
+        let rec = match disk::retry("attempts ledger", &self.telemetry, &self.stop, &|| self.alive(), || {
             self.ledger.begin(&name, job.origin)
         }) {
             Ok(r) => r,
@@ -182,8 +199,30 @@ impl Worker {
             spooled,
             latency_s: started.elapsed().as_secs_f64(),
         };
-        if self.out.send(finished).is_err() {
-            tracing::error!(file = %name, "output stage gone; job left in processing/");
+        self.hand_over(finished, &name);
+    }
+
+    /// The worker made progress or waits on something reported (a full disk).
+    fn alive(&self) {
+        self.telemetry.beat();
+        self.watchdog.ping();
+    }
+
+    /// Sends a finished job to the output stage, waiting (alive) while it is busy.
+    fn hand_over(&self, mut finished: Finished, name: &str) {
+        loop {
+            match self.out.try_send(finished) {
+                Ok(()) => return,
+                Err(TrySendError::Full(f)) => {
+                    finished = f;
+                    self.alive();
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    tracing::error!(file = %name, "output stage gone; job left in processing/");
+                    return;
+                }
+            }
         }
     }
 
@@ -204,7 +243,14 @@ impl Worker {
 
     /// Runs the job on its own thread and waits at most the deadline; `None` past it.
     fn run_with_deadline(&self, claimed: &Path, ids_only: bool) -> (Ids, Option<Ran>) {
+        while self.job_threads.load(Ordering::SeqCst) >= MAX_JOB_THREADS {
+            self.telemetry.stuck_job_threads.store(MAX_JOB_THREADS as u64, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        self.telemetry.stuck_job_threads.store(self.job_threads.load(Ordering::SeqCst) as u64, Ordering::Relaxed);
         let (tx, rx) = std::sync::mpsc::channel();
+        self.job_threads.fetch_add(1, Ordering::SeqCst);
+        let count = ThreadCount(self.job_threads.clone());
         let (file, limits, scorer, stop) = (
             claimed.to_path_buf(),
             self.limits.clone(),
@@ -213,7 +259,10 @@ impl Worker {
         );
         let spawned = std::thread::Builder::new()
             .name("noduled-job".into())
-            .spawn(move || run_job(&file, &limits, scorer.as_ref(), &stop, ids_only, &tx));
+            .spawn(move || {
+                let _count = count;
+                run_job(&file, &limits, scorer.as_ref(), &stop, ids_only, &tx)
+            });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "could not start a job thread");
             return (Ids::default(), None);
@@ -292,7 +341,7 @@ impl Worker {
         let Some(job_id) = &ids.job_id else {
             return false;
         };
-        let reused = disk::retry("job-id ledger", &self.telemetry, &self.stop, || {
+        let reused = disk::retry("job-id ledger", &self.telemetry, &self.stop, &|| self.alive(), || {
             self.ledger.note_job_id(job_id, key)
         })
         .unwrap_or(false);
