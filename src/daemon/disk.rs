@@ -19,11 +19,14 @@ pub fn is_disk_full(e: &std::io::Error) -> bool {
     )
 }
 
-/// Runs `op` until it succeeds, waiting while the disk is full (see the module doc).
+/// Runs `op` until it succeeds, waiting while the disk is full (see the module doc);
+/// `waiting` runs before each wait (the worker keeps its watchdog pings going: a full disk
+/// is reported, not a wedge).
 pub fn retry<T>(
     what: &str,
     telemetry: &Telemetry,
     stop: &AtomicBool,
+    waiting: &dyn Fn(),
     mut op: impl FnMut() -> std::io::Result<T>,
 ) -> std::io::Result<T> {
     let mut wait = Duration::from_millis(100);
@@ -46,6 +49,7 @@ pub fn retry<T>(
                 if stop.load(Ordering::SeqCst) {
                     return Err(e);
                 }
+                waiting();
                 std::thread::sleep(wait);
                 wait = (wait * 2).min(Duration::from_secs(5));
             }

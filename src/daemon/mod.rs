@@ -353,6 +353,7 @@ pub async fn run_with(
         telemetry: telemetry.clone(),
         watchdog: Arc::new(systemd::Watchdog::from_env()),
         stop: stop.flag(),
+        job_threads: Arc::default(),
     };
     spawn_stage("worker", guard.clone(), move || w.run())?;
 

@@ -279,6 +279,7 @@ impl Mqtt {
     /// Retries storing held jobs; false when all are stored but some were not held (the
     /// connection is then renewed so the broker redelivers them).
     fn store_unstored(&self, client: &AsyncClient, held: &mut Held) -> bool {
+        let had = !held.unstored.is_empty();
         while let Some(p) = held.unstored.front() {
             match store_job(&self.store, &p.payload) {
                 Ok(job) => {
@@ -290,8 +291,11 @@ impl Mqtt {
             }
         }
         self.forward_backlog(held);
-        if held.lost_unstored {
+        if had {
+            tracing::info!("disk writable again: held MQTT jobs stored");
             self.telemetry.disk_full.store(false, Ordering::Relaxed);
+        }
+        if held.lost_unstored {
             held.lost_unstored = false;
             return false;
         }

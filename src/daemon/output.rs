@@ -86,7 +86,7 @@ impl Output {
             }
         };
         let written = self.outbox.contains(&r.result_id)
-            || disk::retry("outbox", &self.telemetry, &self.stop, || {
+            || disk::retry("outbox", &self.telemetry, &self.stop, &|| {}, || {
                 self.outbox.write(&r.result_id, &json).map(|_| ())
             })
             .inspect_err(|e| tracing::error!(file = %name, error = %e, outbox = %self.outbox.dir().display(), "could not write a result; job left in processing/"))
@@ -96,7 +96,7 @@ impl Output {
         }
         self.written.notify_one();
         let err_value = r.error.as_ref().map(|_| serde_json::to_value(r).unwrap_or_default());
-        if let Err(e) = disk::retry("job move", &self.telemetry, &self.stop, || {
+        if let Err(e) = disk::retry("job move", &self.telemetry, &self.stop, &|| {}, || {
             self.intake.finish(&f.claimed, err_value.as_ref())
         }) {
             tracing::error!(file = %name, error = %e, "could not move a finished job");
