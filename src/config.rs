@@ -62,6 +62,8 @@ pub struct Config {
     pub alert: AlertConfig,
     /// The localhost health and metrics endpoint.
     pub health: HealthConfig,
+    /// DICOM receiver, series checks, SR and PACS sender.
+    pub dicom: crate::dicom::DicomConfig,
 }
 
 /// `[model]`.
@@ -186,6 +188,7 @@ impl Default for Config {
             mqtt: MqttConfig::default(),
             alert: AlertConfig::default(),
             health: HealthConfig::default(),
+            dicom: crate::dicom::DicomConfig::default(),
         }
     }
 }
@@ -303,6 +306,8 @@ pub struct Settings {
     pub alert_threshold: Option<f64>,
     /// Health endpoint address when enabled.
     pub health: Option<SocketAddr>,
+    /// Validated `[dicom]`.
+    pub dicom: crate::dicom::DicomSettings,
 }
 
 /// Validated MQTT settings.
@@ -452,7 +457,12 @@ impl Config {
             ),
             None => None,
         };
+        let dicom = self
+            .dicom
+            .validate()
+            .map_err(|(key, msg)| invalid(key, msg))?;
         Ok(Settings {
+            dicom,
             model_public_key,
             device: self.model.device,
             dtype: self.model.dtype,

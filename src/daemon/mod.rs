@@ -16,6 +16,7 @@
 //! nodule in hand and stops; the MQTT client publishes a `stopped` status and disconnects
 //! cleanly; `shutdown_timeout_secs` bounds the wait.
 
+pub mod dicom_glue;
 pub mod health;
 pub mod inbox;
 pub mod job;

@@ -89,6 +89,7 @@ fn process(
     let mut doc_ids: (Option<String>, Option<String>) = (None, None);
     let mut input = serde_json::json!({"origin": origin, "file": name});
     let mut spooled: Vec<PathBuf> = Vec::new();
+    let mut series: Option<crate::dicom::SeriesInfo> = None;
     let scorer = shared.scorer();
     let info = scorer.model_info();
 
@@ -102,6 +103,7 @@ fn process(
         if let (Some(dst), Some(src)) = (input.as_object_mut(), checked.input.as_object()) {
             dst.extend(src.clone());
         }
+        series = super::dicom_glue::check_series(&checked, &shared.settings.dicom, &mut input)?;
         let t_load = Instant::now();
         let mut inputs: Vec<NoduleInput> = Vec::new();
         for req in &checked.requests {
@@ -133,11 +135,12 @@ fn process(
         }
         let score_ms = t_score.elapsed().as_secs_f64() * 1e3;
         let patients = ScoreReport::patients_from(&reports);
-        let report = ScoreReport {
+        let mut report = ScoreReport {
             model: info.clone(),
             nodules: reports,
             patients,
         };
+        report.fill_summaries(shared.settings.alert_threshold);
         Ok(Outcome::Scored(
             report,
             Timings {
@@ -192,6 +195,7 @@ fn process(
         created_at: job::now_rfc3339(),
         noduled_version: env!("CARGO_PKG_VERSION").into(),
     };
+    super::dicom_glue::write_sr(shared, &result, series.as_ref());
     finish(shared, &claimed, &result, &info);
     for p in spooled {
         let _ = std::fs::remove_file(p);
