@@ -1,12 +1,119 @@
-//! The daemon's DICOM glue, kept to two calls of the worker so it moves easily:
+//! The daemon's DICOM glue, kept in one place so it moves easily: [`DicomSide`] (the store
+//! of received series and the receiver, one more input), and the worker's calls
+//! [`resolve_series`] (a job naming a received series UID waits until it is stable),
 //! [`check_series`] (series checks and the result's input fields, before loading) and
-//! [`write_sr`] (the job's SR beside its result JSON, queued for the PACS when one is set).
+//! [`write_sr`] (the job's SR beside its result JSON).
 
-use super::job::{CheckedJob, JobError, JobResult};
+use super::job::{CheckedJob, JobDoc, JobError, JobResult};
 use super::Shared;
+use crate::config::Settings;
+use crate::dicom::receiver::{self, Receiver};
 use crate::dicom::sr::{self, SrInput};
+use crate::dicom::store::Store;
 use crate::dicom::{DicomSettings, SeriesInfo};
 use crate::nodules::NoduleRequest;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The DICOM side of the daemon: the received-series store and, when enabled, the receiver.
+#[derive(Debug)]
+pub struct DicomSide {
+    /// `<state_dir>/dicom`.
+    pub store: Arc<Store>,
+    /// The C-STORE receiver when `dicom.enabled`.
+    pub receiver: Option<Receiver>,
+}
+
+impl DicomSide {
+    /// Opens the store and starts the receiver (writing its address to `state_dir/dicom.addr`).
+    pub fn start(settings: &Settings) -> std::io::Result<Self> {
+        let store = Arc::new(Store::open(&settings.state_dir.join("dicom"))?);
+        let receiver = match settings.dicom.listen {
+            Some(_) => {
+                let r = receiver::start(&settings.dicom, store.clone())?;
+                super::outbox::write_atomic(
+                    &settings.state_dir.join("dicom.addr"),
+                    r.addr.to_string().as_bytes(),
+                )?;
+                Some(r)
+            }
+            None => None,
+        };
+        Ok(Self { store, receiver })
+    }
+
+    /// Stops the receiver.
+    pub fn stop(&self) {
+        if let Some(r) = &self.receiver {
+            r.stop();
+        }
+    }
+
+    /// Applies `dicom.max_age_hours` and `dicom.max_bytes` to the received series.
+    pub fn prune(&self, s: &DicomSettings) {
+        self.store.prune(s.max_age, s.max_bytes);
+    }
+}
+
+/// For `"series": {"uid": ...}`: waits (pinging `beat`) until the received series exists
+/// and is stable, at most `dicom.series_wait_secs`, then points the job at its folder.
+/// `Ok(None)`: the daemon is stopping (the job stays in `processing/`).
+pub fn resolve_series(
+    shared: &Shared,
+    mut doc: JobDoc,
+    beat: &dyn Fn(),
+) -> Result<Option<JobDoc>, JobError> {
+    let Some(series) = doc.series.as_mut() else {
+        return Ok(Some(doc));
+    };
+    let Some(uid) = series.uid.clone() else {
+        return Ok(Some(doc));
+    };
+    if series.path.is_some() || series.series_uid.is_some() {
+        return Err(JobError::Field {
+            field: "series.uid".into(),
+            msg: "give `uid` alone, or `path` (with `series_uid`)".into(),
+        });
+    }
+    let s = &shared.settings.dicom;
+    let store = &shared.dicom.store;
+    let started = Instant::now();
+    loop {
+        let found = store.find(&uid).map_err(|e| JobError::Field {
+            field: "series.uid".into(),
+            msg: e.to_string(),
+        })?;
+        match found {
+            Some(dir) if Store::is_stable(&dir, s.stable) => {
+                series.path = Some(dir);
+                series.series_uid = Some(uid);
+                series.uid = None;
+                return Ok(Some(doc));
+            }
+            _ if started.elapsed() >= s.series_wait => {
+                let what = if found.is_some() {
+                    "not stable"
+                } else {
+                    "not received"
+                };
+                return Err(JobError::Field {
+                    field: "series.uid".into(),
+                    msg: format!(
+                        "series {uid} {what} after dicom.series_wait_secs = {}",
+                        s.series_wait.as_secs()
+                    ),
+                });
+            }
+            _ => {}
+        }
+        if shared.stop.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        beat();
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
 
 /// For a job naming a DICOM series folder: reads its headers, runs the checks (an error
 /// refuses the job), and adds description, thickness, spacing and warnings to `input`.

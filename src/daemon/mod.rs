@@ -104,6 +104,8 @@ pub struct Shared {
     pub status_changed: tokio::sync::Notify,
     /// When the daemon started (RFC 3339).
     pub started_at: String,
+    /// Received DICOM series and the receiver.
+    pub dicom: dicom_glue::DicomSide,
     model: RwLock<Arc<dyn Scorer>>,
     state: Mutex<&'static str>,
     heartbeat: Mutex<Instant>,
@@ -296,8 +298,12 @@ pub async fn run_with(
     let info = scorer.model_info();
     tracing::info!(model = %info.id, version = ?info.version, backend = %info.backend, ms = t.elapsed().as_millis() as u64, "model loaded and self-tested");
 
+    let dicom = dicom_glue::DicomSide::start(&settings).map_err(|source| DaemonError::Listen {
+        addr: format!("dicom.listen {:?}", settings.dicom.listen),
+        source,
+    })?;
     let mut roots: Vec<PathBuf> = settings.data_roots.clone();
-    for extra in [&inbox_dir, &spool] {
+    for extra in [&inbox_dir, &spool, &dicom.store.root().to_path_buf()] {
         roots.push(extra.canonicalize().unwrap_or_else(|_| extra.clone()));
     }
     let spool = spool.canonicalize().unwrap_or(spool);
@@ -317,6 +323,7 @@ pub async fn run_with(
         outbox_changed: tokio::sync::Notify::new(),
         status_changed: tokio::sync::Notify::new(),
         started_at: job::now_rfc3339(),
+        dicom,
         model: RwLock::new(scorer),
         state: Mutex::new("starting"),
         heartbeat: Mutex::new(Instant::now()),
@@ -411,6 +418,7 @@ pub async fn run_with(
     shared.set_state("stopping");
     systemd::stopping();
     shared.stop.store(true, Ordering::SeqCst);
+    shared.dicom.stop();
     shared.queue.close();
     let deadline = shared.settings.shutdown_timeout;
     let joined =

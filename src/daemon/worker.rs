@@ -49,6 +49,7 @@ pub fn run(shared: Arc<Shared>, policy: PathPolicy, watchdog: Arc<Watchdog>) {
 }
 
 fn prune(shared: &Shared) {
+    shared.dicom.prune(&shared.settings.dicom);
     if shared.outbox.prune() > 0 {
         shared.status_changed.notify_one();
     }
@@ -98,6 +99,13 @@ fn process(
         let doc = job::parse(&bytes)?;
         key = format!("job:{}", doc.job_id);
         doc_ids = (Some(doc.job_id.clone()), Some(doc.patient_id.clone()));
+        let beat = || {
+            watchdog.ping();
+            shared.beat();
+        };
+        let Some(doc) = super::dicom_glue::resolve_series(shared, doc, &beat)? else {
+            return Ok(Outcome::Interrupted);
+        };
         let checked: CheckedJob = job::check(doc, &key, policy, shared.settings.max_nodules)?;
         spooled = checked.spooled.clone();
         if let (Some(dst), Some(src)) = (input.as_object_mut(), checked.input.as_object()) {

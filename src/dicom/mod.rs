@@ -10,8 +10,10 @@
 //! here writes DICOM bytes by hand.
 
 pub mod config;
+pub mod receiver;
 pub mod series;
 pub mod sr;
+pub mod store;
 pub mod uid;
 
 pub use config::{DicomConfig, DicomSettings, PacsConfig};

@@ -8,6 +8,7 @@ mod daemon;
 mod daemon_ct;
 mod daemon_support;
 mod device;
+mod dicom_net;
 mod dicom_sr;
 mod eval;
 mod finetune;
