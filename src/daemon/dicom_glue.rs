@@ -8,11 +8,12 @@ use super::job::{CheckedJob, JobDoc, JobError, JobResult};
 use super::Shared;
 use crate::config::Settings;
 use crate::dicom::receiver::{self, Receiver};
+use crate::dicom::sender::PacsQueue;
 use crate::dicom::sr::{self, SrInput};
 use crate::dicom::store::Store;
 use crate::dicom::{DicomSettings, SeriesInfo};
 use crate::nodules::NoduleRequest;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,9 @@ pub struct DicomSide {
     pub store: Arc<Store>,
     /// The C-STORE receiver when `dicom.enabled`.
     pub receiver: Option<Receiver>,
+    /// The PACS queue when `[dicom.pacs]` is set (its sender runs on its own thread).
+    pub pacs: Option<Arc<PacsQueue>>,
+    stop: Arc<AtomicBool>,
 }
 
 impl DicomSide {
@@ -40,11 +44,34 @@ impl DicomSide {
             }
             None => None,
         };
-        Ok(Self { store, receiver })
+        let stop = Arc::new(AtomicBool::new(false));
+        let pacs = match &settings.dicom.pacs {
+            Some(cfg) => {
+                let q = Arc::new(PacsQueue::open(&settings.state_dir.join("pacs"))?);
+                let (q2, cfg, ae, st) = (
+                    q.clone(),
+                    cfg.clone(),
+                    settings.dicom.ae_title.clone(),
+                    stop.clone(),
+                );
+                std::thread::Builder::new()
+                    .name("pacs-sender".into())
+                    .spawn(move || q2.run(&cfg, &ae, &st))?;
+                Some(q)
+            }
+            None => None,
+        };
+        Ok(Self {
+            store,
+            receiver,
+            pacs,
+            stop,
+        })
     }
 
-    /// Stops the receiver.
+    /// Stops the receiver and the PACS sender (queued SRs stay for the next start).
     pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
         if let Some(r) = &self.receiver {
             r.stop();
         }
@@ -143,8 +170,9 @@ pub fn check_series(
     Ok(Some(info))
 }
 
-/// Writes `<result_id>.dcm` into the outbox for an ok result of a series job (and into the
-/// PACS queue when `[dicom.pacs]` is set). Failures are logged: the JSON result still goes.
+/// Writes `<result_id>.dcm` into the PACS queue when `[dicom.pacs]` is set, then into the
+/// outbox, for an ok result of a series job (before its JSON, so a result in the outbox has
+/// its SR queued). Failures are logged: the JSON result still goes.
 pub fn write_sr(shared: &Shared, result: &JobResult, series: Option<&SeriesInfo>) {
     let Some(series) = series else { return };
     if !shared.settings.dicom.write_sr || result.status != "ok" {
@@ -166,6 +194,10 @@ pub fn write_sr(shared: &Shared, result: &JobResult, series: Option<&SeriesInfo>
     let written = sr::build(&input)
         .map_err(|e| e.to_string())
         .and_then(|bytes| {
+            if let Some(q) = &shared.dicom.pacs {
+                q.enqueue(&result.result_id, &bytes)
+                    .map_err(|e| format!("PACS queue: {e}"))?;
+            }
             super::outbox::write_atomic(&path, &bytes)
                 .map_err(|e| format!("{}: {e}", path.display()))
         });

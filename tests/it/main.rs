@@ -9,6 +9,7 @@ mod daemon_ct;
 mod daemon_support;
 mod device;
 mod dicom_net;
+mod dicom_pacs;
 mod dicom_sr;
 mod eval;
 mod finetune;
