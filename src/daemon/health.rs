@@ -78,7 +78,7 @@ async fn answer(mut stream: tokio::net::TcpStream, shared: &Shared) -> std::io::
         ("GET", "/metrics") => (
             200,
             "text/plain; version=0.0.4",
-            shared.metrics.render(&shared.gauges()),
+            shared.metrics.render(&shared.gauges()) + &shared.dicom.render_metrics(),
         ),
         ("GET", _) => (404, "text/plain", "not found\n".to_string()),
         ("", _) => (400, "text/plain", "bad request\n".to_string()),

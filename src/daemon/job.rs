@@ -5,6 +5,7 @@
 //! ```json
 //! {"job_id": "J1", "patient_id": "P1",
 //!  "series": {"path": "/srv/ct/P1/series1", "series_uid": "1.2..."},   // a DICOM folder, or
+//!  "series": {"uid": "1.2..."},          // a series received over DICOM (waits until stable), or
 //!  "volume": "/srv/ct/P1.nii.gz",                                      // a NIfTI / NRRD file
 //!  "nodules": [{"nodule_id": "n1", "coord_lps_mm": [-21.9, -120.5, -611.5]}]}
 //! ```

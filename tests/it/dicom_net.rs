@@ -209,6 +209,13 @@ fn refused_ae_mr_and_truncated_instances_leave_nothing() {
     assert!(out.contains("PixelData truncated"), "{out}");
     assert!(stored(&d).is_empty(), "{:?}", stored(&d));
 
+    assert_eq!(
+        d.metric("noduled_dicom_associations_rejected_total"),
+        Some(1.0)
+    );
+    assert_eq!(d.metric("noduled_dicom_instances_refused_total"), Some(2.0));
+    assert_eq!(d.metric("noduled_dicom_instances_stored_total"), Some(0.0));
+
     // A job naming a series never received: a clear error after the bounded wait.
     let job = serde_json::json!({"job_id": "missing", "patient_id": "P1",
         "series": {"uid": "1.2.3.4.5"}, "nodules": [{"nodule_id": "n0", "coord_lps_mm": coord}]});
