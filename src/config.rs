@@ -62,6 +62,8 @@ pub struct Config {
     pub alert: AlertConfig,
     /// The localhost health and metrics endpoint.
     pub health: HealthConfig,
+    /// Bounds of `done/` and `failed/`.
+    pub retention: RetentionConfig,
     /// DICOM receiver, series checks, SR and PACS sender.
     pub dicom: crate::dicom::DicomConfig,
 }
@@ -94,6 +96,12 @@ pub struct JobsConfig {
     pub max_job_bytes: u64,
     /// Most nodules one job may name.
     pub max_nodules: usize,
+    /// Seconds a job may take (reading its input and scoring) before it gets an error
+    /// result and the worker moves on.
+    pub timeout_secs: u64,
+    /// Attempts of a job that did not finish (the daemon crashed, was killed or aborted
+    /// while running it) after which it is failed instead of run again.
+    pub max_attempts: u32,
 }
 
 /// `[inbox]`.
@@ -118,6 +126,9 @@ pub struct OutboxConfig {
     pub max_age_hours: u64,
     /// When the folder (with `sent/`) grows past this many bytes, the oldest results go first.
     pub max_bytes: u64,
+    /// Refusals by the broker (a failure reason code in the PUBACK) after which a result
+    /// moves to `refused/`.
+    pub max_publish_attempts: u32,
 }
 
 /// `[mqtt]`.
@@ -139,8 +150,11 @@ pub struct MqttConfig {
     /// Topics are `<prefix>/job`, `<prefix>/result/<patient_id>`, `<prefix>/status`,
     /// `<prefix>/alert`.
     pub topic_prefix: String,
-    /// Job topic; empty means `<prefix>/job`.
+    /// Job topic; empty means `<prefix>/job`. No wildcards.
     pub job_topic: String,
+    /// Result topic; empty means `<prefix>/result`. No wildcards and no patient fields:
+    /// the patient id travels in the payload only.
+    pub result_topic: String,
     /// Keep-alive, in seconds.
     pub keep_alive_secs: u64,
     /// Longest wait between reconnect attempts, in seconds (backoff doubles from 0.5 s).
@@ -176,6 +190,25 @@ pub struct HealthConfig {
     pub listen: String,
 }
 
+/// `[retention]`: bounds of `done/` and `failed/` (each), like the outbox's.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Job files older than this are deleted, in hours.
+    pub max_age_hours: u64,
+    /// Past this many bytes per folder the oldest job files go first.
+    pub max_bytes: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            max_age_hours: 24 * 30,
+            max_bytes: 1 << 30,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -188,6 +221,7 @@ impl Default for Config {
             mqtt: MqttConfig::default(),
             alert: AlertConfig::default(),
             health: HealthConfig::default(),
+            retention: RetentionConfig::default(),
             dicom: crate::dicom::DicomConfig::default(),
         }
     }
@@ -210,6 +244,8 @@ impl Default for JobsConfig {
             data_roots: vec![PathBuf::from("/srv/noduled/data")],
             max_job_bytes: 64 << 20,
             max_nodules: 64,
+            timeout_secs: 300,
+            max_attempts: 2,
         }
     }
 }
@@ -229,6 +265,7 @@ impl Default for OutboxConfig {
             path: PathBuf::from("/var/lib/noduled/outbox"),
             max_age_hours: 24 * 30,
             max_bytes: 1 << 30,
+            max_publish_attempts: 10,
         }
     }
 }
@@ -244,6 +281,7 @@ impl Default for MqttConfig {
             password: None,
             topic_prefix: "noduled".into(),
             job_topic: String::new(),
+            result_topic: String::new(),
             keep_alive_secs: 30,
             reconnect_max_secs: 30,
             session_expiry_secs: 7 * 24 * 3600,
@@ -292,6 +330,16 @@ pub struct Settings {
     pub max_job_bytes: u64,
     /// Most nodules per job.
     pub max_nodules: usize,
+    /// Per-job deadline.
+    pub job_timeout: Duration,
+    /// Unfinished attempts after which a job is failed.
+    pub max_attempts: u32,
+    /// Broker refusals after which a result moves to `outbox/refused/`.
+    pub max_publish_attempts: u32,
+    /// Age bound of `done/` and `failed/`.
+    pub retention_max_age: Duration,
+    /// Size bound of `done/` and `failed/` (each), bytes.
+    pub retention_max_bytes: u64,
     /// Inbox folder when enabled (absolute).
     pub inbox: Option<PathBuf>,
     /// Outbox folder (absolute).
@@ -325,6 +373,12 @@ pub struct MqttSettings {
     pub prefix: String,
     /// Job topic.
     pub job_topic: String,
+    /// Result topic.
+    pub result_topic: String,
+    /// Alert topic (`<prefix>/alert`).
+    pub alert_topic: String,
+    /// Retained status topic (`<prefix>/status`).
+    pub status_topic: String,
     /// Keep-alive.
     pub keep_alive: Duration,
     /// Longest reconnect wait.
@@ -373,6 +427,15 @@ impl Config {
         if self.jobs.max_nodules == 0 {
             return Err(invalid("jobs.max_nodules", "must be > 0".into()));
         }
+        if self.jobs.timeout_secs == 0 {
+            return Err(invalid("jobs.timeout_secs", "must be > 0".into()));
+        }
+        if self.jobs.max_attempts == 0 {
+            return Err(invalid("jobs.max_attempts", "must be > 0".into()));
+        }
+        if self.outbox.max_publish_attempts == 0 {
+            return Err(invalid("outbox.max_publish_attempts", "must be > 0".into()));
+        }
         if let Some(t) = self.alert.calibrated_threshold {
             if !(t > 0.0 && t <= 1.0) {
                 return Err(invalid(
@@ -403,11 +466,8 @@ impl Config {
                     format!("`{}` is not a topic prefix, e.g. noduled", m.topic_prefix),
                 ));
             }
-            let job_topic = if m.job_topic.is_empty() {
-                format!("{prefix}/job")
-            } else {
-                m.job_topic.clone()
-            };
+            let job_topic = topic_or(&m.job_topic, &prefix, "job", "mqtt.job_topic")?;
+            let result_topic = topic_or(&m.result_topic, &prefix, "result", "mqtt.result_topic")?;
             let credentials = match (&m.username, &m.password) {
                 (Some(u), p) => Some((u.clone(), p.clone().unwrap_or_default())),
                 (None, Some(_)) => {
@@ -428,8 +488,11 @@ impl Config {
                 port: m.port,
                 client_id: m.client_id.clone(),
                 credentials,
-                prefix,
                 job_topic,
+                result_topic,
+                alert_topic: format!("{prefix}/alert"),
+                status_topic: format!("{prefix}/status"),
+                prefix,
                 keep_alive: Duration::from_secs(m.keep_alive_secs.max(5)),
                 reconnect_max: Duration::from_secs(m.reconnect_max_secs.max(1)),
                 session_expiry_secs: m.session_expiry_secs,
@@ -472,6 +535,11 @@ impl Config {
             data_roots,
             max_job_bytes: self.jobs.max_job_bytes,
             max_nodules: self.jobs.max_nodules,
+            job_timeout: Duration::from_secs(self.jobs.timeout_secs),
+            max_attempts: self.jobs.max_attempts,
+            max_publish_attempts: self.outbox.max_publish_attempts,
+            retention_max_age: Duration::from_secs(self.retention.max_age_hours * 3600),
+            retention_max_bytes: self.retention.max_bytes,
             inbox: self.inbox.enabled.then(|| abs(&self.inbox.path)),
             outbox: abs(&self.outbox.path),
             outbox_max_age: Duration::from_secs(self.outbox.max_age_hours * 3600),
@@ -481,6 +549,30 @@ impl Config {
             health,
         })
     }
+}
+
+/// `topic`, or `<prefix>/<leaf>` when empty; a topic with an MQTT wildcard (`+`, `#`) or an
+/// empty level is refused naming `key`.
+fn topic_or(
+    topic: &str,
+    prefix: &str,
+    leaf: &str,
+    key: &'static str,
+) -> Result<String, ConfigError> {
+    let t = if topic.is_empty() {
+        format!("{prefix}/{leaf}")
+    } else {
+        topic.to_string()
+    };
+    if t.contains(['+', '#']) || t.split('/').any(str::is_empty) {
+        return Err(ConfigError::Invalid {
+            key,
+            msg: format!(
+                "`{t}` is not a plain topic (no `+`, `#` or empty levels), e.g. {prefix}/{leaf}"
+            ),
+        });
+    }
+    Ok(t)
 }
 
 #[cfg(test)]
@@ -520,6 +612,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("device `gpu`"), "{err}");
+    }
+
+    #[test]
+    fn wildcard_topics_are_refused_naming_the_key() {
+        for (key, line) in [
+            ("mqtt.job_topic", "job_topic = \"x/job/#\""),
+            ("mqtt.result_topic", "result_topic = \"x/+/result\""),
+            ("mqtt.topic_prefix", "topic_prefix = \"x/#\""),
+        ] {
+            let cfg: Config = toml::from_str(&format!("[mqtt]\nenabled = true\n{line}\n")).unwrap();
+            let err = cfg.validate(Path::new("/")).unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
     }
 
     #[test]

@@ -158,7 +158,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     };
-    rt.block_on(crate::daemon::run(settings, feed_and_wait))?;
+    let ran = rt.block_on(crate::daemon::run(settings, feed_and_wait));
+    rt.shutdown_timeout(Duration::from_secs(1));
+    ran?;
     let Some(file) = result_file
         .lock()
         .unwrap_or_else(|e| e.into_inner())

@@ -28,7 +28,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(crate::daemon::run(settings, termination()))?;
+    let result = rt.block_on(crate::daemon::run(settings, termination()));
+    // A job thread stuck in a system call (a hung share) must not keep the process alive.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    result?;
     Ok(())
 }
 

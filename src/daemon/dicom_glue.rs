@@ -5,7 +5,6 @@
 //! [`write_sr`] (the job's SR beside its result JSON).
 
 use super::job::{CheckedJob, JobDoc, JobError, JobResult};
-use super::Shared;
 use crate::config::Settings;
 use crate::dicom::receiver::{self, Receiver};
 use crate::dicom::sender::PacsQueue;
@@ -26,6 +25,8 @@ pub struct DicomSide {
     pub receiver: Option<Receiver>,
     /// The PACS queue when `[dicom.pacs]` is set (its sender runs on its own thread).
     pub pacs: Option<Arc<PacsQueue>>,
+    /// `[dicom]`.
+    pub settings: DicomSettings,
     stop: Arc<AtomicBool>,
 }
 
@@ -65,6 +66,7 @@ impl DicomSide {
             store,
             receiver,
             pacs,
+            settings: settings.dicom.clone(),
             stop,
         })
     }
@@ -130,18 +132,19 @@ impl DicomSide {
     }
 
     /// Applies `dicom.max_age_hours` and `dicom.max_bytes` to the received series.
-    pub fn prune(&self, s: &DicomSettings) {
-        self.store.prune(s.max_age, s.max_bytes);
+    pub fn prune(&self) {
+        self.store
+            .prune(self.settings.max_age, self.settings.max_bytes);
     }
 }
 
-/// For `"series": {"uid": ...}`: waits (pinging `beat`) until the received series exists
-/// and is stable, at most `dicom.series_wait_secs`, then points the job at its folder.
-/// `Ok(None)`: the daemon is stopping (the job stays in `processing/`).
+/// For `"series": {"uid": ...}`: waits until the received series exists and is stable, at
+/// most `dicom.series_wait_secs` (and the job's own `jobs.timeout_secs`), then points the
+/// job at its folder. `Ok(None)`: the daemon is stopping (the job stays in `processing/`).
 pub fn resolve_series(
-    shared: &Shared,
+    side: &DicomSide,
     mut doc: JobDoc,
-    beat: &dyn Fn(),
+    stop: &AtomicBool,
 ) -> Result<Option<JobDoc>, JobError> {
     let Some(series) = doc.series.as_mut() else {
         return Ok(Some(doc));
@@ -155,8 +158,8 @@ pub fn resolve_series(
             msg: "give `uid` alone, or `path` (with `series_uid`)".into(),
         });
     }
-    let s = &shared.settings.dicom;
-    let store = &shared.dicom.store;
+    let s = &side.settings;
+    let store = &side.store;
     let started = Instant::now();
     loop {
         let found = store.find(&uid).map_err(|e| JobError::Field {
@@ -186,10 +189,9 @@ pub fn resolve_series(
             }
             _ => {}
         }
-        if shared.stop.load(Ordering::SeqCst) {
+        if stop.load(Ordering::SeqCst) {
             return Ok(None);
         }
-        beat();
         std::thread::sleep(Duration::from_millis(250));
     }
 }
@@ -210,11 +212,11 @@ pub fn check_series(
     else {
         return Ok(None);
     };
-    let info = SeriesInfo::read(path, series_uid.as_deref())
-        .map_err(|e| JobError::Processing(e.to_string()))?;
+    let info =
+        SeriesInfo::read(path, series_uid.as_deref()).map_err(|e| JobError::Load(e.into()))?;
     let warnings = info
         .check(settings.min_slices)
-        .map_err(|e| JobError::Processing(e.to_string()))?;
+        .map_err(|e| JobError::Load(e.into()))?;
     if let (Some(dst), Some(src)) = (input.as_object_mut(), info.input_fields().as_object()) {
         dst.extend(src.clone());
         dst.insert("warnings".into(), serde_json::json!(warnings));
@@ -225,9 +227,14 @@ pub fn check_series(
 /// Writes `<result_id>.dcm` into the PACS queue when `[dicom.pacs]` is set, then into the
 /// outbox, for an ok result of a series job (before its JSON, so a result in the outbox has
 /// its SR queued). Failures are logged: the JSON result still goes.
-pub fn write_sr(shared: &Shared, result: &JobResult, series: Option<&SeriesInfo>) {
+pub fn write_sr(
+    side: &DicomSide,
+    outbox: &std::path::Path,
+    result: &JobResult,
+    series: Option<&SeriesInfo>,
+) {
     let Some(series) = series else { return };
-    if !shared.settings.dicom.write_sr || result.status != "ok" {
+    if !side.settings.write_sr || result.status != "ok" {
         return;
     }
     let input = SrInput {
@@ -236,17 +243,14 @@ pub fn write_sr(shared: &Shared, result: &JobResult, series: Option<&SeriesInfo>
         result_id: &result.result_id,
         created: time::OffsetDateTime::now_utc(),
     };
-    let path = shared
-        .outbox
-        .dir()
-        .join(format!("{}.dcm", result.result_id));
+    let path = outbox.join(format!("{}.dcm", result.result_id));
     if path.exists() {
         return;
     }
     let written = sr::build(&input)
         .map_err(|e| e.to_string())
         .and_then(|bytes| {
-            if let Some(q) = &shared.dicom.pacs {
+            if let Some(q) = &side.pacs {
                 q.enqueue(&result.result_id, &bytes)
                     .map_err(|e| format!("PACS queue: {e}"))?;
             }

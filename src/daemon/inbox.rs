@@ -8,13 +8,11 @@
 //! files already present, so the folder is scanned at start and again whenever the kernel
 //! queue overflowed. Names starting with `.` or ending in `.tmp` / `.part` are ignored.
 
+use super::input::{Job, JobSender, Origin};
 use super::outbox::{move_durable, write_atomic};
 use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
 use notify::{EventKind, RecursiveMode, Watcher};
-use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
 
 /// The inbox and the state folders jobs move through.
 #[derive(Debug, Clone)]
@@ -100,16 +98,20 @@ impl Inbox {
         }
     }
 
-    /// Watches the inbox, pushing finished files onto `queue`. Keep the watcher alive.
-    pub fn watch(&self, queue: Arc<JobQueue>) -> notify::Result<notify::RecommendedWatcher> {
+    /// Watches the inbox, sending finished files to the worker. Keep the watcher alive;
+    /// dropping it drops its sender.
+    pub fn watch(&self, tx: JobSender) -> notify::Result<notify::RecommendedWatcher> {
         let dir = self.dir.clone();
+        let send_all = move |tx: &JobSender, dir: &Path| {
+            for p in Inbox::list(dir) {
+                tx.send(Job::new(p, Origin::Inbox));
+            }
+        };
         let mut watcher =
             notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
                 Ok(ev) if ev.need_rescan() => {
                     tracing::warn!("inbox watch queue overflowed: rescanning");
-                    for p in Inbox::list(&dir) {
-                        queue.push(p);
-                    }
+                    send_all(&tx, &dir);
                 }
                 Ok(ev) => {
                     let path = match ev.kind {
@@ -123,99 +125,16 @@ impl Inbox {
                             && p.file_name()
                                 .is_some_and(|n| is_job_name(&n.to_string_lossy()))
                         {
-                            queue.push(p.clone());
+                            tx.send(Job::new(p.clone(), Origin::Inbox));
                         }
                     }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "inbox watch error: rescanning");
-                    for p in Inbox::list(&dir) {
-                        queue.push(p);
-                    }
+                    send_all(&tx, &dir);
                 }
             })?;
         watcher.watch(&self.dir, RecursiveMode::NonRecursive)?;
         Ok(watcher)
-    }
-}
-
-/// What [`JobQueue::pop_timeout`] found.
-#[derive(Debug)]
-pub enum Pop {
-    /// A job file and when it was noticed.
-    Job(PathBuf, Instant),
-    /// Nothing within the timeout.
-    Empty,
-    /// The queue was closed (shutdown).
-    Closed,
-}
-
-/// Jobs waiting for the worker: file paths (in the inbox, or in `processing/` when
-/// recovered), de-duplicated, with the time each was noticed.
-#[derive(Debug, Default)]
-pub struct JobQueue {
-    inner: Mutex<QueueInner>,
-    ready: Condvar,
-}
-
-#[derive(Debug, Default)]
-struct QueueInner {
-    items: VecDeque<(PathBuf, Instant)>,
-    queued: HashSet<PathBuf>,
-    closed: bool,
-}
-
-impl JobQueue {
-    /// Adds a job unless it is queued already.
-    pub fn push(&self, path: PathBuf) {
-        let mut q = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if !q.closed && q.queued.insert(path.clone()) {
-            q.items.push_back((path, Instant::now()));
-            self.ready.notify_one();
-        }
-    }
-
-    /// Takes the next job (its path and when it was noticed), waiting at most `timeout`;
-    /// `Pop::Closed` once closed.
-    pub fn pop_timeout(&self, timeout: Duration) -> Pop {
-        let mut q = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if q.items.is_empty() && !q.closed {
-            q = self
-                .ready
-                .wait_timeout(q, timeout)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        if q.closed {
-            return Pop::Closed;
-        }
-        let item = q.items.pop_front();
-        if let Some((p, _)) = &item {
-            q.queued.remove(p);
-        }
-        match item {
-            Some((p, t)) => Pop::Job(p, t),
-            None => Pop::Empty,
-        }
-    }
-
-    /// Jobs waiting.
-    pub fn len(&self) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .items
-            .len()
-    }
-
-    /// Whether no job waits.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Stops the queue: pending and later pops return `Err(())`.
-    pub fn close(&self) {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
-        self.ready.notify_all();
     }
 }

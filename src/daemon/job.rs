@@ -15,9 +15,11 @@
 //! or, per nodule, `"planes": "/path/planes.safetensors"` (nine planes already made).
 //! Unknown fields are an error. Every path must lie under a configured data root.
 //!
-//! `result_id` is a UUIDv5 of (job key, model id, model version, status), so a job run again
-//! after a crash, or a result published twice, carries the same id: subscribers de-duplicate
-//! on it.
+//! `result_id` is a UUIDv5 of (the job's content hash, model id, model version, status): a
+//! job run again after a crash, redelivered, or a result published twice carries the same
+//! id (subscribers de-duplicate on it), while a different job that reuses a `job_id` gets
+//! another (and `job_id_reused: true`). A job too large to read is keyed by its file name
+//! and size instead.
 
 use crate::nodules::NoduleRequest;
 use crate::report::{ModelInfo, ScoreReport};
@@ -61,9 +63,42 @@ pub enum JobError {
         /// What is wrong.
         msg: String,
     },
-    /// Reading the input or scoring failed.
-    #[error("{0}")]
-    Processing(String),
+    /// Reading or preprocessing the job's CT (or crop, or planes) failed.
+    #[error("{0:#}")]
+    Load(anyhow::Error),
+    /// The model failed on a nodule.
+    #[error("nodule {nodule_id}: {source:#}")]
+    Score {
+        /// The nodule.
+        nodule_id: String,
+        /// Why.
+        source: anyhow::Error,
+    },
+    /// The model panicked.
+    #[error("the model panicked on this job")]
+    Panicked,
+    /// An inline crop could not be written to the spool.
+    #[error("{path}: {source}")]
+    Spool {
+        /// The spool file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The job did not finish within `jobs.timeout_secs`.
+    #[error("not finished after jobs.timeout_secs = {secs} (an input read or the scoring hung); abandoned")]
+    TimedOut {
+        /// The deadline.
+        secs: u64,
+    },
+    /// Earlier attempts crashed, aborted or hung the daemon.
+    #[error("{attempts} attempts did not finish (crash, abort or hang) with jobs.max_attempts = {max}; not run again")]
+    Abandoned {
+        /// Attempts started.
+        attempts: u32,
+        /// The limit.
+        max: u32,
+    },
 }
 
 /// One job as written by its sender.
@@ -299,8 +334,10 @@ pub fn check(
                     .decode(b64.as_bytes())
                     .map_err(|e| field("crop.base64", e.to_string()))?;
                 let path = policy.spool.join(format!("{}.{format}", file_safe(key)));
-                super::outbox::write_atomic(&path, &bytes)
-                    .map_err(|e| JobError::Processing(format!("{}: {e}", path.display())))?;
+                super::outbox::write_atomic(&path, &bytes).map_err(|source| JobError::Spool {
+                    path: path.display().to_string(),
+                    source,
+                })?;
                 spooled.push(path.clone());
                 path
             }
@@ -380,7 +417,13 @@ pub fn file_safe(s: &str) -> String {
     }
 }
 
-/// The stable id of a job's result.
+/// The content key of a job: SHA-256 of its bytes, hex.
+pub fn content_key(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// The stable id of a job's result, from the job's content key (see the module doc).
 pub fn result_id(key: &str, model: &ModelInfo, ok: bool) -> String {
     let name = format!(
         "{key}\n{}\n{}\n{}",
@@ -435,6 +478,10 @@ pub struct JobResult {
     pub patient_id: Option<String>,
     /// "ok" or "error".
     pub status: String,
+    /// True when this job_id named a job with other content before (a rescan, a counter
+    /// reset): this result is not a duplicate of the earlier one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub job_id_reused: bool,
     /// The one-line error when `status` is "error".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,

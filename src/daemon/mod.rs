@@ -1,42 +1,63 @@
-//! The daemon: `run(settings, shutdown)` wires the sources (inbox folder, MQTT job topic)
-//! through one worker to the outbox and the MQTT results, with systemd notify, a health
-//! endpoint and SIGHUP model reloads.
+//! The daemon: `run(settings, shutdown)` wires a one-way pipeline of stages, each owning
+//! what it uses, joined by bounded channels:
 //!
 //! ```text
-//! inbox (notify) ─┐                                   ┌─> outbox/<result_id>.json ─> MQTT <prefix>/result/<pid>
-//! MQTT job topic ─┴─> job files ─> JobQueue ─> worker ┤                               (+ <prefix>/alert)
-//!   (stored, then acked)                              └─> done/ | failed/ (+ .error.json)
+//! inputs                      worker                    output stage
+//! inbox (notify) ──┐  Job    ┌─────────────┐ Finished  ┌──────────────────────────────┐
+//! MQTT job topic ──┼───────> │ claim, count │ ───────> │ outbox/<result_id>.json       │
+//! (any later one) ─┘ bounded │ attempt, run │  bounded │ done/ | failed/ (+.error.json)│
+//!                    channel │ with deadline│          │ publishers: MQTT result+alert │
+//!                            └─────────────┘          └──────────────────────────────┘
 //! ```
+//! [`input`]: the typed [`input::Job`] and channel; [`inbox`], [`mqtt`]: the inputs (MQTT
+//! also publishes); [`worker`]: claims, [`ledger`] attempts, runs each job on its own thread
+//! within `jobs.timeout_secs`, one batched pass per job; [`output`]: the outbox, job moves,
+//! retention; [`disk`]: full-disk retries; [`telemetry`]: the [`telemetry::State`] enum and
+//! counters for [`health`], the MQTT status and [`systemd`]; [`shutdown`]: one signal and
+//! the drain.
+//!
 //! Durability: a job is a file from the moment it is accepted (inbox rename, or MQTT payload
 //! written before its PUBACK); a result is a file before it is published and leaves the
 //! outbox only after the broker's PUBACK. After a crash, jobs left in `processing/` run
-//! again and produce the same `result_id`.
+//! again (at most `jobs.max_attempts` attempts) and produce the same `result_id`.
 //!
-//! Shutdown (the injected future, SIGTERM in `noduled run`): the worker finishes the
-//! nodule in hand and stops; the MQTT client publishes a `stopped` status and disconnects
-//! cleanly; `shutdown_timeout_secs` bounds the wait.
+//! Shutdown (the injected future, SIGTERM in `noduled run`): inputs stop taking jobs, the
+//! worker stops at the job's next stage boundary (the job stays in `processing/`), the
+//! output stage writes what it holds, then the MQTT client publishes a `stopped` status and
+//! disconnects; `shutdown_timeout_secs` bounds the wait.
 
 pub mod dicom_glue;
+pub mod disk;
 pub mod health;
 pub mod inbox;
+pub mod input;
 pub mod job;
-pub mod metrics;
+pub mod ledger;
 pub mod mqtt;
 pub mod outbox;
+pub mod output;
+pub mod shutdown;
 pub mod systemd;
+pub mod telemetry;
 pub mod worker;
 
 use crate::config::Settings;
 use crate::engine::Scorer;
 use crate::nodule::{NoduleInput, Planes01, N_PLANES, PLANE_SIDE};
-use inbox::{Inbox, JobQueue};
-use metrics::{Gauges, Metrics};
+use inbox::Inbox;
+use input::{Job, JobSender, Origin};
+use ledger::Ledger;
 use outbox::Outbox;
+use shutdown::{DoneGuard, Shutdown};
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+use telemetry::{State, Telemetry};
+
+/// Jobs the channel between the inputs and the worker holds.
+pub const JOB_CHANNEL_CAPACITY: usize = 64;
 
 /// Errors that stop the daemon (startup and configuration); a failing job never does.
 #[derive(Debug, thiserror::Error)]
@@ -77,106 +98,18 @@ pub enum DaemonError {
         /// Why.
         source: std::io::Error,
     },
+    /// A stage's thread could not be started.
+    #[error("starting the {stage} thread: {source}")]
+    Thread {
+        /// The stage.
+        stage: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// Loads a model from a path; `engine::load` in the daemon, injectable for tests.
 pub type ModelLoader = fn(&Path) -> anyhow::Result<Arc<dyn Scorer>>;
-
-/// State shared by the daemon's tasks.
-pub struct Shared {
-    /// The settings.
-    pub settings: Settings,
-    /// Jobs waiting for the worker.
-    pub queue: Arc<JobQueue>,
-    /// The inbox and the state folders jobs move through.
-    pub intake: Inbox,
-    /// Where inline crops are written.
-    pub spool: PathBuf,
-    /// Results.
-    pub outbox: Outbox,
-    /// Counters.
-    pub metrics: Metrics,
-    /// Set on shutdown: the worker stops after the nodule in hand.
-    pub stop: AtomicBool,
-    /// Wakes the MQTT task when a result was written.
-    pub outbox_changed: tokio::sync::Notify,
-    /// Wakes the MQTT task when the status may have changed.
-    pub status_changed: tokio::sync::Notify,
-    /// When the daemon started (RFC 3339).
-    pub started_at: String,
-    /// Received DICOM series and the receiver.
-    pub dicom: dicom_glue::DicomSide,
-    model: RwLock<Arc<dyn Scorer>>,
-    state: Mutex<&'static str>,
-    heartbeat: Mutex<Instant>,
-}
-
-impl Shared {
-    /// The model in use (a reload swaps it; jobs in hand keep theirs).
-    pub fn scorer(&self) -> Arc<dyn Scorer> {
-        self.model.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// "starting", "ready", "reloading", "stopping".
-    pub fn state(&self) -> &'static str {
-        *self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn set_state(&self, s: &'static str) {
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s;
-        self.status_changed.notify_one();
-    }
-
-    /// Records that the worker loop is alive.
-    pub fn beat(&self) {
-        *self.heartbeat.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
-    }
-
-    /// Whether the worker loop ran recently (within 10 minutes: one long job may take a while).
-    pub fn worker_alive(&self) -> bool {
-        self.heartbeat
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .elapsed()
-            < Duration::from_secs(600)
-    }
-
-    /// Values for `/metrics`.
-    pub fn gauges(&self) -> Gauges {
-        let info = self.scorer().model_info();
-        let ob = self.outbox.stats();
-        Gauges {
-            queue_depth: self.queue.len() as u64,
-            outbox_depth: ob.depth,
-            outbox_bytes: ob.bytes,
-            outbox_dropped: ob.dropped,
-            ready: self.state() == "ready",
-            model_id: info.id,
-            model_version: info.version.map(|v| v.to_string()).unwrap_or_default(),
-            precision: info.precision,
-            backend: info.backend,
-            fallback: info.fallback,
-        }
-    }
-
-    /// The retained status message.
-    pub fn status_json(&self) -> serde_json::Value {
-        let info = self.scorer().model_info();
-        serde_json::json!({
-            "state": self.state(),
-            "backend": info.backend,
-            "fallback": info.fallback,
-            "model": {"id": info.id, "version": info.version, "precision": info.precision},
-            "queue_depth": self.queue.len(),
-            "outbox": self.outbox.stats(),
-            "jobs_done": self.metrics.jobs_done.load(Ordering::Relaxed),
-            "jobs_failed": self.metrics.jobs_failed.load(Ordering::Relaxed),
-            "started_at": self.started_at,
-            "pid": std::process::id(),
-            "noduled_version": env!("CARGO_PKG_VERSION"),
-        })
-    }
-}
 
 /// Loads a model and runs its self-test: nine synthetic planes (a bright disc on lung-dark
 /// background) must give finite probabilities in [0, 1] and attention summing to 1.
@@ -242,212 +175,377 @@ pub async fn run(
     run_with(settings, crate::engine::load, shutdown).await
 }
 
+/// The folders every stage works in, opened (created) once at start.
+struct Stores {
+    intake: Inbox,
+    ledger: Ledger,
+    outbox: Arc<Outbox>,
+    spool: PathBuf,
+    inbox_dir: PathBuf,
+}
+
+fn folder_err(p: &Path) -> impl FnOnce(std::io::Error) -> DaemonError + '_ {
+    move |source| DaemonError::Folder {
+        path: p.display().to_string(),
+        source,
+    }
+}
+
+fn open_stores(settings: &Settings) -> Result<Stores, DaemonError> {
+    let spool = settings.state_dir.join("spool");
+    std::fs::create_dir_all(&spool).map_err(folder_err(&spool))?;
+    let inbox_dir = settings
+        .inbox
+        .clone()
+        .unwrap_or_else(|| settings.state_dir.join("inbox"));
+    let intake = Inbox::open(&inbox_dir, &settings.state_dir).map_err(folder_err(&inbox_dir))?;
+    let ledger = Ledger::open(&settings.state_dir).map_err(folder_err(&settings.state_dir))?;
+    let outbox = Outbox::open(
+        &settings.outbox,
+        settings.outbox_max_age,
+        settings.outbox_max_bytes,
+    )
+    .map_err(folder_err(&settings.outbox))?;
+    let spool = spool.canonicalize().unwrap_or(spool);
+    Ok(Stores {
+        intake,
+        ledger,
+        outbox: Arc::new(outbox),
+        spool,
+        inbox_dir,
+    })
+}
+
+/// Opens the device, loads and self-tests the model (off the async threads).
+async fn load_model(
+    settings: &Settings,
+    loader: ModelLoader,
+) -> Result<Arc<dyn Scorer>, DaemonError> {
+    let join_err = |e: tokio::task::JoinError| DaemonError::Model {
+        path: settings.model_path.display().to_string(),
+        msg: e.to_string(),
+    };
+    systemd::status("opening the compute device");
+    let (device, dtype) = (settings.device, settings.dtype);
+    tokio::task::spawn_blocking(move || crate::device::init(device, dtype))
+        .await
+        .map_err(join_err)??;
+    systemd::status("loading model");
+    let (path, key) = (
+        settings.model_path.clone(),
+        settings.model_public_key.clone(),
+    );
+    let t = Instant::now();
+    let scorer = tokio::task::spawn_blocking(move || load_checked(loader, &path, key.as_ref()))
+        .await
+        .map_err(join_err)??;
+    let info = scorer.model_info();
+    tracing::info!(model = %info.id, version = ?info.version, backend = %info.backend, ms = t.elapsed().as_millis() as u64, "model loaded and self-tested");
+    Ok(scorer)
+}
+
+fn worker_limits(
+    settings: &Settings,
+    st: &Stores,
+    dicom: &Arc<dicom_glue::DicomSide>,
+) -> worker::Limits {
+    let mut roots: Vec<PathBuf> = settings.data_roots.clone();
+    for extra in [&st.inbox_dir, &st.spool, &dicom.store.root().to_path_buf()] {
+        roots.push(extra.canonicalize().unwrap_or_else(|_| extra.clone()));
+    }
+    worker::Limits {
+        policy: job::PathPolicy {
+            roots,
+            relative_base: settings.inbox.as_ref().map(|_| st.inbox_dir.clone()),
+            spool: st.spool.clone(),
+        },
+        max_job_bytes: settings.max_job_bytes,
+        max_nodules: settings.max_nodules,
+        alert_threshold: settings.alert_threshold,
+        timeout: settings.job_timeout,
+        max_attempts: settings.max_attempts,
+        dicom: dicom.clone(),
+    }
+}
+
+/// Sends the jobs already on disk: interrupted ones first, then stored MQTT jobs, then the
+/// inbox (on its own thread: the channel is bounded and the worker may be busy).
+fn scan_at_start(st: &Stores, tx: JobSender, with_inbox: bool) {
+    let (intake, ledger) = (st.intake.clone(), st.ledger.clone());
+    let _ = std::thread::Builder::new()
+        .name("noduled-scan".into())
+        .spawn(move || {
+            for p in Inbox::list(&intake.processing) {
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let origin = ledger
+                    .attempts(&name)
+                    .map(|a| a.origin)
+                    .unwrap_or(Origin::Inbox);
+                tx.send(Job::new(p, origin));
+            }
+            for p in Inbox::list(&intake.mqtt_jobs) {
+                tx.send(Job::new(p, Origin::Mqtt));
+            }
+            if with_inbox {
+                for p in Inbox::list(&intake.dir) {
+                    tx.send(Job::new(p, Origin::Inbox));
+                }
+            }
+        });
+}
+
+fn spawn_stage(
+    stage: &'static str,
+    guard: DoneGuard,
+    f: impl FnOnce() + Send + 'static,
+) -> Result<(), DaemonError> {
+    std::thread::Builder::new()
+        .name(format!("noduled-{stage}"))
+        .spawn(move || {
+            f();
+            drop(guard);
+        })
+        .map(|_| ())
+        .map_err(|source| DaemonError::Thread { stage, source })
+}
+
 /// [`run`] with the model loader given.
 pub async fn run_with(
     settings: Settings,
     loader: ModelLoader,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
-    let folder = |p: &Path| {
-        std::fs::create_dir_all(p).map_err(|source| DaemonError::Folder {
-            path: p.display().to_string(),
+    std::fs::create_dir_all(&settings.state_dir).map_err(folder_err(&settings.state_dir))?;
+    let st = open_stores(&settings)?;
+    let dicom = Arc::new(dicom_glue::DicomSide::start(&settings).map_err(|source| {
+        DaemonError::Listen {
+            addr: format!("dicom.listen {:?}", settings.dicom.listen),
             source,
-        })
+        }
+    })?);
+    let scorer = load_model(&settings, loader).await?;
+    let telemetry = Arc::new(Telemetry::new(
+        scorer.model_info(),
+        settings.job_timeout,
+        (
+            settings.outbox_max_bytes,
+            settings.outbox_max_age.as_secs() / 3600,
+        ),
+    ));
+    let mut tmp_dirs: Vec<&Path> = st.outbox.dirs().to_vec();
+    let i = &st.intake;
+    tmp_dirs.extend([
+        settings.state_dir.as_path(),
+        &st.spool,
+        &i.processing,
+        &i.done,
+        &i.failed,
+        &i.mqtt_jobs,
+    ]);
+    tmp_dirs.extend(st.ledger.dirs());
+    let _ = telemetry.dicom.set(dicom.clone());
+    let stale = disk::remove_stale_tmp(&tmp_dirs);
+    telemetry.stale_tmp_removed.store(stale, Ordering::Relaxed);
+
+    let stop = Shutdown::default();
+    let (guard, drain) = shutdown::drain();
+    let (jobs_tx, jobs_rx) = input::channel(JOB_CHANNEL_CAPACITY, telemetry.clone());
+    let (models_tx, models_rx) = std::sync::mpsc::channel();
+    let written = Arc::new(tokio::sync::Notify::new());
+    let (drained_tx, drained_rx) = tokio::sync::watch::channel(false);
+    let (out_tx, out_rx) = std::sync::mpsc::sync_channel(4);
+
+    let out = output::Output {
+        rx: out_rx,
+        outbox: st.outbox.clone(),
+        intake: st.intake.clone(),
+        ledger: st.ledger.clone(),
+        retention: output::Retention {
+            max_age: settings.retention_max_age,
+            max_bytes: settings.retention_max_bytes,
+        },
+        telemetry: telemetry.clone(),
+        written: written.clone(),
+        stop: stop.flag(),
+        dicom: dicom.clone(),
     };
-    folder(&settings.state_dir)?;
-    let spool = settings.state_dir.join("spool");
-    folder(&spool)?;
-    let inbox_dir = settings
-        .inbox
-        .clone()
-        .unwrap_or_else(|| settings.state_dir.join("inbox"));
-    let intake =
-        Inbox::open(&inbox_dir, &settings.state_dir).map_err(|source| DaemonError::Folder {
-            path: inbox_dir.display().to_string(),
-            source,
-        })?;
-    let outbox = Outbox::open(
-        &settings.outbox,
-        settings.outbox_max_age,
-        settings.outbox_max_bytes,
-    )
-    .map_err(|source| DaemonError::Folder {
-        path: settings.outbox.display().to_string(),
-        source,
+    let set_drained = shutdown::SetOnDrop(drained_tx);
+    spawn_stage("output", guard.clone(), move || {
+        out.run();
+        drop(set_drained);
     })?;
-
-    systemd::status("opening the compute device");
-    let (device, dtype) = (settings.device, settings.dtype);
-    tokio::task::spawn_blocking(move || crate::device::init(device, dtype))
-        .await
-        .map_err(|e| DaemonError::Model {
-            path: settings.model_path.display().to_string(),
-            msg: e.to_string(),
-        })??;
-    systemd::status("loading model");
-    let model_path = settings.model_path.clone();
-    let model_key = settings.model_public_key.clone();
-    let t = Instant::now();
-    let scorer =
-        tokio::task::spawn_blocking(move || load_checked(loader, &model_path, model_key.as_ref()))
-            .await
-            .map_err(|e| DaemonError::Model {
-                path: settings.model_path.display().to_string(),
-                msg: e.to_string(),
-            })??;
-    let info = scorer.model_info();
-    tracing::info!(model = %info.id, version = ?info.version, backend = %info.backend, ms = t.elapsed().as_millis() as u64, "model loaded and self-tested");
-
-    let dicom = dicom_glue::DicomSide::start(&settings).map_err(|source| DaemonError::Listen {
-        addr: format!("dicom.listen {:?}", settings.dicom.listen),
-        source,
-    })?;
-    let mut roots: Vec<PathBuf> = settings.data_roots.clone();
-    for extra in [&inbox_dir, &spool, &dicom.store.root().to_path_buf()] {
-        roots.push(extra.canonicalize().unwrap_or_else(|_| extra.clone()));
-    }
-    let spool = spool.canonicalize().unwrap_or(spool);
-    let policy = job::PathPolicy {
-        roots,
-        relative_base: settings.inbox.as_ref().map(|_| inbox_dir.clone()),
-        spool: spool.clone(),
+    let w = worker::Worker {
+        jobs: jobs_rx,
+        out: out_tx,
+        models: models_rx,
+        scorer,
+        intake: st.intake.clone(),
+        ledger: st.ledger.clone(),
+        limits: Arc::new(worker_limits(&settings, &st, &dicom)),
+        telemetry: telemetry.clone(),
+        watchdog: Arc::new(systemd::Watchdog::from_env()),
+        stop: stop.flag(),
     };
+    spawn_stage("worker", guard.clone(), move || w.run())?;
 
-    let shared = Arc::new(Shared {
-        queue: Arc::new(JobQueue::default()),
-        intake,
-        spool,
-        outbox,
-        metrics: Metrics::default(),
-        stop: AtomicBool::new(false),
-        outbox_changed: tokio::sync::Notify::new(),
-        status_changed: tokio::sync::Notify::new(),
-        started_at: job::now_rfc3339(),
-        dicom,
-        model: RwLock::new(scorer),
-        state: Mutex::new("starting"),
-        heartbeat: Mutex::new(Instant::now()),
-        settings,
-    });
+    let watcher = start_inputs(
+        &settings, &st, &jobs_tx, &telemetry, &written, &stop, drained_rx, &guard,
+    )?;
+    scan_at_start(&st, jobs_tx, settings.inbox.is_some());
+    let health = start_health(&settings, &telemetry).await?;
 
-    // Sources: jobs interrupted last time first, then stored MQTT jobs, then the inbox.
-    let _watcher = match &shared.settings.inbox {
-        Some(dir) => {
-            Some(
-                shared
-                    .intake
-                    .watch(shared.queue.clone())
-                    .map_err(|e| DaemonError::Watch {
-                        path: dir.display().to_string(),
-                        msg: e.to_string(),
-                    })?,
-            )
-        }
-        None => None,
-    };
-    for dir in [&shared.intake.processing, &shared.intake.mqtt_jobs] {
-        for p in Inbox::list(dir) {
-            shared.queue.push(p);
-        }
-    }
-    if shared.settings.inbox.is_some() {
-        for p in Inbox::list(&shared.intake.dir) {
-            shared.queue.push(p);
-        }
-    }
-
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let health = match shared.settings.health {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| DaemonError::Listen {
-                    addr: addr.to_string(),
-                    source,
-                })?;
-            let bound = listener
-                .local_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default();
-            tracing::info!(addr = %bound, "health endpoint listening");
-            write_marker(&shared.settings.state_dir, "health.addr", &bound);
-            Some(tokio::spawn(health::serve(
-                listener,
-                shared.clone(),
-                stop_rx.clone(),
-            )))
-        }
-        None => None,
-    };
-    let (mqtt_stop_tx, mqtt_stop_rx) = tokio::sync::watch::channel(false);
-    let mqtt = shared
-        .settings
-        .mqtt
-        .clone()
-        .map(|m| tokio::spawn(mqtt::run(shared.clone(), m, mqtt_stop_rx)));
-
-    let watchdog = Arc::new(systemd::Watchdog::from_env());
-    let worker = {
-        let (shared, policy, watchdog) = (shared.clone(), policy, watchdog.clone());
-        std::thread::Builder::new()
-            .name("noduled-worker".into())
-            .spawn(move || worker::run(shared, policy, watchdog))
-            .map_err(|source| DaemonError::Folder {
-                path: "worker thread".into(),
-                source,
-            })?
-    };
-
-    shared.set_state("ready");
+    telemetry.set_state(State::Ready);
+    let info = telemetry.model();
     let ready_line = format!("ready: model {} on {}", info.id, info.backend);
     systemd::ready(&ready_line);
-    tracing::info!(queue = shared.queue.len(), "{ready_line}");
+    tracing::info!(
+        queue = telemetry.queue_depth.load(Ordering::Relaxed),
+        "{ready_line}"
+    );
 
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                reload(&shared, loader).await;
-            }
-        }
-    }
+    serve_signals(&settings, loader, &telemetry, &models_tx, shutdown).await;
 
-    tracing::info!("stopping: finishing the nodule in hand");
-    shared.set_state("stopping");
+    tracing::info!("stopping: finishing the job in hand");
+    telemetry.set_state(State::Stopping);
     systemd::stopping();
-    shared.stop.store(true, Ordering::SeqCst);
-    shared.dicom.stop();
-    shared.queue.close();
-    let deadline = shared.settings.shutdown_timeout;
-    let joined =
-        tokio::time::timeout(deadline, tokio::task::spawn_blocking(move || worker.join())).await;
-    if joined.is_err() {
+    stop.signal();
+    dicom.stop();
+    drop(guard);
+    if !drain.wait(settings.shutdown_timeout).await {
         tracing::warn!(
-            secs = deadline.as_secs(),
-            "worker still busy at the shutdown deadline; its job stays in processing/"
+            secs = settings.shutdown_timeout.as_secs(),
+            "a stage was still busy at the shutdown deadline; its job stays in processing/"
         );
     }
-    let _ = mqtt_stop_tx.send(true);
-    if let Some(m) = mqtt {
-        let _ = tokio::time::timeout(Duration::from_secs(5), m).await;
-    }
-    let _ = stop_tx.send(true);
-    if let Some(h) = health {
-        let _ = h.await;
+    drop(watcher);
+    if let Some((tx, task)) = health {
+        let _ = tx.send(true);
+        let _ = task.await;
     }
     tracing::info!("stopped");
     Ok(())
 }
 
-/// SIGHUP: load the model the config points to, self-test it, swap it in; keep the old one
-/// when anything fails.
-async fn reload(shared: &Arc<Shared>, loader: ModelLoader) {
-    shared.set_state("reloading");
+/// Starts the inbox watcher (returned: keep it alive) and the MQTT client.
+#[allow(clippy::too_many_arguments)]
+fn start_inputs(
+    settings: &Settings,
+    st: &Stores,
+    jobs: &JobSender,
+    telemetry: &Arc<Telemetry>,
+    written: &Arc<tokio::sync::Notify>,
+    stop: &Shutdown,
+    drained: tokio::sync::watch::Receiver<bool>,
+    guard: &DoneGuard,
+) -> Result<Option<notify::RecommendedWatcher>, DaemonError> {
+    let watcher = match &settings.inbox {
+        Some(dir) => Some(
+            st.intake
+                .watch(jobs.clone())
+                .map_err(|e| DaemonError::Watch {
+                    path: dir.display().to_string(),
+                    msg: e.to_string(),
+                })?,
+        ),
+        None => None,
+    };
+    if let Some(m) = settings.mqtt.clone() {
+        let i = &st.intake;
+        let client = mqtt::Mqtt {
+            settings: m,
+            max_publish_attempts: settings.max_publish_attempts,
+            outbox: st.outbox.clone(),
+            store: mqtt::JobStore {
+                dir: i.mqtt_jobs.clone(),
+                seen_in: vec![i.processing.clone(), i.done.clone(), i.failed.clone()],
+                spool: st.spool.clone(),
+            },
+            jobs: jobs.clone(),
+            telemetry: telemetry.clone(),
+            written: written.clone(),
+            shutdown: stop.subscribe(),
+            drained,
+        };
+        let guard = guard.clone();
+        tokio::spawn(async move {
+            client.run().await;
+            drop(guard);
+        });
+    }
+    Ok(watcher)
+}
+
+type HealthTask = (
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+);
+
+async fn start_health(
+    settings: &Settings,
+    telemetry: &Arc<Telemetry>,
+) -> Result<Option<HealthTask>, DaemonError> {
+    let Some(addr) = settings.health else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| DaemonError::Listen {
+            addr: addr.to_string(),
+            source,
+        })?;
+    let bound = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    tracing::info!(addr = %bound, "health endpoint listening");
+    if let Err(e) = outbox::write_atomic(&settings.state_dir.join("health.addr"), bound.as_bytes())
+    {
+        tracing::warn!(error = %e, "could not write health.addr");
+    }
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    Ok(Some((
+        tx,
+        tokio::spawn(health::serve(listener, telemetry.clone(), rx)),
+    )))
+}
+
+/// Waits for `shutdown`, reloading the model on each SIGHUP meanwhile.
+async fn serve_signals(
+    settings: &Settings,
+    loader: ModelLoader,
+    telemetry: &Telemetry,
+    models: &std::sync::mpsc::Sender<Arc<dyn Scorer>>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                reload(settings, loader, telemetry, models).await;
+            }
+        }
+    }
+}
+
+/// SIGHUP: load the model the config points to, self-test it, hand it to the worker; keep
+/// the old one when anything fails. The outcome goes to status, `/healthz` and `/metrics`.
+async fn reload(
+    settings: &Settings,
+    loader: ModelLoader,
+    telemetry: &Telemetry,
+    models: &std::sync::mpsc::Sender<Arc<dyn Scorer>>,
+) {
+    telemetry.set_state(State::Reloading);
     systemd::reloading();
-    let path = shared.settings.model_path.clone();
-    let key = shared.settings.model_public_key.clone();
+    let (path, key) = (
+        settings.model_path.clone(),
+        settings.model_public_key.clone(),
+    );
     tracing::info!(model = %path.display(), "reloading the model");
     let loaded = tokio::task::spawn_blocking(move || {
         let scorer = load_checked(loader, &path, key.as_ref())?;
@@ -460,23 +558,23 @@ async fn reload(shared: &Arc<Shared>, loader: ModelLoader) {
         }
         Ok::<_, DaemonError>(scorer)
     })
-    .await;
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r.map_err(|e| e.to_string()));
     match loaded {
-        Ok(Ok(scorer)) => {
+        Ok(scorer) => {
             let info = scorer.model_info();
-            *shared.model.write().unwrap_or_else(|e| e.into_inner()) = scorer;
+            telemetry.set_model(info.clone());
+            let _ = models.send(scorer);
+            telemetry.reloaded(None);
             tracing::info!(model = %info.id, version = ?info.version, "model reloaded");
         }
-        Ok(Err(e)) => tracing::error!(error = %e, "reload failed; keeping the current model"),
-        Err(e) => tracing::error!(error = %e, "reload failed; keeping the current model"),
+        Err(e) => {
+            telemetry.reloaded(Some(e.clone()));
+            tracing::error!(error = %e, "reload failed; keeping the current model");
+        }
     }
-    shared.set_state("ready");
-    let info = shared.scorer().model_info();
+    telemetry.set_state(State::Ready);
+    let info = telemetry.model();
     systemd::ready(&format!("ready: model {} on {}", info.id, info.backend));
-}
-
-fn write_marker(dir: &Path, name: &str, text: &str) {
-    if let Err(e) = outbox::write_atomic(&dir.join(name), text.as_bytes()) {
-        tracing::warn!(error = %e, "could not write {name}");
-    }
 }

@@ -1,44 +1,102 @@
-//! MQTT in and out (rumqttc, MQTT 5, QoS 1, persistent session).
+//! MQTT in and out over one connection (rumqttc, MQTT 5, QoS 1, persistent session).
 //!
-//! In: job payloads on the job topic are written durably as job files (`state_dir/mqtt-jobs/`)
-//! and only then acknowledged (manual acks), so a crash between receipt and the file loses
-//! nothing: the broker redelivers. A payload is job JSON, or a binary form: job JSON, one
-//! NUL byte, then the crop file's bytes (`"crop": {"format": "npy"}` in the JSON). Files are
-//! named after a hash of the payload, so a redelivered job is not queued twice. The largest
-//! packet is announced to the broker (MQTT 5 Maximum Packet Size): a broker never sends this
-//! client a larger job, and rumqttc refuses one before allocating it.
+//! In (an input): job payloads on the job topic are written durably as job files
+//! (`state_dir/mqtt-jobs/`) and only then acknowledged (manual acks), so a crash between
+//! receipt and the file loses nothing: the broker redelivers. A payload is job JSON, or job
+//! JSON, one NUL byte, then the crop file's bytes. Files are named after a hash of the
+//! payload, so a redelivered job is not queued twice. When the disk is full the payload is
+//! held unacknowledged and stored again every second until it fits (at most
+//! [`MAX_UNSTORED`] held; beyond that the connection is renewed once space returns, so the
+//! broker redelivers the rest). The largest packet is announced to the broker (MQTT 5
+//! Maximum Packet Size).
 //!
-//! Out: results are published from the on-disk outbox, oldest first, at most
-//! `mqtt.max_inflight` at a time, to `<prefix>/result/<patient_id>` (and their alert to
-//! `<prefix>/alert`); a result moves to `outbox/sent/` only once every PUBACK for it arrived.
+//! Out (a publisher of the output stage): results are read (typed, [`JobResult`]) from the
+//! on-disk outbox, oldest first, at most `mqtt.max_inflight` at a time, and published to
+//! `mqtt.result_topic` (default `<prefix>/result`; no patient id in topic names), their
+//! alert to `<prefix>/alert`; a result moves to `outbox/sent/` only once every PUBACK for
+//! it (result and alert) arrived on the same attempt. A PUBACK with a failure reason code
+//! (an ACL, a quota) frees the slot at once; the result waits a backoff (1 s doubling to
+//! 5 min) while the others go on, and after `outbox.max_publish_attempts` refusals it moves
+//! to `outbox/refused/` with the reason code. An unreadable result goes there at once.
 //! rumqttc keeps unacknowledged messages in memory only, so each connection gets a fresh
-//! client: whatever was in flight when the connection dropped is published again from the
-//! outbox (same `result_id`; at least once). The retained `<prefix>/status` is refreshed on
-//! every change and every `status_interval_secs`; the Last Will sets it to `lost`.
+//! client and whatever was in flight is published again from the outbox (same
+//! `result_id`; at least once). The retained `<prefix>/status` is refreshed on change and
+//! every `status_interval_secs`; the Last Will sets it to `lost`.
 //!
-//! PUBACKs are matched to results through the order of `Outgoing::Publish(pkid)` events,
+//! PUBACKs are matched to publishes through the order of `Outgoing::Publish(pkid)` events,
 //! which follows the order of publish requests on one connection.
 
-use super::job::file_safe;
-use super::outbox::write_atomic;
-use super::Shared;
+use super::input::{Job, JobSender, Origin};
+use super::job::{file_safe, JobResult};
+use super::outbox::{write_atomic, Outbox};
+use super::telemetry::Telemetry;
 use crate::config::MqttSettings;
-use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, PubAckReason};
+use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, PubAck, PubAckReason, Publish};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use rumqttc::Outgoing;
 use sha2::Digest;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// Most job payloads held in memory while the disk is full.
+pub const MAX_UNSTORED: usize = 16;
+
+/// Where stored MQTT jobs go and what they may hold.
+#[derive(Debug, Clone)]
+pub struct JobStore {
+    /// `state_dir/mqtt-jobs`.
+    pub dir: PathBuf,
+    /// Folders a job with the same name may already be in (received before).
+    pub seen_in: Vec<PathBuf>,
+    /// Where binary crops are written.
+    pub spool: PathBuf,
+}
+
+/// The MQTT client task.
+pub struct Mqtt {
+    /// Settings.
+    pub settings: MqttSettings,
+    /// Attempts before a refused result moves to `refused/`.
+    pub max_publish_attempts: u32,
+    /// Results to publish.
+    pub outbox: Arc<Outbox>,
+    /// Where jobs are stored.
+    pub store: JobStore,
+    /// Jobs to the worker.
+    pub jobs: JobSender,
+    /// Counters.
+    pub telemetry: Arc<Telemetry>,
+    /// Woken when a result was written.
+    pub written: Arc<tokio::sync::Notify>,
+    /// Turns true on shutdown: take no more jobs.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Turns true once the output stage finished: final status, disconnect.
+    pub drained: tokio::sync::watch::Receiver<bool>,
+}
 
 /// What a publish was for.
 #[derive(Debug, Clone)]
 enum Tag {
     Status,
-    Part(PathBuf),
+    Part { file: PathBuf, attempt: u64 },
+}
+
+/// One result being published on this connection.
+#[derive(Debug)]
+struct InFlight {
+    attempt: u64,
+    parts_left: usize,
+}
+
+/// A result the broker refused: when to try again.
+#[derive(Debug, Default)]
+struct Backoff {
+    refusals: u32,
+    next: Option<Instant>,
 }
 
 /// Per-connection bookkeeping.
@@ -47,120 +105,432 @@ struct Conn {
     connected: bool,
     awaiting_pkid: VecDeque<Tag>,
     inflight: HashMap<u16, Tag>,
-    parts_left: HashMap<PathBuf, usize>,
-    files: HashSet<PathBuf>,
+    files: HashMap<PathBuf, InFlight>,
+    attempts: u64,
+    last_status: String,
 }
 
-/// Runs the MQTT client until `stop` turns true; then publishes a final `stopped` status,
-/// waits briefly for outstanding acknowledgements and disconnects cleanly.
-pub async fn run(
-    shared: Arc<Shared>,
-    m: MqttSettings,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut backoff = Duration::from_millis(500);
-    loop {
-        if *stop.borrow() {
-            return;
-        }
-        let (client, el) = AsyncClient::new(options(&shared, &m), 256);
-        let mut events = spawn_poller(el);
-        let mut conn = Conn::default();
-        let mut tick = tokio::time::interval(m.status_interval);
-        let mut last_status = String::new();
-        let stopping = loop {
+/// State kept across connections.
+#[derive(Default)]
+struct Held {
+    backoff: HashMap<PathBuf, Backoff>,
+    unstored: VecDeque<Publish>,
+    lost_unstored: bool,
+    backlog: VecDeque<Job>,
+}
+
+impl Mqtt {
+    /// Runs the client until the output stage drained (after shutdown); then publishes a
+    /// final `stopped` status, waits briefly for acknowledgements and disconnects cleanly.
+    pub async fn run(mut self) {
+        let mut backoff = Duration::from_millis(500);
+        let mut held = Held::default();
+        loop {
+            if *self.drained.borrow() {
+                return;
+            }
+            let (client, el) = AsyncClient::new(self.options(), 256);
+            let mut events = spawn_poller(el);
+            let mut conn = Conn::default();
+            let finished = self
+                .connection(&client, &mut events, &mut conn, &mut held)
+                .await;
+            let was_connected = conn.connected;
+            self.telemetry
+                .mqtt_connected
+                .store(false, Ordering::Relaxed);
+            if finished {
+                if was_connected {
+                    self.finish(&client, &mut events, &mut conn, &mut held)
+                        .await;
+                }
+                return;
+            }
+            if was_connected {
+                backoff = Duration::from_millis(500);
+            }
             tokio::select! {
-                ev = events.recv() => match ev.unwrap_or(Err(rumqttc::v5::ConnectionError::RequestsDone)) {
-                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                        tracing::info!(host = %m.host, port = m.port, session_present = ack.session_present, "MQTT connected");
-                        conn.connected = true;
-                        shared.metrics.mqtt_connected.store(true, Ordering::Relaxed);
-                        backoff = Duration::from_millis(500);
-                        if let Err(e) = client.try_subscribe(m.job_topic.clone(), QoS::AtLeastOnce) {
-                            tracing::warn!(error = %e, "MQTT subscribe request failed");
-                        }
-                        publish_status(&client, &shared, &m, &mut conn, &mut last_status, true);
-                        fill(&client, &shared, &m, &mut conn);
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        if p.topic.as_ref() == m.job_topic.as_bytes() {
-                            match receive_job(&shared, &p.payload) {
-                                Ok(()) => {
-                                    if let Err(e) = client.try_ack(&p) {
-                                        tracing::warn!(error = %e, "MQTT ack request failed");
-                                    }
-                                }
-                                // Not acknowledged: the broker redelivers after reconnecting.
-                                Err(e) => tracing::error!(error = %e, "could not store an MQTT job"),
-                            }
-                        } else if let Err(e) = client.try_ack(&p) {
-                            tracing::warn!(error = %e, "MQTT ack request failed");
-                        }
-                    }
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => {
-                        if let Some(tag) = conn.awaiting_pkid.pop_front() {
-                            conn.inflight.insert(pkid, tag);
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                        let ok = matches!(ack.reason, PubAckReason::Success | PubAckReason::NoMatchingSubscribers);
-                        if let Some(Tag::Part(file)) = conn.inflight.remove(&ack.pkid) {
-                            if !ok {
-                                tracing::warn!(file = %file.display(), reason = ?ack.reason, "broker refused a result; retrying after reconnect");
-                                continue;
-                            }
-                            let left = conn.parts_left.entry(file.clone()).or_insert(1);
-                            *left -= 1;
-                            if *left == 0 {
-                                conn.parts_left.remove(&file);
-                                conn.files.remove(&file);
-                                match shared.outbox.mark_sent(&file) {
-                                    Ok(()) => {
-                                        shared.metrics.results_published.fetch_add(1, Ordering::Relaxed);
-                                    }
-                                    Err(e) => tracing::error!(file = %file.display(), error = %e, "could not move a sent result"),
-                                }
-                                shared.status_changed.notify_one();
-                                fill(&client, &shared, &m, &mut conn);
-                            }
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        if conn.connected {
-                            tracing::warn!(error = %e, "MQTT connection lost");
-                        } else {
-                            tracing::debug!(error = %e, "MQTT connect failed");
-                        }
-                        break false;
-                    }
-                },
-                _ = shared.outbox_changed.notified() => if conn.connected { fill(&client, &shared, &m, &mut conn) },
-                _ = shared.status_changed.notified() => if conn.connected {
-                    publish_status(&client, &shared, &m, &mut conn, &mut last_status, false)
-                },
-                _ = tick.tick() => if conn.connected {
-                    publish_status(&client, &shared, &m, &mut conn, &mut last_status, true);
-                    fill(&client, &shared, &m, &mut conn);
-                },
-                _ = stop.changed() => break true,
+                _ = tokio::time::sleep(backoff) => {}
+                _ = self.drained.changed() => return,
             }
-        };
-        shared
-            .metrics
-            .mqtt_connected
-            .store(false, Ordering::Relaxed);
-        if stopping {
-            if conn.connected {
-                finish(&client, &mut events, &shared, &m, &mut conn).await;
+            backoff = (backoff * 2).min(self.settings.reconnect_max);
+        }
+    }
+
+    /// One connection; returns true when the daemon finished, false to reconnect.
+    async fn connection(
+        &self,
+        client: &AsyncClient,
+        events: &mut Events,
+        conn: &mut Conn,
+        held: &mut Held,
+    ) -> bool {
+        let (written, mut drained) = (self.written.clone(), self.drained.clone());
+        let mut status_tick = tokio::time::interval(self.settings.status_interval);
+        let mut second = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                ev = events.recv() => {
+                    let ev = ev.unwrap_or(Err(rumqttc::v5::ConnectionError::RequestsDone));
+                    if !self.on_event(client, conn, held, ev) {
+                        return false;
+                    }
+                }
+                _ = written.notified() => if conn.connected { self.fill(client, conn, held) },
+                _ = second.tick() => {
+                    self.forward_backlog(held);
+                    if conn.connected {
+                        if !self.store_unstored(client, held) {
+                            tracing::info!("space is back: reconnecting so the broker redelivers the jobs not held");
+                            return false;
+                        }
+                        self.publish_status(client, conn, false);
+                        self.fill(client, conn, held);
+                    }
+                }
+                _ = status_tick.tick() => if conn.connected { self.publish_status(client, conn, true) },
+                _ = drained.changed() => return true,
             }
+        }
+    }
+
+    /// Handles one event; false when the connection ended.
+    fn on_event(
+        &self,
+        client: &AsyncClient,
+        conn: &mut Conn,
+        held: &mut Held,
+        ev: Result<Event, rumqttc::v5::ConnectionError>,
+    ) -> bool {
+        match ev {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                let m = &self.settings;
+                tracing::info!(host = %m.host, port = m.port, session_present = ack.session_present, "MQTT connected");
+                conn.connected = true;
+                self.telemetry.mqtt_connected.store(true, Ordering::Relaxed);
+                if let Err(e) = client.try_subscribe(m.job_topic.clone(), QoS::AtLeastOnce) {
+                    tracing::warn!(error = %e, "MQTT subscribe request failed");
+                }
+                self.publish_status(client, conn, true);
+                self.fill(client, conn, held);
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => self.on_publish(client, held, p),
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => {
+                if let Some(tag) = conn.awaiting_pkid.pop_front() {
+                    conn.inflight.insert(pkid, tag);
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                if self.on_puback(conn, held, &ack) {
+                    self.fill(client, conn, held);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if conn.connected {
+                    tracing::warn!(error = %e, "MQTT connection lost");
+                } else {
+                    tracing::debug!(error = %e, "MQTT connect failed");
+                }
+                return false;
+            }
+        }
+        true
+    }
+
+    /// An incoming message: a job is stored, then acknowledged and queued.
+    fn on_publish(&self, client: &AsyncClient, held: &mut Held, p: Publish) {
+        if p.topic.as_ref() != self.settings.job_topic.as_bytes() {
+            let _ = client.try_ack(&p);
             return;
         }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = stop.changed() => return,
+        if *self.shutdown.borrow() {
+            // Not acknowledged: the broker keeps it for the next start.
+            return;
         }
-        backoff = (backoff * 2).min(m.reconnect_max);
+        if !held.unstored.is_empty() {
+            self.hold(held, p);
+            return;
+        }
+        match store_job(&self.store, &p.payload) {
+            Ok(job) => {
+                let _ = client.try_ack(&p);
+                if let Some(job) = job {
+                    held.backlog.push_back(job);
+                    self.forward_backlog(held);
+                }
+            }
+            Err(e) if super::disk::is_disk_full(&e) => {
+                tracing::error!(error = %e, "disk full: holding an MQTT job unacknowledged until space returns");
+                self.telemetry.disk_full.store(true, Ordering::Relaxed);
+                self.hold(held, p);
+            }
+            // Not acknowledged: the broker redelivers after reconnecting.
+            Err(e) => tracing::error!(error = %e, "could not store an MQTT job"),
+        }
+    }
+
+    fn hold(&self, held: &mut Held, p: Publish) {
+        if held.unstored.len() < MAX_UNSTORED {
+            held.unstored.push_back(p);
+        } else {
+            held.lost_unstored = true;
+        }
+    }
+
+    /// Retries storing held jobs; false when all are stored but some were not held (the
+    /// connection is then renewed so the broker redelivers them).
+    fn store_unstored(&self, client: &AsyncClient, held: &mut Held) -> bool {
+        while let Some(p) = held.unstored.front() {
+            match store_job(&self.store, &p.payload) {
+                Ok(job) => {
+                    let _ = client.try_ack(p);
+                    held.backlog.extend(job);
+                    held.unstored.pop_front();
+                }
+                Err(_) => return true,
+            }
+        }
+        self.forward_backlog(held);
+        if held.lost_unstored {
+            self.telemetry.disk_full.store(false, Ordering::Relaxed);
+            held.lost_unstored = false;
+            return false;
+        }
+        true
+    }
+
+    /// Sends stored jobs to the worker without blocking (the rest wait for the next tick).
+    fn forward_backlog(&self, held: &mut Held) {
+        while let Some(job) = held.backlog.pop_front() {
+            if let Err(job) = self.jobs.try_send(job) {
+                held.backlog.push_front(job);
+                return;
+            }
+        }
+    }
+
+    /// A PUBACK; true when a slot was freed (publish more).
+    fn on_puback(&self, conn: &mut Conn, held: &mut Held, ack: &PubAck) -> bool {
+        let Some(Tag::Part { file, attempt }) = conn.inflight.remove(&ack.pkid) else {
+            return false;
+        };
+        let Some(f) = conn.files.get_mut(&file).filter(|f| f.attempt == attempt) else {
+            return false;
+        };
+        if !matches!(
+            ack.reason,
+            PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+        ) {
+            conn.files.remove(&file);
+            self.refused(held, &file, &format!("{:?}", ack.reason));
+            return true;
+        }
+        f.parts_left -= 1;
+        if f.parts_left > 0 {
+            return false;
+        }
+        conn.files.remove(&file);
+        held.backoff.remove(&file);
+        match self.outbox.mark_sent(&file) {
+            Ok(()) => {
+                self.telemetry
+                    .results_published
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::error!(file = %file.display(), error = %e, "could not move a sent result")
+            }
+        }
+        super::output::refresh_outbox_stats(&self.outbox, &self.telemetry);
+        true
+    }
+
+    /// A refused publish: back off, or give up after `max_publish_attempts`.
+    fn refused(&self, held: &mut Held, file: &Path, reason: &str) {
+        self.telemetry
+            .publish_refusals
+            .fetch_add(1, Ordering::Relaxed);
+        let b = held.backoff.entry(file.to_path_buf()).or_default();
+        b.refusals += 1;
+        if b.refusals < self.max_publish_attempts {
+            let wait =
+                Duration::from_secs(1 << (b.refusals - 1).min(8)).min(Duration::from_secs(300));
+            b.next = Some(Instant::now() + wait);
+            tracing::warn!(file = %file.display(), reason, refusals = b.refusals, wait_s = wait.as_secs(), "broker refused a result; retrying after a backoff");
+            return;
+        }
+        held.backoff.remove(file);
+        let why = serde_json::json!({"reason": reason, "attempts": self.max_publish_attempts, "at": super::job::now_rfc3339()});
+        self.give_up(file, &why);
+    }
+
+    fn give_up(&self, file: &Path, why: &serde_json::Value) {
+        match self.outbox.refuse(file, why) {
+            Ok(()) => {
+                self.telemetry
+                    .results_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(file = %file.display(), reason = %why["reason"], "result moved to outbox/refused/");
+            }
+            Err(e) => {
+                tracing::error!(file = %file.display(), error = %e, "could not move a refused result")
+            }
+        }
+        super::output::refresh_outbox_stats(&self.outbox, &self.telemetry);
+    }
+
+    fn options(&self) -> MqttOptions {
+        let m = &self.settings;
+        let mut o = MqttOptions::new(m.client_id.clone(), m.host.clone(), m.port);
+        o.set_keep_alive(m.keep_alive)
+            .set_clean_start(false)
+            .set_session_expiry_interval(Some(m.session_expiry_secs))
+            .set_manual_acks(true)
+            .set_max_packet_size(Some(m.max_packet_bytes))
+            .set_connection_timeout(5);
+        let mut will = self.telemetry.status_json();
+        will["state"] = "lost".into();
+        let will = serde_json::to_vec(&will).unwrap_or_default();
+        o.set_last_will(LastWill::new(
+            m.status_topic.clone(),
+            will,
+            QoS::AtLeastOnce,
+            true,
+            None,
+        ));
+        if let Some((u, p)) = &m.credentials {
+            o.set_credentials(u.clone(), p.clone());
+        }
+        o
+    }
+
+    /// Publishes the retained status when it changed (or always when `force`).
+    fn publish_status(&self, client: &AsyncClient, conn: &mut Conn, force: bool) {
+        let text = serde_json::to_string(&self.telemetry.status_json()).unwrap_or_default();
+        if !force && text == conn.last_status {
+            return;
+        }
+        let topic = self.settings.status_topic.clone();
+        if client
+            .try_publish(topic, QoS::AtLeastOnce, true, text.clone())
+            .is_ok()
+        {
+            conn.awaiting_pkid.push_back(Tag::Status);
+            conn.last_status = text;
+        }
+    }
+
+    /// Publishes outbox results (oldest first, skipping those backing off) until
+    /// `max_inflight` are in flight.
+    fn fill(&self, client: &AsyncClient, conn: &mut Conn, held: &mut Held) {
+        let now = Instant::now();
+        for file in self.outbox.pending() {
+            if conn.files.len() >= self.settings.max_inflight {
+                return;
+            }
+            let waiting = held
+                .backoff
+                .get(&file)
+                .and_then(|b| b.next)
+                .is_some_and(|t| t > now);
+            if conn.files.contains_key(&file) || waiting {
+                continue;
+            }
+            let parts = match std::fs::read(&file)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<JobResult>(&b).map_err(|e| e.to_string()))
+            {
+                Ok(r) => self.parts(&r),
+                Err(e) => {
+                    self.give_up(&file, &serde_json::json!({"reason": format!("unreadable: {e}"), "at": super::job::now_rfc3339()}));
+                    continue;
+                }
+            };
+            conn.attempts += 1;
+            let attempt = conn.attempts;
+            conn.files.insert(
+                file.clone(),
+                InFlight {
+                    attempt,
+                    parts_left: parts.len(),
+                },
+            );
+            for (topic, payload) in parts {
+                if client
+                    .try_publish(topic, QoS::AtLeastOnce, false, payload)
+                    .is_err()
+                {
+                    // Request channel full: this attempt is void (its acks are ignored); the
+                    // whole result goes again later.
+                    conn.files.remove(&file);
+                    return;
+                }
+                conn.awaiting_pkid.push_back(Tag::Part {
+                    file: file.clone(),
+                    attempt,
+                });
+            }
+        }
+    }
+
+    /// The messages of one result: the result (compact), then its alert if any.
+    fn parts(&self, r: &JobResult) -> Vec<(String, Vec<u8>)> {
+        let mut parts = vec![(
+            self.settings.result_topic.clone(),
+            serde_json::to_vec(r).unwrap_or_default(),
+        )];
+        if let Some(alert) = &r.alert {
+            let msg = serde_json::json!({
+                "result_id": r.result_id, "job_id": r.job_id, "patient_id": r.patient_id,
+                "model": r.report.model, "threshold": alert.threshold, "nodules": alert.nodules,
+                "created_at": r.created_at,
+            });
+            parts.push((
+                self.settings.alert_topic.clone(),
+                serde_json::to_vec(&msg).unwrap_or_default(),
+            ));
+        }
+        parts
+    }
+
+    /// Final status, outstanding acknowledgements (bounded wait), clean disconnect (no Will).
+    async fn finish(
+        &self,
+        client: &AsyncClient,
+        events: &mut Events,
+        conn: &mut Conn,
+        held: &mut Held,
+    ) {
+        let mut status = self.telemetry.status_json();
+        status["state"] = "stopped".into();
+        let _ = client.try_publish(
+            self.settings.status_topic.clone(),
+            QoS::AtLeastOnce,
+            true,
+            serde_json::to_vec(&status).unwrap_or_default(),
+        );
+        conn.awaiting_pkid.push_back(Tag::Status);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        let mut disconnecting = false;
+        loop {
+            if conn.inflight.is_empty() && conn.awaiting_pkid.is_empty() && !disconnecting {
+                let _ = client.try_disconnect();
+                disconnecting = true;
+            }
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Ok(Some(Ok(Event::Outgoing(Outgoing::Disconnect)))) => {
+                    // Let the DISCONNECT reach the socket.
+                    let _ = tokio::time::timeout(Duration::from_millis(200), events.recv()).await;
+                    return;
+                }
+                Ok(Some(Ok(Event::Incoming(Packet::Publish(_))))) => {}
+                Ok(Some(Ok(ev))) => {
+                    self.on_event(client, conn, held, Ok(ev));
+                }
+                Ok(Some(Err(_))) | Ok(None) | Err(_) => return,
+            }
+        }
     }
 }
 
@@ -169,7 +539,7 @@ type Events = tokio::sync::mpsc::Receiver<Result<Event, rumqttc::v5::ConnectionE
 
 /// Polls the event loop on its own task: `EventLoop::poll` must not be cancelled (a
 /// cancelled connect drops the fresh connection and fires the Last Will), and the
-/// daemon's loop selects over several sources.
+/// client's loop selects over several sources.
 fn spawn_poller(mut el: rumqttc::v5::EventLoop) -> Events {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
@@ -184,201 +554,21 @@ fn spawn_poller(mut el: rumqttc::v5::EventLoop) -> Events {
     rx
 }
 
-fn options(shared: &Shared, m: &MqttSettings) -> MqttOptions {
-    let mut o = MqttOptions::new(m.client_id.clone(), m.host.clone(), m.port);
-    o.set_keep_alive(m.keep_alive)
-        .set_clean_start(false)
-        .set_session_expiry_interval(Some(m.session_expiry_secs))
-        .set_manual_acks(true)
-        .set_max_packet_size(Some(m.max_packet_bytes))
-        .set_connection_timeout(5);
-    let mut will = shared.status_json();
-    will["state"] = "lost".into();
-    let will = serde_json::to_vec(&will).unwrap_or_default();
-    o.set_last_will(LastWill::new(
-        format!("{}/status", m.prefix),
-        will,
-        QoS::AtLeastOnce,
-        true,
-        None,
-    ));
-    if let Some((u, p)) = &m.credentials {
-        o.set_credentials(u.clone(), p.clone());
-    }
-    o
-}
-
-/// Publishes the retained status when it changed (or always when `force`).
-fn publish_status(
-    client: &AsyncClient,
-    shared: &Shared,
-    m: &MqttSettings,
-    conn: &mut Conn,
-    last: &mut String,
-    force: bool,
-) {
-    let status = serde_json::to_string(&shared.status_json()).unwrap_or_default();
-    if !force && status == *last {
-        return;
-    }
-    if client
-        .try_publish(
-            format!("{}/status", m.prefix),
-            QoS::AtLeastOnce,
-            true,
-            status.clone(),
-        )
-        .is_ok()
-    {
-        conn.awaiting_pkid.push_back(Tag::Status);
-        *last = status;
-    }
-}
-
-/// Publishes outbox results (oldest first) until `max_inflight` are in flight.
-fn fill(client: &AsyncClient, shared: &Shared, m: &MqttSettings, conn: &mut Conn) {
-    if conn.files.len() >= m.max_inflight {
-        return;
-    }
-    for file in shared.outbox.pending() {
-        if conn.files.len() >= m.max_inflight {
-            break;
-        }
-        if conn.files.contains(&file) {
-            continue;
-        }
-        let Ok(bytes) = std::fs::read(&file) else {
-            continue;
-        };
-        let value: serde_json::Value = match serde_json::from_slice(&bytes) {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::error!(file = %file.display(), error = %e, "unreadable result in the outbox; leaving it");
-                conn.files.insert(file);
-                continue;
-            }
-        };
-        let patient = value
-            .get("patient_id")
-            .and_then(|v| v.as_str())
-            .map(file_safe)
-            .unwrap_or_else(|| "unknown".into());
-        // Compact on the wire (the outbox copy is pretty-printed for people).
-        let compact = serde_json::to_vec(&value).unwrap_or(bytes);
-        let mut parts = vec![(format!("{}/result/{patient}", m.prefix), compact)];
-        if let Some(alert) = value.get("alert").filter(|a| !a.is_null()) {
-            let msg = serde_json::json!({
-                "result_id": value.get("result_id"), "job_id": value.get("job_id"),
-                "patient_id": value.get("patient_id"), "model": value.get("model"),
-                "threshold": alert.get("threshold"), "nodules": alert.get("nodules"),
-                "created_at": value.get("created_at"),
-            });
-            parts.push((
-                format!("{}/alert", m.prefix),
-                serde_json::to_vec(&msg).unwrap_or_default(),
-            ));
-        }
-        let n = parts.len();
-        let mut sent = 0;
-        for (topic, payload) in parts {
-            if client
-                .try_publish(topic, QoS::AtLeastOnce, false, payload)
-                .is_err()
-            {
-                break;
-            }
-            conn.awaiting_pkid.push_back(Tag::Part(file.clone()));
-            sent += 1;
-        }
-        if sent < n {
-            // Request channel full: the parts that went out will be sent again with the rest.
-            break;
-        }
-        conn.parts_left.insert(file.clone(), n);
-        conn.files.insert(file);
-    }
-}
-
-/// Final status, outstanding acknowledgements (bounded wait), clean disconnect (no Will).
-async fn finish(
-    client: &AsyncClient,
-    events: &mut Events,
-    shared: &Shared,
-    m: &MqttSettings,
-    conn: &mut Conn,
-) {
-    let mut status = shared.status_json();
-    status["state"] = "stopped".into();
-    let _ = client.try_publish(
-        format!("{}/status", m.prefix),
-        QoS::AtLeastOnce,
-        true,
-        serde_json::to_vec(&status).unwrap_or_default(),
-    );
-    conn.awaiting_pkid.push_back(Tag::Status);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-    let mut disconnecting = false;
-    loop {
-        let settled = conn.inflight.is_empty() && conn.awaiting_pkid.is_empty();
-        if settled && !disconnecting {
-            let _ = client.try_disconnect();
-            disconnecting = true;
-        }
-        match tokio::time::timeout_at(deadline, events.recv()).await {
-            Ok(Some(Ok(Event::Outgoing(Outgoing::Publish(pkid))))) if pkid != 0 => {
-                if let Some(tag) = conn.awaiting_pkid.pop_front() {
-                    conn.inflight.insert(pkid, tag);
-                }
-            }
-            Ok(Some(Ok(Event::Incoming(Packet::PubAck(ack))))) => {
-                if let Some(Tag::Part(file)) = conn.inflight.remove(&ack.pkid) {
-                    let left = conn.parts_left.entry(file.clone()).or_insert(1);
-                    *left -= 1;
-                    if *left == 0 && shared.outbox.mark_sent(&file).is_ok() {
-                        shared
-                            .metrics
-                            .results_published
-                            .fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-            Ok(Some(Ok(Event::Outgoing(Outgoing::Disconnect)))) => {
-                // Let the DISCONNECT reach the socket.
-                let _ = tokio::time::timeout(Duration::from_millis(200), events.recv()).await;
-                return;
-            }
-            Ok(Some(Ok(_))) => {}
-            Ok(Some(Err(_))) | Ok(None) | Err(_) => return,
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return;
-        }
-    }
-}
-
-/// Stores one job payload durably as a job file and queues it.
-fn receive_job(shared: &Shared, payload: &[u8]) -> std::io::Result<()> {
+/// Stores one job payload durably as a job file; `None` when it was received before.
+fn store_job(store: &JobStore, payload: &[u8]) -> std::io::Result<Option<Job>> {
     let hash = hex::encode(&sha2::Sha256::digest(payload)[..12]);
     let name = format!("mqtt-{hash}.json");
-    let intake = &shared.intake;
-    for dir in [
-        &intake.mqtt_jobs,
-        &intake.processing,
-        &intake.done,
-        &intake.failed,
-    ] {
+    for dir in std::iter::once(&store.dir).chain(store.seen_in.iter()) {
         if dir.join(&name).exists() {
             tracing::info!(file = %name, "MQTT job already received; acknowledging again");
-            return Ok(());
+            return Ok(None);
         }
     }
-    let path = intake.mqtt_jobs.join(&name);
-    let job_bytes = split_binary(payload, &shared.spool, &hash)?;
+    let path = store.dir.join(&name);
+    let job_bytes = split_binary(payload, &store.spool, &hash)?;
     write_atomic(&path, job_bytes.as_deref().unwrap_or(payload))?;
     tracing::info!(file = %name, bytes = payload.len(), "MQTT job received");
-    shared.queue.push(path);
-    shared.status_changed.notify_one();
-    Ok(())
+    Ok(Some(Job::new(path, Origin::Mqtt)))
 }
 
 /// For the binary form (JSON, NUL, crop bytes): writes the crop to the spool and returns
@@ -400,7 +590,7 @@ fn split_binary(payload: &[u8], spool: &Path, hash: &str) -> std::io::Result<Opt
         .and_then(|f| f.as_str().map(str::to_string))
         .unwrap_or_else(|| "npy".into());
     let format = if format == "pt" { "pt" } else { "npy" };
-    let crop_path = spool.join(format!("mqtt-{hash}.{format}"));
+    let crop_path = spool.join(format!("mqtt-{}.{format}", file_safe(hash)));
     write_atomic(&crop_path, crop)?;
     c.insert("path".into(), crop_path.display().to_string().into());
     Ok(Some(serde_json::to_vec(&doc).unwrap_or_default()))

@@ -2,8 +2,13 @@
 //! fsync, rename, fsync of the folder) before anything is published, so a crash or power
 //! cut leaves either no result or a whole one. Unpublished results stay at the top level;
 //! once the broker acknowledged a result (and its alert) it moves to `sent/`. Without MQTT
-//! the top level is the output folder. Both are bounded by age and total size: the oldest
-//! go first, and every result deleted before it was published counts as `dropped`.
+//! the top level is the output folder. A result the broker refused `outbox.max_publish_attempts`
+//! times moves to `refused/` with `<result_id>.reason.json` beside it (kept, outside the bounds).
+//!
+//! Bounds (age and total size of the top level plus `sent/`), in this order: sent results
+//! past the age or, while over the size, oldest first; then unsent results past the age, and,
+//! only once no sent result is left, the oldest unsent while still over the size. Every
+//! result deleted before it was published counts as `dropped`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -15,12 +20,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
+    let written = std::fs::File::create(&tmp).and_then(|mut f| {
         f.write_all(bytes)?;
-        f.sync_all()?;
+        f.sync_all()
+    });
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
+        // Nothing half-written stays behind (a full disk, an I/O error).
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
-    std::fs::rename(&tmp, path)?;
     sync_dir(dir)
 }
 
@@ -56,6 +64,7 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
 pub struct Outbox {
     dir: PathBuf,
     sent: PathBuf,
+    refused: PathBuf,
     max_age: Duration,
     max_bytes: u64,
     dropped: AtomicU64,
@@ -80,10 +89,13 @@ impl Outbox {
     /// Opens (creating) the outbox folders.
     pub fn open(dir: &Path, max_age: Duration, max_bytes: u64) -> std::io::Result<Self> {
         let sent = dir.join("sent");
+        let refused = dir.join("refused");
         std::fs::create_dir_all(&sent)?;
+        std::fs::create_dir_all(&refused)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             sent,
+            refused,
             max_age,
             max_bytes,
             dropped: AtomicU64::new(0),
@@ -93,6 +105,27 @@ impl Outbox {
     /// The folder.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The folders this outbox writes to (for stale-file cleanup).
+    pub fn dirs(&self) -> [&Path; 3] {
+        [&self.dir, &self.sent, &self.refused]
+    }
+
+    /// Moves a result the broker kept refusing (or that cannot be read) to `refused/`,
+    /// with `<name>.reason.json` beside it.
+    pub fn refuse(&self, path: &Path, reason: &serde_json::Value) -> std::io::Result<()> {
+        let Some(name) = path.file_name() else {
+            return Ok(());
+        };
+        let stem = name.to_string_lossy();
+        let stem = stem.strip_suffix(".json").unwrap_or(&stem);
+        let text = serde_json::to_vec_pretty(reason).unwrap_or_default();
+        write_atomic(&self.refused.join(format!("{stem}.reason.json")), &text)?;
+        match move_durable(path, &self.refused.join(name)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
     }
 
     /// Path of an unpublished result.
@@ -130,29 +163,30 @@ impl Outbox {
         }
     }
 
-    /// Applies the age and size bounds; returns how many unpublished results were dropped.
+    /// Applies the age and size bounds in the module doc's order; returns how many
+    /// unpublished results were dropped.
     pub fn prune(&self) -> u64 {
         let now = SystemTime::now();
-        let mut all: Vec<(PathBuf, SystemTime, u64, bool)> = Vec::new();
-        for (dir, unsent) in [(&self.dir, true), (&self.sent, false)] {
-            for (p, t, len) in list_results(dir) {
-                all.push((p, t, len, unsent));
+        let mut sent = list_results(&self.sent);
+        let mut unsent = list_results(&self.dir);
+        sent.sort_by_key(|f| f.1);
+        unsent.sort_by_key(|f| f.1);
+        let mut total: u64 = sent.iter().chain(unsent.iter()).map(|f| f.2).sum();
+        let too_old = |t: SystemTime| now.duration_since(t).unwrap_or_default() > self.max_age;
+        let mut sent_left = sent.len();
+        for (p, t, len) in sent {
+            if (too_old(t) || total > self.max_bytes) && std::fs::remove_file(&p).is_ok() {
+                total -= len;
+                sent_left -= 1;
             }
         }
-        all.sort_by_key(|f| f.1);
-        let mut total: u64 = all.iter().map(|f| f.2).sum();
         let mut dropped = 0;
-        for (p, t, len, unsent) in all {
-            let too_old = now.duration_since(t).unwrap_or_default() > self.max_age;
-            if !too_old && total <= self.max_bytes {
-                break;
-            }
-            if std::fs::remove_file(&p).is_ok() {
+        for (p, t, len) in unsent {
+            let over = total > self.max_bytes && sent_left == 0;
+            if (too_old(t) || over) && std::fs::remove_file(&p).is_ok() {
                 total -= len;
-                if unsent {
-                    dropped += 1;
-                    tracing::warn!(file = %p.display(), "outbox bound reached: dropped an unpublished result");
-                }
+                dropped += 1;
+                tracing::warn!(file = %p.display(), "outbox bound reached: dropped an unpublished result");
             }
         }
         self.dropped.fetch_add(dropped, Ordering::Relaxed);
@@ -221,5 +255,25 @@ mod tests {
         let tiny = Outbox::open(dir.path(), Duration::from_secs(3600), 5).unwrap();
         assert_eq!(tiny.prune(), 2);
         assert_eq!(tiny.stats().dropped, 2);
+    }
+
+    #[test]
+    fn pruning_takes_sent_results_before_any_unsent_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = Outbox::open(dir.path(), Duration::from_secs(3600), 25).unwrap();
+        // The unsent result is the oldest; two newer ones were sent.
+        ob.write("old-unsent", b"0123456789").unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        for id in ["s1", "s2"] {
+            let p = ob.write(id, b"0123456789").unwrap();
+            ob.mark_sent(&p).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(ob.prune(), 0);
+        assert!(
+            ob.contains("old-unsent"),
+            "an unsent result went while sent ones remained"
+        );
+        assert!(!ob.contains("s1") && ob.contains("s2"));
     }
 }

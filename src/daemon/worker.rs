@@ -1,268 +1,454 @@
-//! The worker: one blocking thread that takes jobs from the queue, claims each into
-//! `processing/`, reads its inputs, scores them nodule by nodule, writes the result to the
-//! outbox and moves the job to `done/` or `failed/`. It pings the systemd watchdog from its
-//! loop and checks the stop flag between nodules: on SIGTERM it finishes the nodule in hand
-//! and leaves the job in `processing/`, where the next start picks it up.
+//! The worker: one thread that takes [`Job`]s from the input channel, claims each into
+//! `processing/`, counts the attempt durably ([`Ledger`]), runs it, and sends a typed
+//! [`Finished`] to the output stage.
+//!
+//! Each job runs on its own short-lived thread ([`run_job`]: read, check, load, then one
+//! batched pass over all its nodules) while the worker waits for it at most
+//! `jobs.timeout_secs`. A job whose input read is stuck in a system call (a hung network
+//! share, a FIFO) cannot be interrupted; past the deadline the worker gives it an error
+//! result and moves on, leaving that thread blocked (it ends with the process). The worker
+//! pings the systemd watchdog and the readiness heartbeat from its own loop, so they stop
+//! only when the worker itself is wedged.
+//!
+//! On shutdown a job stops at its next stage boundary (after loading, after the pass) and
+//! stays in `processing/` for the next start; that attempt is taken back.
 
-use super::inbox::Pop;
+use super::input::{Job, JobReceiver, Next, Origin};
 use super::job::{self, CheckedJob, JobError, JobResult, PathPolicy, Timings};
+use super::ledger::Ledger;
 use super::systemd::Watchdog;
-use super::Shared;
+use super::telemetry::Telemetry;
+use super::{disk, inbox::Inbox};
+use crate::engine::Scorer;
 use crate::nodule::NoduleInput;
-use crate::report::{ModelInfo, NoduleReport, ScoreReport};
+use crate::report::ScoreReport;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How a job ended.
-enum Outcome {
-    Scored(ScoreReport, Timings),
-    Interrupted,
+/// A finished job for the output stage.
+#[derive(Debug)]
+pub struct Finished {
+    /// The job file in `processing/`.
+    pub claimed: PathBuf,
+    /// Its result.
+    pub result: JobResult,
+    /// Spooled inline crops to delete once the result is out.
+    pub spooled: Vec<PathBuf>,
+    /// Seconds from taking the job to its result.
+    pub latency_s: f64,
+    /// The source DICOM series of a scored series job (for its SR).
+    pub series: Option<crate::dicom::SeriesInfo>,
 }
 
-/// The worker loop; returns when the queue closes or the stop flag is set.
-pub fn run(shared: Arc<Shared>, policy: PathPolicy, watchdog: Arc<Watchdog>) {
-    let mut last_prune = Instant::now();
-    loop {
-        shared.beat();
-        watchdog.ping();
-        if shared.stop.load(Ordering::SeqCst) {
-            return;
-        }
-        if last_prune.elapsed() > Duration::from_secs(60) {
-            prune(&shared);
-            last_prune = Instant::now();
-        }
-        match shared.queue.pop_timeout(watchdog.poll_every()) {
-            Pop::Closed => return,
-            Pop::Empty => {}
-            Pop::Job(path, noticed) => {
-                shared.status_changed.notify_one();
-                process(&shared, &policy, &watchdog, &path, noticed);
-                prune(&shared);
-                shared.status_changed.notify_one();
+/// What a job may contain and how long it may take (from the settings).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Where job paths may point.
+    pub policy: PathPolicy,
+    /// Largest job file, bytes.
+    pub max_job_bytes: u64,
+    /// Most nodules per job.
+    pub max_nodules: usize,
+    /// Alert threshold on calibrated scores.
+    pub alert_threshold: Option<f64>,
+    /// Per-job deadline.
+    pub timeout: Duration,
+    /// Unfinished attempts after which a job is failed.
+    pub max_attempts: u32,
+    /// Received DICOM series (jobs naming a series UID) and the series checks' settings.
+    pub dicom: Arc<super::dicom_glue::DicomSide>,
+}
+
+/// The worker stage.
+pub struct Worker {
+    /// Jobs in.
+    pub jobs: JobReceiver,
+    /// Results out.
+    pub out: SyncSender<Finished>,
+    /// New models from reloads.
+    pub models: Receiver<Arc<dyn Scorer>>,
+    /// The model in use.
+    pub scorer: Arc<dyn Scorer>,
+    /// The state folders.
+    pub intake: Inbox,
+    /// Attempts and job ids.
+    pub ledger: Ledger,
+    /// Limits.
+    pub limits: Arc<Limits>,
+    /// Counters.
+    pub telemetry: Arc<Telemetry>,
+    /// systemd watchdog.
+    pub watchdog: Arc<Watchdog>,
+    /// Set when the daemon stops.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// The identity of a job, known once its file was read.
+#[derive(Debug, Clone, Default)]
+struct Ids {
+    key: Option<String>,
+    job_id: Option<String>,
+    patient_id: Option<String>,
+}
+
+/// What a job thread reports.
+enum Msg {
+    Identified(Ids),
+    Done(Ran),
+}
+
+/// A job thread's outcome.
+struct Ran {
+    input: serde_json::Value,
+    spooled: Vec<PathBuf>,
+    series: Option<crate::dicom::SeriesInfo>,
+    outcome: Result<Option<Scored>, JobError>,
+}
+
+/// A scored job (`None` in [`Ran::outcome`] means interrupted by shutdown).
+struct Scored {
+    report: ScoreReport,
+    load_ms: f64,
+    score_ms: f64,
+}
+
+impl Worker {
+    /// The worker loop; returns when every input is gone or the daemon stops.
+    pub fn run(mut self) {
+        loop {
+            self.telemetry.beat();
+            self.watchdog.ping();
+            while let Ok(s) = self.models.try_recv() {
+                self.telemetry.set_model(s.model_info());
+                self.scorer = s;
             }
-        }
-    }
-}
-
-fn prune(shared: &Shared) {
-    shared.dicom.prune(&shared.settings.dicom);
-    if shared.outbox.prune() > 0 {
-        shared.status_changed.notify_one();
-    }
-}
-
-fn process(
-    shared: &Shared,
-    policy: &PathPolicy,
-    watchdog: &Watchdog,
-    path: &Path,
-    noticed: Instant,
-) {
-    let intake = &shared.intake;
-    let claimed = if path.parent() == Some(intake.processing.as_path()) {
-        path.to_path_buf()
-    } else {
-        match intake.claim(path) {
-            Ok(Some(p)) => p,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::error!(file = %path.display(), error = %e, "could not claim a job");
+            if self.stop.load(Ordering::SeqCst) {
                 return;
             }
+            match self.jobs.recv_timeout(self.watchdog.poll_every()) {
+                Next::Closed => return,
+                Next::Idle => {}
+                Next::Job(job) => self.handle(job),
+            }
         }
-    };
-    let name = claimed
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let origin = if name.starts_with("mqtt-") {
-        "mqtt"
-    } else {
-        "inbox"
-    };
-    let started = Instant::now();
-    let queued_ms = started.duration_since(noticed).as_secs_f64() * 1e3;
-    let mut key = format!("file:{name}");
-    let mut doc_ids: (Option<String>, Option<String>) = (None, None);
-    let mut input = serde_json::json!({"origin": origin, "file": name});
-    let mut spooled: Vec<PathBuf> = Vec::new();
-    let mut series: Option<crate::dicom::SeriesInfo> = None;
-    let scorer = shared.scorer();
-    let info = scorer.model_info();
+    }
 
-    let outcome = (|| -> Result<Outcome, JobError> {
-        let bytes = read_limited(&claimed, shared.settings.max_job_bytes)?;
-        let doc = job::parse(&bytes)?;
-        key = format!("job:{}", doc.job_id);
-        doc_ids = (Some(doc.job_id.clone()), Some(doc.patient_id.clone()));
-        let beat = || {
-            watchdog.ping();
-            shared.beat();
+    fn handle(&self, job: Job) {
+        let Some(claimed) = self.claim(&job.file) else {
+            return;
         };
-        let Some(doc) = super::dicom_glue::resolve_series(shared, doc, &beat)? else {
-            return Ok(Outcome::Interrupted);
+        let name = file_name(&claimed);
+        let started = Instant::now();
+        let queued_ms = started.duration_since(job.noticed).as_secs_f64() * 1e3;
+        let rec = match disk::retry("attempts ledger", &self.telemetry, &self.stop, || {
+            self.ledger.begin(&name, job.origin)
+        }) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(file = %name, error = %e, "could not record the attempt; job left in processing/");
+                return;
+            }
         };
-        let checked: CheckedJob = job::check(doc, &key, policy, shared.settings.max_nodules)?;
-        spooled = checked.spooled.clone();
-        if let (Some(dst), Some(src)) = (input.as_object_mut(), checked.input.as_object()) {
+        let abandoned = rec.attempts > self.limits.max_attempts;
+        let (ids, ran) = self.run_with_deadline(&claimed, abandoned);
+        let series = ran.as_ref().and_then(|r| r.series.clone());
+        let (input, spooled, outcome) = match ran {
+            None => {
+                self.telemetry
+                    .jobs_timed_out
+                    .fetch_add(1, Ordering::Relaxed);
+                let secs = self.limits.timeout.as_secs();
+                tracing::error!(file = %name, secs, "job deadline passed; giving it an error result and moving on");
+                (
+                    serde_json::Value::Null,
+                    Vec::new(),
+                    Err(JobError::TimedOut { secs }),
+                )
+            }
+            Some(r) if abandoned => {
+                self.telemetry
+                    .jobs_abandoned
+                    .fetch_add(1, Ordering::Relaxed);
+                let err = JobError::Abandoned {
+                    attempts: rec.attempts - 1,
+                    max: self.limits.max_attempts,
+                };
+                (r.input, r.spooled, Err(err))
+            }
+            Some(r) => match r.outcome {
+                Ok(None) => {
+                    tracing::info!(file = %name, "stopping: job left in processing/ for the next start");
+                    let _ = self.ledger.undo(&name, rec);
+                    return;
+                }
+                Ok(Some(scored)) => (r.input, r.spooled, Ok(scored)),
+                Err(e) => (r.input, r.spooled, Err(e)),
+            },
+        };
+        let result = self.result(&name, job.origin, ids, input, outcome, queued_ms, started);
+        let finished = Finished {
+            claimed,
+            result,
+            spooled,
+            latency_s: started.elapsed().as_secs_f64(),
+            series,
+        };
+        if self.out.send(finished).is_err() {
+            tracing::error!(file = %name, "output stage gone; job left in processing/");
+        }
+    }
+
+    /// Moves an inbox or MQTT job into `processing/` (a recovered one is there already);
+    /// `None` when another copy of the job took it first.
+    fn claim(&self, file: &Path) -> Option<PathBuf> {
+        if file.parent() == Some(self.intake.processing.as_path()) {
+            return file.exists().then(|| file.to_path_buf());
+        }
+        match self.intake.claim(file) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(file = %file.display(), error = %e, "could not claim a job");
+                None
+            }
+        }
+    }
+
+    /// Runs the job on its own thread and waits at most the deadline; `None` past it.
+    fn run_with_deadline(&self, claimed: &Path, ids_only: bool) -> (Ids, Option<Ran>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (file, limits, scorer, stop) = (
+            claimed.to_path_buf(),
+            self.limits.clone(),
+            self.scorer.clone(),
+            self.stop.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("noduled-job".into())
+            .spawn(move || run_job(&file, &limits, scorer.as_ref(), &stop, ids_only, &tx));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "could not start a job thread");
+            return (Ids::default(), None);
+        }
+        let deadline = Instant::now() + self.limits.timeout;
+        let mut ids = Ids::default();
+        loop {
+            self.telemetry.beat();
+            self.watchdog.ping();
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left.min(self.watchdog.poll_every())) {
+                Ok(Msg::Identified(i)) => ids = i,
+                Ok(Msg::Done(r)) => return (ids, Some(r)),
+                Err(RecvTimeoutError::Timeout) if left.is_zero() => return (ids, None),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    let ran = Ran {
+                        input: serde_json::Value::Null,
+                        spooled: Vec::new(),
+                        series: None,
+                        outcome: Err(JobError::Panicked),
+                    };
+                    return (ids, Some(ran));
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn result(
+        &self,
+        name: &str,
+        origin: Origin,
+        ids: Ids,
+        input: serde_json::Value,
+        outcome: Result<Scored, JobError>,
+        queued_ms: f64,
+        started: Instant,
+    ) -> JobResult {
+        let info = self.scorer.model_info();
+        let key = ids.key.clone().unwrap_or_else(|| format!("file:{name}"));
+        let job_id_reused = self.note_job_id(&ids, &key);
+        let mut input_doc = serde_json::json!({"origin": origin.name(), "file": name});
+        if let (Some(dst), Some(src)) = (input_doc.as_object_mut(), input.as_object()) {
             dst.extend(src.clone());
         }
-        series = super::dicom_glue::check_series(&checked, &shared.settings.dicom, &mut input)?;
-        let t_load = Instant::now();
-        let mut inputs: Vec<NoduleInput> = Vec::new();
-        for req in &checked.requests {
-            watchdog.ping();
-            inputs.extend(
-                crate::nodules::load(req).map_err(|e| JobError::Processing(format!("{e:#}")))?,
-            );
-            if shared.stop.load(Ordering::SeqCst) {
-                return Ok(Outcome::Interrupted);
-            }
-        }
-        let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
-        let t_score = Instant::now();
-        let mut reports: Vec<NoduleReport> = Vec::new();
-        for n in &inputs {
-            watchdog.ping();
-            shared.beat();
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                scorer.score(std::slice::from_ref(n))
-            }))
-            .map_err(|_| {
-                JobError::Processing(format!("nodule {}: the model panicked", n.nodule_id))
-            })?
-            .map_err(|e| JobError::Processing(format!("nodule {}: {e:#}", n.nodule_id)))?;
-            reports.extend(r.nodules);
-            if shared.stop.load(Ordering::SeqCst) && reports.len() < inputs.len() {
-                return Ok(Outcome::Interrupted);
-            }
-        }
-        let score_ms = t_score.elapsed().as_secs_f64() * 1e3;
-        let patients = ScoreReport::patients_from(&reports);
-        let mut report = ScoreReport {
-            model: info.clone(),
-            nodules: reports,
-            patients,
-        };
-        report.fill_summaries(shared.settings.alert_threshold);
-        Ok(Outcome::Scored(
-            report,
-            Timings {
-                queued_ms,
-                load_ms,
-                score_ms,
-                total_ms: 0.0,
-            },
-        ))
-    })();
-
-    let (report, timings, error) = match outcome {
-        Ok(Outcome::Interrupted) => {
-            tracing::info!(file = %name, "stopping: job left in processing/ for the next start");
-            return;
-        }
-        Ok(Outcome::Scored(report, timings)) => (report, timings, None),
-        Err(e) => {
-            let empty = ScoreReport {
-                model: info.clone(),
-                nodules: Vec::new(),
-                patients: Vec::new(),
-            };
-            (
-                empty,
+        let (report, timings, error) = match outcome {
+            Ok(s) => (
+                s.report,
+                Timings {
+                    queued_ms,
+                    load_ms: s.load_ms,
+                    score_ms: s.score_ms,
+                    total_ms: 0.0,
+                },
+                None,
+            ),
+            Err(e) => (
+                ScoreReport {
+                    model: info.clone(),
+                    nodules: Vec::new(),
+                    patients: Vec::new(),
+                },
                 Timings {
                     queued_ms,
                     ..Timings::default()
                 },
                 Some(e.to_string()),
-            )
+            ),
+        };
+        let ok = error.is_none();
+        JobResult {
+            result_id: job::result_id(&key, &info, ok),
+            job_id: ids.job_id,
+            patient_id: ids.patient_id,
+            status: if ok { "ok" } else { "error" }.into(),
+            job_id_reused,
+            error,
+            alert: if ok {
+                job::alert_of(&report, self.limits.alert_threshold)
+            } else {
+                None
+            },
+            report,
+            input: input_doc,
+            timings: Timings {
+                total_ms: started.elapsed().as_secs_f64() * 1e3,
+                ..timings
+            },
+            created_at: job::now_rfc3339(),
+            noduled_version: env!("CARGO_PKG_VERSION").into(),
         }
-    };
-    let ok = error.is_none();
-    let result = JobResult {
-        result_id: job::result_id(&key, &info, ok),
-        job_id: doc_ids.0,
-        patient_id: doc_ids.1,
-        status: if ok { "ok" } else { "error" }.into(),
-        error,
-        alert: if ok {
-            job::alert_of(&report, shared.settings.alert_threshold)
-        } else {
-            None
-        },
-        report,
-        input,
-        timings: Timings {
-            total_ms: started.elapsed().as_secs_f64() * 1e3,
-            ..timings
-        },
-        created_at: job::now_rfc3339(),
-        noduled_version: env!("CARGO_PKG_VERSION").into(),
-    };
-    super::dicom_glue::write_sr(shared, &result, series.as_ref());
-    finish(shared, &claimed, &result, &info);
-    for p in spooled {
-        let _ = std::fs::remove_file(p);
     }
-    shared
-        .metrics
-        .observe_latency(started.elapsed().as_secs_f64());
+
+    fn note_job_id(&self, ids: &Ids, key: &str) -> bool {
+        let Some(job_id) = &ids.job_id else {
+            return false;
+        };
+        let reused = disk::retry("job-id ledger", &self.telemetry, &self.stop, || {
+            self.ledger.note_job_id(job_id, key)
+        })
+        .unwrap_or(false);
+        if reused {
+            self.telemetry
+                .job_ids_reused
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(job_id = %job_id, "job_id reused by a job with other content: scored as a new job (job_id_reused)");
+        }
+        reused
+    }
 }
 
-/// Writes the result (unless one with the same id is held already) and moves the job on.
-fn finish(shared: &Shared, claimed: &Path, result: &JobResult, info: &ModelInfo) {
-    let json = match serde_json::to_vec_pretty(result) {
-        Ok(j) => j,
-        Err(e) => {
-            tracing::error!(error = %e, "could not serialise a result");
-            return;
-        }
+/// One job, on its own thread: read and check the file, report its identity, then (unless
+/// `ids_only`) load every nodule and score them in one batched pass.
+fn run_job(
+    file: &Path,
+    limits: &Limits,
+    scorer: &dyn Scorer,
+    stop: &AtomicBool,
+    ids_only: bool,
+    tx: &Sender<Msg>,
+) {
+    let mut ran = Ran {
+        input: serde_json::Value::Null,
+        spooled: Vec::new(),
+        series: None,
+        outcome: Ok(None),
     };
-    if !shared.outbox.contains(&result.result_id) {
-        if let Err(e) = shared.outbox.write(&result.result_id, &json) {
-            // Leave the job in processing/: it runs again at the next start.
-            tracing::error!(error = %e, outbox = %shared.outbox.dir().display(), "could not write a result");
-            return;
+    let outcome = (|| {
+        let mut ids = Ids::default();
+        let bytes = match read_limited(file, limits.max_job_bytes) {
+            Ok(b) => b,
+            Err(e) => {
+                let len = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+                ids.key = Some(format!("file:{}:{len}", file_name(file)));
+                let _ = tx.send(Msg::Identified(ids));
+                return Err(e);
+            }
+        };
+        ids.key = Some(job::content_key(&bytes));
+        let parsed = job::parse(&bytes);
+        if let Ok(doc) = &parsed {
+            ids.job_id = Some(doc.job_id.clone());
+            ids.patient_id = Some(doc.patient_id.clone());
         }
-    }
-    shared.outbox_changed.notify_one();
-    let err_value = result
-        .error
-        .as_ref()
-        .map(|_| serde_json::to_value(result).unwrap_or_default());
-    if let Err(e) = shared.intake.finish(claimed, err_value.as_ref()) {
-        tracing::error!(file = %claimed.display(), error = %e, "could not move a finished job");
-    }
-    match &result.error {
-        None => {
-            shared.metrics.jobs_done.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(job_id = ?result.job_id, result_id = %result.result_id, model = %info.id, "job done");
+        let key = ids.key.clone().unwrap_or_default();
+        let _ = tx.send(Msg::Identified(ids));
+        let doc = parsed?;
+        if ids_only {
+            return Ok(None);
         }
-        Some(e) => {
-            shared.metrics.jobs_failed.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(job_id = ?result.job_id, result_id = %result.result_id, error = %e, "job failed");
+        let Some(doc) = super::dicom_glue::resolve_series(&limits.dicom, doc, stop)? else {
+            return Ok(None);
+        };
+        let checked: CheckedJob = job::check(doc, &key, &limits.policy, limits.max_nodules)?;
+        ran.spooled = checked.spooled.clone();
+        ran.input = checked.input.clone();
+        ran.series =
+            super::dicom_glue::check_series(&checked, &limits.dicom.settings, &mut ran.input)?;
+        let mut scored = score_job(&checked, scorer, stop)?;
+        if let Some(s) = scored.as_mut() {
+            s.report.fill_summaries(limits.alert_threshold);
         }
+        Ok(scored)
+    })();
+    ran.outcome = outcome;
+    let _ = tx.send(Msg::Done(ran));
+}
+
+/// Loads a checked job's nodules and scores them all in one pass.
+fn score_job(
+    checked: &CheckedJob,
+    scorer: &dyn Scorer,
+    stop: &AtomicBool,
+) -> Result<Option<Scored>, JobError> {
+    let t_load = Instant::now();
+    let mut inputs: Vec<NoduleInput> = Vec::new();
+    for req in &checked.requests {
+        inputs.extend(crate::nodules::load(req).map_err(JobError::Load)?);
     }
+    if stop.load(Ordering::SeqCst) {
+        return Ok(None);
+    }
+    let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
+    let t_score = Instant::now();
+    let report = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scorer.score(&inputs)))
+        .map_err(|_| JobError::Panicked)?
+        .map_err(|source| JobError::Score {
+            nodule_id: inputs
+                .iter()
+                .map(|n| n.nodule_id.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            source,
+        })?;
+    if stop.load(Ordering::SeqCst) {
+        return Ok(None);
+    }
+    Ok(Some(Scored {
+        report,
+        load_ms,
+        score_ms: t_score.elapsed().as_secs_f64() * 1e3,
+    }))
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Reads a job file, refusing it by its size before reading when it exceeds `max`.
 fn read_limited(path: &Path, max: u64) -> Result<Vec<u8>, JobError> {
     let p = path.display().to_string();
-    let f = std::fs::File::open(path).map_err(|source| JobError::Read {
+    let read_err = |source| JobError::Read {
         path: p.clone(),
         source,
-    })?;
-    let len = f
-        .metadata()
-        .map_err(|source| JobError::Read {
-            path: p.clone(),
-            source,
-        })?
-        .len();
+    };
+    let f = std::fs::File::open(path).map_err(read_err)?;
+    let len = f.metadata().map_err(read_err)?.len();
     if len > max {
         return Err(JobError::TooLarge {
             what: p,
@@ -271,12 +457,7 @@ fn read_limited(path: &Path, max: u64) -> Result<Vec<u8>, JobError> {
         });
     }
     let mut bytes = Vec::with_capacity(len as usize);
-    f.take(max + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|source| JobError::Read {
-            path: p.clone(),
-            source,
-        })?;
+    f.take(max + 1).read_to_end(&mut bytes).map_err(read_err)?;
     if bytes.len() as u64 > max {
         return Err(JobError::TooLarge {
             what: p,

@@ -174,8 +174,11 @@ fn mqtt_jobs_in_results_status_and_alerts_out() {
 
     // By folder in, MQTT out (result and alert).
     d.drop_job("f1.json", &job(&d, "f1", "P-folder", 1));
-    let m = probe.wait(30, "nd/result/P-folder", |r| r["job_id"] == "f1");
+    let m = probe.wait(30, "nd/result", |r| r["job_id"] == "f1");
     assert_eq!(m.json["status"], "ok");
+    // Issue 16: no patient id in topic names; the payload keeps it.
+    assert_eq!(m.topic, "nd/result");
+    assert_eq!(m.json["patient_id"], "P-folder");
     let a = probe.wait(10, "nd/alert", |a| a["job_id"] == "f1");
     assert_eq!(a.json["result_id"], m.json["result_id"]);
     wait_for(10, "f1 moved to sent/", || {
@@ -186,14 +189,14 @@ fn mqtt_jobs_in_results_status_and_alerts_out() {
 
     // By MQTT in, MQTT and outbox out.
     probe.publish("nd/job", job(&d, "m1", "P-mqtt", 1).into_bytes());
-    let m1 = probe.wait(30, "nd/result/P-mqtt", |r| r["job_id"] == "m1");
+    let m1 = probe.wait(30, "nd/result", |r| r["job_id"] == "m1");
     assert_eq!(m1.json["status"], "ok");
     assert_eq!(m1.json["input"]["origin"], "mqtt");
     wait_for(5, "m1 in the outbox", || d.result_for("m1"));
 
-    // Malformed payload: an error result on result/unknown; the daemon keeps serving.
+    // Malformed payload: an error result; the daemon keeps serving.
     probe.publish("nd/job", b"{not json".to_vec());
-    let bad = probe.wait(30, "nd/result/unknown", |r| r["status"] == "error");
+    let bad = probe.wait(30, "nd/result", |r| r["status"] == "error");
     assert!(bad.json["error"].as_str().unwrap().contains("job JSON"));
 
     // Over the job limit (4096) but under the packet limit: an error result.
@@ -202,8 +205,8 @@ fn mqtt_jobs_in_results_status_and_alerts_out() {
         "x".repeat(5000)
     );
     probe.publish("nd/job", padded.into_bytes());
-    // Refused by its size before parsing: no patient id, so on result/unknown.
-    let big = probe.wait(30, "nd/result/unknown", |r| {
+    // Refused by its size before parsing: no patient id in the result.
+    let big = probe.wait(30, "nd/result", |r| {
         r["error"]
             .as_str()
             .is_some_and(|e| e.contains("max_job_bytes"))
@@ -223,7 +226,7 @@ fn mqtt_jobs_in_results_status_and_alerts_out() {
         format!("{{\"pad\":\"{}\"}}", "y".repeat(20_000)).into_bytes(),
     );
     probe.publish("nd/job", job(&d, "m2", "P-mqtt", 1).into_bytes());
-    probe.wait(30, "nd/result/P-mqtt", |r| r["job_id"] == "m2");
+    probe.wait(30, "nd/result", |r| r["job_id"] == "m2");
     let log = d.log();
     assert!(
         !log.contains("PayloadSizeLimitExceeded") && !log.contains("MQTT connection lost"),
@@ -287,7 +290,7 @@ fn broker_down_while_20_jobs_arrive_then_back_all_delivered() {
     broker.restart();
     let ids = wait_for(30, "20 results on MQTT", || {
         let mut ids: Vec<(String, String)> = probe
-            .on("nd/result/P-down")
+            .on("nd/result")
             .iter()
             .map(|m| {
                 (
@@ -363,9 +366,9 @@ fn sigkill_mid_job_then_restart_completes_the_job_once() {
         1,
         "one result file for the job"
     );
-    let m = probe.wait(20, "nd/result/P-kill", |m| m["job_id"] == "long");
+    let m = probe.wait(20, "nd/result", |m| m["job_id"] == "long");
     let all: Vec<_> = probe
-        .on("nd/result/P-kill")
+        .on("nd/result")
         .into_iter()
         .filter(|x| x.json["job_id"] == "long")
         .collect();
@@ -444,6 +447,11 @@ fn systemd_notify_watchdog_reload_and_stop() {
         d.log()
     );
     assert_eq!(d.get("/readyz").unwrap().0, 200);
+    // The failed reload is visible beyond the journal (issue 15).
+    assert_eq!(d.metric("noduled_reload_failures_total"), Some(1.0));
+    assert_eq!(d.metric("noduled_last_reload_ok"), Some(0.0));
+    let health = d.get("/healthz").unwrap().1;
+    assert!(health.contains("last reload: error at "), "{health}");
     d.drop_job(
         "after_bad_reload.json",
         &job(&d, "after_bad_reload", "P1", 1),
@@ -462,6 +470,8 @@ fn systemd_notify_watchdog_reload_and_stop() {
         (seen("RELOADING=1") == 2 && seen("READY=1") == 3).then_some(())
     });
     assert!(d.log().contains("model reloaded"));
+    assert_eq!(d.metric("noduled_last_reload_ok"), Some(1.0));
+    assert_eq!(d.metric("noduled_reload_failures_total"), Some(1.0));
 
     let st = d.term(20);
     assert!(st.success());
@@ -481,6 +491,20 @@ fn unknown_config_key_is_refused_naming_it() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("paht") && err.contains("bad.toml"), "{err}");
+
+    // A wildcard job topic would take jobs it never runs: refused, naming the key (issue 15).
+    std::fs::write(&cfg, "[mqtt]\nenabled = true\njob_topic = \"x/job/#\"\n").unwrap();
+    let out = std::process::Command::new(crate::util::bin())
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.trim().lines().count() == 1 && err.contains("mqtt.job_topic"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -90,8 +90,8 @@ fn mqtt_inline_crops_base64_and_binary() {
     binary.extend(&npy);
     probe.publish("nd/job", binary);
 
-    let a = probe.wait(60, "nd/result/P-crop", |r| r["job_id"] == "b64");
-    let b = probe.wait(60, "nd/result/P-crop", |r| r["job_id"] == "bin");
+    let a = probe.wait(60, "nd/result", |r| r["job_id"] == "b64");
+    let b = probe.wait(60, "nd/result", |r| r["job_id"] == "bin");
     assert_eq!(a.json["status"], "ok", "{:#}", a.json);
     assert_eq!(b.json["status"], "ok", "{:#}", b.json);
     assert!((calibrated(&a.json) - calibrated(&b.json)).abs() < 1e-9);

@@ -62,6 +62,25 @@ pub struct Broker {
 impl Broker {
     /// Starts a broker with persistence in `dir`.
     pub fn start(dir: &Path) -> Self {
+        Self::start_conf(dir, "")
+    }
+
+    /// Starts a broker whose Mosquitto ACL file (`acl_file`) holds `acl`.
+    pub fn start_acl(dir: &Path, acl: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let acl_path = dir.join("acl");
+        std::fs::write(&acl_path, acl).unwrap();
+        Self::start_conf(dir, &format!("acl_file {}\n", acl_path.display()))
+    }
+
+    /// Rewrites the ACL file and makes the broker reload it (SIGHUP).
+    pub fn set_acl(&self, acl: &str) {
+        let dir = self.conf.parent().unwrap();
+        std::fs::write(dir.join("acl"), acl).unwrap();
+        signal(self.child.as_ref().unwrap().id(), "HUP");
+    }
+
+    fn start_conf(dir: &Path, extra: &str) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         let port = free_port();
         let conf = dir.join("mosquitto.conf");
@@ -75,7 +94,7 @@ impl Broker {
             &conf,
             format!(
                 "user {me}\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n\
-                 autosave_interval 1\nmax_queued_messages 10000\nlog_dest file {}/mosquitto.log\nlog_type all\n",
+                 autosave_interval 1\nmax_queued_messages 10000\nlog_dest file {}/mosquitto.log\nlog_type all\n{extra}",
                 dir.display(),
                 dir.display(),
                 me = if me.is_empty() { "root".to_string() } else { me },

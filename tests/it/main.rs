@@ -6,6 +6,7 @@ mod bundle;
 mod bundle_store;
 mod daemon;
 mod daemon_ct;
+mod daemon_faults;
 mod daemon_support;
 mod device;
 mod dicom_net;
