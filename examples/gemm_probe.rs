@@ -1,12 +1,15 @@
-//! GEMM throughput of candle's CPU matmul at the ViT-B/32 shapes noduled runs (all folds
-//! batched: 5 folds x 9 planes x 50 tokens = 2250 rows), to compare with a BLAS on the same
-//! machine (scripts/gemm-vs-blas runs both). Prints one line per shape: GFLOP/s of the best
-//! of 10 runs after a warm-up, and GFLOP per process-CPU-second over those runs (which holds
-//! on a shared machine: a thread waiting for a core does not count).
+//! GEMM throughput of candle's CPU matmul and of noduled's own AVX-512 GEMM (f32 and bf16,
+//! `noduled::model::gemm`) at the ViT-B/32 shapes noduled runs (all folds batched: 5 folds x
+//! 9 planes x 50 tokens = 2250 rows), to compare with a BLAS on the same machine
+//! (scripts/gemm-vs-blas runs both). Prints one line per kernel and shape: GFLOP/s of the
+//! best of 10 runs after a warm-up, GFLOP per process-CPU-second over those runs (which holds
+//! on a shared machine: a thread waiting for a core does not count), and the share of the
+//! peak measured at start (one thread's `vfmadd231ps` / `vdpbf16ps` rate times the threads).
 //!
 //! `cargo run --release --example gemm_probe [rows]`
 
 use candle_core::{Device, Tensor};
+use noduled::model::gemm::{GemmDtype, PackedWeight};
 use std::time::Instant;
 
 /// User + system CPU seconds of this process so far.
@@ -26,6 +29,14 @@ fn main() -> candle_core::Result<()> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(2250);
     let dev = Device::Cpu;
+    let threads = rayon::current_num_threads();
+    let peaks = [GemmDtype::F32, GemmDtype::Bf16]
+        .map(|d| noduled::model::gemm::peak_gflops(d, 200).map(|p| p * threads as f64));
+    println!(
+        "# threads {threads}, measured peak GFLOP/s: f32 {:.0}, bf16 {:.0} (one thread's x {threads})",
+        peaks[0].unwrap_or(f64::NAN),
+        peaks[1].unwrap_or(f64::NAN)
+    );
     for (k, n) in [(768, 768), (768, 3072), (3072, 768)] {
         let a = Tensor::randn(0f32, 1.0, (rows, k), &dev)?;
         // Weights stored (out, in) as in the checkpoints; x @ W^T as a Linear layer does.
@@ -43,10 +54,38 @@ fn main() -> candle_core::Result<()> {
         let cpu = cpu_seconds() - cpu0;
         let gflop = 2.0 * (rows * k * n) as f64 / 1e9;
         println!(
-            "candle {rows} {k} {n} {:.1} GFLOP/s wall, {:.1} GFLOP per CPU-s",
+            "candle {rows} {k} {n} {:.1} GFLOP/s wall, {:.1} GFLOP per CPU-s ({:.0}% of f32 peak)",
             gflop / best,
-            10.0 * gflop / cpu
+            10.0 * gflop / cpu,
+            100.0 * gflop / best / peaks[0].unwrap_or(f64::NAN)
         );
+        let av = a.flatten_all()?.to_vec1::<f32>()?;
+        let wv = w.flatten_all()?.to_vec1::<f32>()?;
+        for (dtype, peak) in [GemmDtype::F32, GemmDtype::Bf16].into_iter().zip(peaks) {
+            let Some(p) = PackedWeight::pack(&wv, n, k, dtype) else {
+                println!("avx512-{} not on this CPU", dtype.name());
+                continue;
+            };
+            let mut c = vec![0f32; rows * n];
+            p.matmul(&av, rows, &mut c);
+            let mut best = f64::MAX;
+            let cpu0 = cpu_seconds();
+            for _ in 0..10 {
+                let t = Instant::now();
+                p.matmul(&av, rows, &mut c);
+                std::hint::black_box(&c);
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            let cpu = cpu_seconds() - cpu0;
+            println!(
+                "avx512-{} {rows} {k} {n} {:.1} GFLOP/s wall, {:.1} GFLOP per CPU-s ({:.0}% of {} peak)",
+                dtype.name(),
+                gflop / best,
+                10.0 * gflop / cpu,
+                100.0 * gflop / best / peak.unwrap_or(f64::NAN),
+                dtype.name()
+            );
+        }
     }
     Ok(())
 }

@@ -3,8 +3,8 @@
 //! Mosquitto, while the broker is restarted every `--broker-every-secs` and the daemon is
 //! SIGKILLed `--kills` times (and restarted). It reports unique results delivered on
 //! `<prefix>/result` (must equal N), duplicates by `result_id`, jobs/minute, and the daemon's
-//! RSS when it became ready after its last restart and at the end, as JSON on stdout and in
-//! `--out/soak.json`.
+//! RSS when it became ready after its last restart and at the end (and every 5 s, with the
+//! results delivered so far), as JSON on stdout and in `--out/soak.json`.
 //!
 //! Arguments: `--jobs N` (1000), `--out DIR` (a fresh temp folder), `--broker-every-secs S`
 //! (20), `--kills K` (3), `--timeout-secs T` (3600).
@@ -331,6 +331,8 @@ fn main() {
 
     let (mut kills, mut broker_restarts, mut rss_ready) = (0, 0, rss_first);
     let mut last_broker = Instant::now();
+    let mut samples: Vec<serde_json::Value> = Vec::new();
+    let mut last_sample = Instant::now();
     let kill_every = Duration::from_secs(45);
     let mut done_at = None;
     while t0.elapsed() < a.timeout {
@@ -339,6 +341,10 @@ fn main() {
         if unique.len() >= a.jobs {
             done_at = Some(t0.elapsed());
             break;
+        }
+        if last_sample.elapsed() >= Duration::from_secs(5) {
+            samples.push(serde_json::json!({"t_s": t0.elapsed().as_secs(), "delivered": unique.len(), "rss_kib": daemon.rss_kib()}));
+            last_sample = Instant::now();
         }
         if last_broker.elapsed() >= a.broker_every {
             broker.restart();
@@ -378,6 +384,7 @@ fn main() {
         "rss_kib_after_last_restart": rss_ready,
         "rss_kib_end": rss_end,
         "model": "models/demo",
+        "rss_samples": samples,
         "out": out,
     });
     let text = serde_json::to_string_pretty(&report).unwrap();

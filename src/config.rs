@@ -81,7 +81,8 @@ pub struct ModelConfig {
     /// Compute device: `auto` (CUDA device 0 in a CUDA build when it answers, else the CPU),
     /// `cpu`, `cuda` or `cuda:N` (the daemon does not start without it). See [`crate::device`].
     pub device: crate::device::DeviceRequest,
-    /// Vision tower dtype: `auto` (f16 on CUDA, f32 on the CPU), `f32`, or `f16` (CUDA only).
+    /// Vision tower dtype: `auto` (f16 on CUDA; bf16 on a CPU with AVX512_BF16, else f32),
+    /// `f32`, `bf16` (CPU: bf16 GEMMs with f32 accumulation), or `f16` (CUDA only).
     pub dtype: crate::device::DtypeRequest,
 }
 

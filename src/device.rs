@@ -10,9 +10,11 @@
 //! - `cuda` / `cuda:N`: that CUDA device, or a one-line error (never a fallback) when this is
 //!   a CPU-only build or the device does not answer.
 //!
-//! Dtype of the vision tower's weights and activations: `auto` is f16 on CUDA and f32 on the
-//! CPU (the CPU has no f16 GEMM faster than f32, and its fused kernels are f32); `f32` on CUDA
-//! is for parity checks. LayerNorm statistics are always taken in f32 and softmax
+//! Dtype of the vision tower: `auto` is f16 on CUDA, and on the CPU bf16 where it has
+//! AVX512_BF16 (`vdpbf16ps`), else f32; `f32` on CUDA is for parity checks. On the CPU the
+//! dtype is the GEMMs' ([`crate::model::gemm`]): bf16 weights and inputs with f32
+//! accumulation, activations f32 between GEMMs; `bf16` on a CPU without AVX512_BF16 runs the
+//! same rounding emulated (slower; the backend label says `emulated`). LayerNorm statistics are always taken in f32 and softmax
 //! accumulates in f32 (see [`crate::model::encoder`]); the MIL pooling and the heads run on the
 //! CPU in f32 / f64 whatever the device (45 rows per nodule: not worth a GPU launch).
 //!
@@ -30,8 +32,8 @@ pub enum DeviceError {
     /// A device name that is not `auto`, `cpu`, `cuda` or `cuda:N`.
     #[error("device `{0}`: expected auto, cpu, cuda or cuda:N")]
     BadDevice(String),
-    /// A dtype name that is not `auto`, `f32` or `f16`.
-    #[error("dtype `{0}`: expected auto, f32 or f16")]
+    /// A dtype name that is not `auto`, `f32`, `bf16` or `f16`.
+    #[error("dtype `{0}`: expected auto, f32, bf16 or f16")]
     BadDtype(String),
     /// CUDA asked for explicitly in a build without the `cuda` feature.
     #[error("device cuda:{0}: this noduled was built without CUDA support (cargo feature `cuda`); use --device cpu or auto")]
@@ -45,8 +47,11 @@ pub enum DeviceError {
         reason: String,
     },
     /// f16 asked for on the CPU.
-    #[error("dtype f16 is for CUDA devices; the CPU computes in f32 (use --dtype auto or f32)")]
+    #[error("dtype f16 is for CUDA devices; the CPU computes in f32 or bf16 (use --dtype auto, f32 or bf16)")]
     F16OnCpu,
+    /// bf16 asked for on a GPU.
+    #[error("dtype bf16 is for the CPU; CUDA devices compute in f16 or f32 (use --dtype auto, f16 or f32)")]
+    Bf16OnGpu,
 }
 
 /// Which device the user asked for.
@@ -90,11 +95,13 @@ impl std::fmt::Display for DeviceRequest {
 /// Which dtype the user asked for the vision tower.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DtypeRequest {
-    /// f16 on CUDA, f32 on the CPU.
+    /// f16 on CUDA; on the CPU bf16 where it has AVX512_BF16, else f32.
     #[default]
     Auto,
     /// f32 everywhere.
     F32,
+    /// bf16 GEMMs with f32 accumulation (CPU only; emulated without AVX512_BF16).
+    Bf16,
     /// f16 (CUDA only).
     F16,
 }
@@ -105,6 +112,7 @@ impl std::str::FromStr for DtypeRequest {
         match s.trim() {
             "auto" => Ok(Self::Auto),
             "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
             "f16" => Ok(Self::F16),
             other => Err(DeviceError::BadDtype(other.to_string())),
         }
@@ -116,6 +124,7 @@ impl std::fmt::Display for DtypeRequest {
         match self {
             Self::Auto => write!(f, "auto"),
             Self::F32 => write!(f, "f32"),
+            Self::Bf16 => write!(f, "bf16"),
             Self::F16 => write!(f, "f16"),
         }
     }
@@ -142,7 +151,9 @@ impl<'de> serde::Deserialize<'de> for DtypeRequest {
 pub struct Placement {
     /// Where the vision tower runs.
     pub device: Device,
-    /// The vision tower's weight and activation dtype (f32 or f16).
+    /// The vision tower's dtype: on CUDA its weights' and activations' (f16 or f32); on the
+    /// CPU its GEMMs' (f32 or bf16: weights packed in it, activations rounded to it on the
+    /// way in, f32 accumulation; LayerNorm, softmax and the residual stream stay f32).
     pub dtype: DType,
     /// Why a CUDA build runs on the CPU (`auto` found no GPU); `None` otherwise.
     pub fallback: Option<String>,
@@ -158,10 +169,27 @@ impl Placement {
         }
     }
 
-    /// `"cpu"`, or `"cuda:N f16"` / `"cuda:N f32"`: the `backend` of reports and status.
+    /// `"cpu f32 (avx512f)"`, `"cpu f32 (candle)"`, `"cpu bf16 (avx512bf16)"`, `"cpu bf16
+    /// (emulated)"`, or `"cuda:N f16"` / `"cuda:N f32"`: the `backend` of reports and status
+    /// (on the CPU: the GEMM dtype and the kernel that runs it, see [`crate::model::gemm`];
+    /// a q8_0 bundle in f32 keeps its q8_0 weights and their kernel).
     pub fn label(&self) -> String {
+        use crate::model::gemm::GemmDtype;
         match &self.device {
-            Device::Cpu => "cpu".into(),
+            Device::Cpu => {
+                let gemm = if self.dtype == DType::BF16 {
+                    GemmDtype::Bf16
+                } else {
+                    GemmDtype::F32
+                };
+                let kernel = match (gemm.supported(), gemm) {
+                    (true, GemmDtype::F32) => "avx512f",
+                    (true, GemmDtype::Bf16) => "avx512bf16",
+                    (false, GemmDtype::F32) => "candle",
+                    (false, GemmDtype::Bf16) => "emulated",
+                };
+                format!("cpu {} ({kernel})", gemm.name())
+            }
             Device::Cuda(_) => {
                 let n = cuda_ordinal(&self.device);
                 format!("cuda:{n} {}", dtype_name(self.dtype))
@@ -253,11 +281,15 @@ pub fn select(device: DeviceRequest, dtype: DtypeRequest) -> Result<Placement, D
             }
         },
     };
+    let bf16_cpu = crate::model::gemm::GemmDtype::Bf16.supported();
     let dtype = match (dtype, placement.is_gpu()) {
         (DtypeRequest::Auto, true) | (DtypeRequest::F16, true) => DType::F16,
+        (DtypeRequest::Bf16, true) => return Err(DeviceError::Bf16OnGpu),
         (DtypeRequest::F16, false) if placement.fallback.is_none() => {
             return Err(DeviceError::F16OnCpu)
         }
+        (DtypeRequest::Bf16, false) => DType::BF16,
+        (DtypeRequest::Auto, false) if bf16_cpu => DType::BF16,
         _ => DType::F32,
     };
     Ok(Placement { dtype, ..placement })
@@ -296,7 +328,8 @@ pub struct DeviceArgs {
     /// CPU), cpu, cuda or cuda:N (an error when not available).
     #[arg(long, default_value = "auto", value_parser = parse_device)]
     pub device: DeviceRequest,
-    /// Vision tower dtype: auto (f16 on CUDA, f32 on the CPU), f32, or f16 (CUDA only).
+    /// Vision tower dtype: auto (f16 on CUDA; on the CPU bf16 where it has AVX512_BF16, else
+    /// f32), f32, bf16 (CPU: bf16 GEMMs, f32 accumulation) or f16 (CUDA only).
     #[arg(long, default_value = "auto", value_parser = parse_dtype)]
     pub dtype: DtypeRequest,
 }
@@ -333,17 +366,25 @@ mod tests {
             let err = bad.parse::<DeviceRequest>().unwrap_err().to_string();
             assert!(err.contains("expected auto, cpu, cuda or cuda:N"), "{err}");
         }
-        for s in ["auto", "f32", "f16"] {
+        for s in ["auto", "f32", "bf16", "f16"] {
             assert_eq!(s.parse::<DtypeRequest>().unwrap().to_string(), s);
         }
-        assert!("bf16".parse::<DtypeRequest>().is_err());
+        assert!("f8".parse::<DtypeRequest>().is_err());
     }
 
     #[test]
     fn cpu_is_f32_and_f16_on_cpu_is_refused() {
-        let p = select(DeviceRequest::Cpu, DtypeRequest::Auto).unwrap();
-        assert_eq!((p.label(), p.dtype), ("cpu".to_string(), DType::F32));
+        let p = select(DeviceRequest::Cpu, DtypeRequest::F32).unwrap();
+        assert_eq!(p.dtype, DType::F32);
+        assert!(p.label().starts_with("cpu f32 ("), "{}", p.label());
         assert!(p.fallback.is_none());
+        let p = select(DeviceRequest::Cpu, DtypeRequest::Bf16).unwrap();
+        assert!(p.label().starts_with("cpu bf16 ("), "{}", p.label());
+        let auto = select(DeviceRequest::Cpu, DtypeRequest::Auto)
+            .unwrap()
+            .dtype;
+        let bf16 = crate::model::gemm::GemmDtype::Bf16.supported();
+        assert_eq!(auto, if bf16 { DType::BF16 } else { DType::F32 });
         let err = select(DeviceRequest::Cpu, DtypeRequest::F16).unwrap_err();
         assert!(matches!(err, DeviceError::F16OnCpu), "{err}");
     }
@@ -352,7 +393,7 @@ mod tests {
     #[test]
     fn cpu_build_auto_is_cpu_and_cuda_is_an_error() {
         let p = select(DeviceRequest::Auto, DtypeRequest::Auto).unwrap();
-        assert_eq!(p.label(), "cpu");
+        assert!(p.label().starts_with("cpu "), "{}", p.label());
         assert!(p.fallback.is_none(), "a CPU build does not fall back");
         let err = select(DeviceRequest::Cuda(1), DtypeRequest::Auto)
             .unwrap_err()

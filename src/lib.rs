@@ -18,7 +18,8 @@
 //! - [`device`]: the compute device and dtype (`--device auto|cpu|cuda[:N]`), chosen once.
 //! - [`engine`]: a loaded model behind the [`engine::Scorer`] trait, used by the CLI and daemon.
 //! - [`config`]: the daemon's strict TOML configuration, validated into `Settings`.
-//! - [`daemon`]: inbox and MQTT in, one worker, durable outbox and MQTT out, systemd, health.
+//! - [`daemon`]: a one-way pipeline: inputs (inbox, MQTT) -> bounded job channel -> worker
+//!   (per-job deadline, durable attempts) -> output stage (durable outbox, MQTT out); systemd, health.
 //! - [`commands`]: one module per CLI subcommand; `main.rs` only parses and dispatches.
 #![deny(missing_docs)]
 

@@ -130,18 +130,49 @@ fn status_mib(key: &str) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-fn backend(threads: usize) -> String {
-    let mut simd = Vec::new();
-    if candle_core::utils::with_avx() {
-        simd.push("avx");
+/// The x86 / Arm SIMD features this CPU has that noduled's kernels or candle's use.
+pub fn cpu_features() -> Vec<&'static str> {
+    let mut f = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! probe {
+            ($($name:tt),*) => {
+                $(if std::is_x86_feature_detected!($name) {
+                    f.push($name);
+                })*
+            };
+        }
+        probe!(
+            "avx2",
+            "fma",
+            "f16c",
+            "avx512f",
+            "avx512bw",
+            "avx512vnni",
+            "avx512bf16"
+        );
     }
-    if candle_core::utils::with_f16c() {
-        simd.push("f16c");
+    #[cfg(target_arch = "aarch64")]
+    {
+        macro_rules! probe {
+            ($($name:tt),*) => {
+                $(if std::arch::is_aarch64_feature_detected!($name) {
+                    f.push($name);
+                })*
+            };
+        }
+        probe!("neon", "dotprod", "bf16", "i8mm", "sve");
     }
-    if candle_core::utils::with_neon() {
-        simd.push("neon");
+    f
+}
+
+/// `"cpu x2 bf16 (avx512bf16)"`: threads, GEMM dtype and kernel (see [`crate::device`]).
+fn backend(placement: &crate::device::Placement, threads: usize) -> String {
+    let label = placement.label();
+    match label.strip_prefix("cpu ") {
+        Some(rest) => format!("cpu x{threads} {rest}"),
+        None => label,
     }
-    format!("cpu x{threads} ({})", simd.join(","))
 }
 
 /// Runs `noduled bench`.
@@ -296,7 +327,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let backend = if placement.is_gpu() {
         placement.label()
     } else {
-        backend(threads)
+        backend(&placement, threads)
+    };
+    let features = cpu_features();
+    // The GEMM peak of this run's dtype: one thread's measured instruction rate x threads.
+    let gemm_dtype = if placement.dtype == candle_core::DType::BF16 {
+        crate::model::gemm::GemmDtype::Bf16
+    } else {
+        crate::model::gemm::GemmDtype::F32
+    };
+    let peak = (args.profile && !placement.is_gpu())
+        .then(|| crate::model::gemm::peak_gflops(gemm_dtype, 300))
+        .flatten()
+        .map(|p| p * threads as f64);
+    let gflops = |o: &crate::model::profile::OpTotal| {
+        (o.flops > 0.0 && o.wall_s > 0.0).then(|| o.flops / o.wall_s / 1e9)
     };
     let precision = match args.model {
         Some(_) => "as stored".to_string(),
@@ -318,6 +363,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "model": name,
             "precision": precision,
             "backend": backend,
+            "dtype": if placement.is_gpu() { format!("{:?}", placement.dtype).to_lowercase() } else { gemm_dtype.name().to_string() },
+            "cpu_features": features,
+            "gemm_peak_gflops": peak,
             "threads": threads,
             "folds": folds,
             "planes": N_PLANES,
@@ -343,12 +391,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "wall_s_per_nodule": o.wall_s * per_nodule,
                 "cpu_s_per_nodule": o.cpu_s * per_nodule,
                 "calls_per_nodule": o.calls as f64 * per_nodule,
+                "gflops": gflops(o),
+                "share_of_peak": gflops(o).zip(peak).map(|(g, p)| g / p),
             })).collect::<Vec<_>>(),
         });
         println!("{j}");
     } else {
         println!("model      {name} ({folds} folds x {N_PLANES} planes, {precision})");
         println!("backend    {backend}");
+        println!("cpu        {}", features.join(","));
         if let Some(reason) = &placement.fallback {
             println!("fallback   {reason}");
         }
@@ -380,14 +431,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             cpu_s * per_nodule
         );
         if !ops.is_empty() {
+            if let Some(p) = peak {
+                println!(
+                    "gemm peak  {p:.0} GFLOP/s ({} on {threads} threads, measured now)",
+                    gemm_dtype.features()
+                );
+            }
             println!(
-                "{:<14}{:>10}{:>10}{:>8}{:>8}",
-                "op", "wall ms", "CPU ms", "calls", "% CPU"
+                "{:<14}{:>10}{:>10}{:>8}{:>8}{:>9}{:>7}",
+                "op", "wall ms", "CPU ms", "calls", "% CPU", "GFLOP/s", "% peak"
             );
             let cpu_sum: f64 = ops.iter().map(|o| o.cpu_s).sum();
             for o in &ops {
+                let (g, share) = match gflops(o) {
+                    Some(g) => (
+                        format!("{g:.0}"),
+                        peak.map_or(String::new(), |p| format!("{:.0}", 100.0 * g / p)),
+                    ),
+                    None => (String::new(), String::new()),
+                };
                 println!(
-                    "{:<14}{:>10.1}{:>10.1}{:>8.0}{:>8.1}",
+                    "{:<14}{:>10.1}{:>10.1}{:>8.0}{:>8.1}{g:>9}{share:>7}",
                     o.label,
                     o.wall_s * per_nodule * 1e3,
                     o.cpu_s * per_nodule * 1e3,

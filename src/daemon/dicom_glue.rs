@@ -79,56 +79,52 @@ impl DicomSide {
         }
     }
 
-    /// The DICOM counters and the PACS queue depth, Prometheus text.
-    pub fn render_metrics(&self) -> String {
-        let mut s = String::new();
-        let mut put = |name: &str, kind: &str, help: &str, v: u64| {
-            s.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
-            ));
-        };
-        let r = self.receiver.as_ref().map(|r| &r.stats);
+    /// The DICOM counters and the PACS queue depth: (counters, gauges) as (name, help,
+    /// value), registered by [`super::telemetry::Telemetry::render`].
+    pub fn metrics(
+        &self,
+    ) -> (
+        Vec<(&'static str, &'static str, u64)>,
+        Vec<(&'static str, &'static str, u64)>,
+    ) {
         let get = |a: Option<&std::sync::atomic::AtomicU64>| {
             a.map(|a| a.load(Ordering::Relaxed)).unwrap_or(0)
         };
-        put(
-            "noduled_dicom_instances_stored_total",
-            "counter",
-            "Instances the C-STORE receiver stored.",
-            get(r.map(|r| &r.stored)),
-        );
-        put(
-            "noduled_dicom_instances_refused_total",
-            "counter",
-            "Instances refused with a failure status.",
-            get(r.map(|r| &r.refused)),
-        );
-        put(
-            "noduled_dicom_associations_rejected_total",
-            "counter",
-            "Associations rejected (calling AE not allowed, too many at once).",
-            get(r.map(|r| &r.rejected_associations)),
-        );
+        let r = self.receiver.as_ref().map(|r| &r.stats);
         let q = self.pacs.as_deref();
-        put(
-            "noduled_pacs_sent_total",
-            "counter",
-            "SRs the PACS accepted.",
-            get(q.map(|q| &q.stats.sent)),
-        );
-        put(
-            "noduled_pacs_failed_attempts_total",
-            "counter",
-            "C-STORE attempts to the PACS that failed.",
-            get(q.map(|q| &q.stats.failed_attempts)),
-        );
-        put(
+        let counters = vec![
+            (
+                "noduled_dicom_instances_stored",
+                "Instances the C-STORE receiver stored",
+                get(r.map(|r| &r.stored)),
+            ),
+            (
+                "noduled_dicom_instances_refused",
+                "Instances refused with a failure status",
+                get(r.map(|r| &r.refused)),
+            ),
+            (
+                "noduled_dicom_associations_rejected",
+                "Associations rejected (calling AE not allowed, too many at once)",
+                get(r.map(|r| &r.rejected_associations)),
+            ),
+            (
+                "noduled_pacs_sent",
+                "SRs the PACS accepted",
+                get(q.map(|q| &q.stats.sent)),
+            ),
+            (
+                "noduled_pacs_failed_attempts",
+                "C-STORE attempts to the PACS that failed",
+                get(q.map(|q| &q.stats.failed_attempts)),
+            ),
+        ];
+        let gauges = vec![(
             "noduled_pacs_queue_depth",
-            "gauge",
-            "SRs waiting for the PACS.",
+            "SRs waiting for the PACS",
             q.map(|q| q.pending().len() as u64).unwrap_or(0),
-        );
-        s
+        )];
+        (counters, gauges)
     }
 
     /// Applies `dicom.max_age_hours` and `dicom.max_bytes` to the received series.

@@ -19,11 +19,14 @@ pub fn is_disk_full(e: &std::io::Error) -> bool {
     )
 }
 
-/// Runs `op` until it succeeds, waiting while the disk is full (see the module doc).
+/// Runs `op` until it succeeds, waiting while the disk is full (see the module doc);
+/// `waiting` runs before each wait (the worker keeps its watchdog pings going: a full disk
+/// is reported, not a wedge).
 pub fn retry<T>(
     what: &str,
     telemetry: &Telemetry,
     stop: &AtomicBool,
+    waiting: &dyn Fn(),
     mut op: impl FnMut() -> std::io::Result<T>,
 ) -> std::io::Result<T> {
     let mut wait = Duration::from_millis(100);
@@ -46,6 +49,7 @@ pub fn retry<T>(
                 if stop.load(Ordering::SeqCst) {
                     return Err(e);
                 }
+                waiting();
                 std::thread::sleep(wait);
                 wait = (wait * 2).min(Duration::from_secs(5));
             }
@@ -63,18 +67,13 @@ pub fn remove_stale_tmp(dirs: &[&Path]) -> u64 {
             if name.starts_with('.') && name.ends_with(".tmp") && e.path().is_file() {
                 match std::fs::remove_file(e.path()) {
                     Ok(()) => n += 1,
-                    Err(err) => {
-                        tracing::warn!(file = %e.path().display(), error = %err, "could not remove a stale temporary file")
-                    }
+                    Err(err) => tracing::warn!(file = %e.path().display(), error = %err, "could not remove a stale temporary file"),
                 }
             }
         }
     }
     if n > 0 {
-        tracing::info!(
-            files = n,
-            "removed stale temporary files left by an earlier run"
-        );
+        tracing::info!(files = n, "removed stale temporary files left by an earlier run");
     }
     n
 }

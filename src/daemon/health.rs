@@ -1,18 +1,17 @@
 //! The localhost health endpoint: `GET /healthz` (the worker loop is alive; the body names a
 //! CPU fallback of a CUDA build and the last reload's outcome), `GET /readyz` (model
 //! loaded, sources live, not stopping, disk writable, worker not stalled; the body says
-//! why not) and `GET /metrics` (Prometheus text).
+//! why not) and `GET /metrics` (OpenMetrics text from [`Telemetry::render`]).
 //!
-//! Written in-house on a tokio `TcpListener`: three GET routes with no bodies, keep-alive
-//! or TLS do not justify a web framework and its dependency tree. At most
-//! [`MAX_CONNECTIONS`] are served at once (a semaphore, as in mini-redis; the rest wait in
-//! the kernel's backlog); each is read up to 8 KiB within 5 s; anything else gets
-//! 404 / 405 / 400 and the connection is closed.
+//! HTTP/1.1 through hyper (no keep-alive, 8 KiB of headers at most, 5 s per connection). At
+//! most [`MAX_CONNECTIONS`] are served at once (a semaphore, as in mini-redis); the rest
+//! wait in the kernel's backlog.
 
 use super::telemetry::Telemetry;
+use http_body_util::Full;
+use hyper::body::Bytes;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// Connections served at once.
@@ -36,7 +35,7 @@ pub async fn serve(
                 Ok((stream, _)) => {
                     let telemetry = telemetry.clone();
                     tokio::spawn(async move {
-                        let _ = tokio::time::timeout(Duration::from_secs(5), answer(stream, &telemetry)).await;
+                        let _ = tokio::time::timeout(Duration::from_secs(5), answer(stream, telemetry)).await;
                         drop(permit);
                     });
                 }
@@ -49,38 +48,23 @@ pub async fn serve(
     }
 }
 
-async fn answer(mut stream: tokio::net::TcpStream, telemetry: &Telemetry) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 8192];
-    let mut n = 0;
-    while n < buf.len() {
-        let got = stream.read(&mut buf[n..]).await?;
-        if got == 0 {
-            break;
-        }
-        n += got;
-        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n")
-            || buf[..n].windows(2).any(|w| w == b"\n\n")
-        {
-            break;
-        }
+async fn answer(stream: tokio::net::TcpStream, telemetry: Arc<Telemetry>) {
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let (code, ctype, body) = route(req.method().as_str(), req.uri().path(), &telemetry);
+        let resp = hyper::Response::builder()
+            .status(code)
+            .header(hyper::header::CONTENT_TYPE, ctype)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap_or_default();
+        std::future::ready(Ok::<_, std::convert::Infallible>(resp))
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .max_buf_size(8192)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "health connection ended with an error");
     }
-    let head = String::from_utf8_lossy(&buf[..n]);
-    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (code, ctype, body) = route(method, path, telemetry);
-    let reason = match code {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        _ => "Service Unavailable",
-    };
-    let resp = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(resp.as_bytes()).await?;
-    stream.shutdown().await
 }
 
 fn route(method: &str, path: &str, telemetry: &Telemetry) -> (u16, &'static str, String) {
@@ -107,7 +91,11 @@ fn route(method: &str, path: &str, telemetry: &Telemetry) -> (u16, &'static str,
             None => (200, "text/plain", "ready\n".to_string()),
             Some(why) => (503, "text/plain", format!("{why}\n")),
         },
-        ("GET", "/metrics") => (200, "text/plain; version=0.0.4", telemetry.render()),
+        ("GET", "/metrics") => (
+            200,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            telemetry.render(),
+        ),
         ("GET", _) => (404, "text/plain", "not found\n".to_string()),
         ("", _) => (400, "text/plain", "bad request\n".to_string()),
         _ => (405, "text/plain", "method not allowed\n".to_string()),

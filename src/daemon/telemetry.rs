@@ -8,6 +8,11 @@
 //! to the output stage.
 
 use crate::report::ModelInfo;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -78,6 +83,8 @@ pub struct Telemetry {
     pub job_ids_reused: AtomicU64,
     /// Jobs waiting in the channel to the worker.
     pub queue_depth: AtomicU64,
+    /// Job threads still alive when the worker started the latest job (stuck reads).
+    pub stuck_job_threads: AtomicU64,
     /// Results the broker acknowledged.
     pub results_published: AtomicU64,
     /// Results moved to `outbox/refused/`.
@@ -109,16 +116,9 @@ pub struct Telemetry {
     model: Mutex<ModelInfo>,
     last_reload: Mutex<Option<ReloadOutcome>>,
     heartbeat: Mutex<Instant>,
-    latency: Mutex<Histogram>,
+    latency: Histogram,
     /// The DICOM side, for its counters in `/metrics` (set once at start).
     pub dicom: std::sync::OnceLock<Arc<super::dicom_glue::DicomSide>>,
-}
-
-#[derive(Debug, Default)]
-struct Histogram {
-    counts: [u64; LATENCY_BUCKETS_S.len()],
-    count: u64,
-    sum: f64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -136,6 +136,7 @@ impl Telemetry {
             jobs_abandoned: AtomicU64::new(0),
             job_ids_reused: AtomicU64::new(0),
             queue_depth: AtomicU64::new(0),
+            stuck_job_threads: AtomicU64::new(0),
             results_published: AtomicU64::new(0),
             results_refused: AtomicU64::new(0),
             publish_refusals: AtomicU64::new(0),
@@ -153,7 +154,7 @@ impl Telemetry {
             model: Mutex::new(model),
             last_reload: Mutex::new(None),
             heartbeat: Mutex::new(Instant::now()),
-            latency: Mutex::new(Histogram::default()),
+            latency: Histogram::new(LATENCY_BUCKETS_S.iter().copied()),
             dicom: std::sync::OnceLock::new(),
         }
     }
@@ -209,6 +210,9 @@ impl Telemetry {
         if self.disk_full.load(Ordering::Relaxed) {
             return Some("disk_full".into());
         }
+        if self.stuck_job_threads.load(Ordering::Relaxed) >= super::worker::MAX_JOB_THREADS as u64 {
+            return Some("job threads stuck in input reads".into());
+        }
         if !self.worker_alive() {
             return Some("worker stalled".into());
         }
@@ -222,14 +226,7 @@ impl Telemetry {
 
     /// Records one job's latency.
     pub fn observe_latency(&self, seconds: f64) {
-        let mut h = lock(&self.latency);
-        for (i, b) in LATENCY_BUCKETS_S.iter().enumerate() {
-            if seconds <= *b {
-                h.counts[i] += 1;
-            }
-        }
-        h.count += 1;
-        h.sum += seconds;
+        self.latency.observe(seconds);
     }
 
     /// The retained status message.
@@ -261,162 +258,85 @@ impl Telemetry {
         })
     }
 
-    /// Prometheus text exposition (version 0.0.4).
+    /// The metrics as OpenMetrics text (prometheus-client), sampled now.
     pub fn render(&self) -> String {
-        use std::fmt::Write;
-        let mut s = String::new();
         let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let b = |a: &AtomicBool| a.load(Ordering::Relaxed) as u64;
         let counters = [
-            (
-                "noduled_jobs_done_total",
-                "Jobs that produced a score.",
-                c(&self.jobs_done),
-            ),
-            (
-                "noduled_jobs_failed_total",
-                "Jobs that ended with an error result.",
-                c(&self.jobs_failed),
-            ),
-            (
-                "noduled_jobs_timed_out_total",
-                "Jobs that hit jobs.timeout_secs.",
-                c(&self.jobs_timed_out),
-            ),
-            (
-                "noduled_jobs_abandoned_total",
-                "Jobs failed after jobs.max_attempts unfinished attempts.",
-                c(&self.jobs_abandoned),
-            ),
-            (
-                "noduled_job_ids_reused_total",
-                "Jobs whose job_id was seen before with other content.",
-                c(&self.job_ids_reused),
-            ),
-            (
-                "noduled_results_published_total",
-                "Results acknowledged by the MQTT broker.",
-                c(&self.results_published),
-            ),
-            (
-                "noduled_publish_refusals_total",
-                "Publishes the broker refused (each retry counts).",
-                c(&self.publish_refusals),
-            ),
-            (
-                "noduled_results_refused_total",
-                "Results moved to outbox/refused/.",
-                c(&self.results_refused),
-            ),
-            (
-                "noduled_outbox_dropped_total",
-                "Unpublished results deleted by the outbox bounds.",
-                c(&self.outbox_dropped),
-            ),
-            (
-                "noduled_stale_tmp_removed_total",
-                "Stale temporary files removed at start.",
-                c(&self.stale_tmp_removed),
-            ),
-            (
-                "noduled_retention_pruned_total",
-                "Job files deleted from done/ and failed/ by retention.",
-                c(&self.retention_pruned),
-            ),
-            (
-                "noduled_reload_failures_total",
-                "Model reloads that failed (the old model was kept).",
-                c(&self.reload_failures),
-            ),
+            ("noduled_jobs_done", "Jobs that produced a score", c(&self.jobs_done)),
+            ("noduled_jobs_failed", "Jobs that ended with an error result", c(&self.jobs_failed)),
+            ("noduled_jobs_timed_out", "Jobs that hit jobs.timeout_secs", c(&self.jobs_timed_out)),
+            ("noduled_jobs_abandoned", "Jobs failed after jobs.max_attempts unfinished attempts", c(&self.jobs_abandoned)),
+            ("noduled_job_ids_reused", "Jobs whose job_id was seen before with other content", c(&self.job_ids_reused)),
+            ("noduled_results_published", "Results acknowledged by the MQTT broker", c(&self.results_published)),
+            ("noduled_publish_refusals", "Publishes the broker refused (each retry counts)", c(&self.publish_refusals)),
+            ("noduled_results_refused", "Results moved to outbox/refused/", c(&self.results_refused)),
+            ("noduled_outbox_dropped", "Unpublished results deleted by the outbox bounds", c(&self.outbox_dropped)),
+            ("noduled_stale_tmp_removed", "Stale temporary files removed at start", c(&self.stale_tmp_removed)),
+            ("noduled_retention_pruned", "Job files deleted from done/ and failed/ by retention", c(&self.retention_pruned)),
+            ("noduled_reload_failures", "Model reloads that failed (the old model was kept)", c(&self.reload_failures)),
         ];
-        for (name, help, v) in counters {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
-        }
         let last_ok = self.last_reload().map(|r| (r.outcome == "ok") as u64);
         let gauges = [
-            (
-                "noduled_queue_depth",
-                "Jobs waiting for the worker.",
-                c(&self.queue_depth),
-            ),
-            (
-                "noduled_outbox_depth",
-                "Results awaiting broker acknowledgement.",
-                c(&self.outbox_depth),
-            ),
-            (
-                "noduled_outbox_bytes",
-                "Bytes held in the outbox.",
-                c(&self.outbox_bytes),
-            ),
-            (
-                "noduled_mqtt_connected",
-                "1 when connected to the broker.",
-                b(&self.mqtt_connected),
-            ),
-            (
-                "noduled_disk_full",
-                "1 while a write fails for lack of space and is being retried.",
-                b(&self.disk_full),
-            ),
-            (
-                "noduled_ready",
-                "1 when ready to take jobs.",
-                self.not_ready().is_none() as u64,
-            ),
-            (
-                "noduled_last_reload_ok",
-                "1 when the last reload succeeded (1 before any).",
-                last_ok.unwrap_or(1),
-            ),
+            ("noduled_queue_depth", "Jobs waiting for the worker", c(&self.queue_depth)),
+            ("noduled_job_threads_busy", "Job threads alive when the latest job started (stuck reads)", c(&self.stuck_job_threads)),
+            ("noduled_outbox_depth", "Results awaiting broker acknowledgement", c(&self.outbox_depth)),
+            ("noduled_outbox_bytes", "Bytes held in the outbox", c(&self.outbox_bytes)),
+            ("noduled_mqtt_connected", "1 when connected to the broker", b(&self.mqtt_connected)),
+            ("noduled_disk_full", "1 while a write fails for lack of space and is being retried", b(&self.disk_full)),
+            ("noduled_ready", "1 when ready to take jobs", self.not_ready().is_none() as u64),
+            ("noduled_last_reload_ok", "1 when the last reload succeeded (1 before any)", last_ok.unwrap_or(1)),
         ];
-        for (name, help, v) in gauges {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        let mut reg = Registry::default();
+        for (name, help, v) in counters {
+            reg.register(name, help, ConstCounter::new(v));
         }
-        self.render_info(&mut s);
-        self.render_latency(&mut s);
+        for (name, help, v) in gauges {
+            reg.register(name, help, ConstGauge::new(v as i64));
+        }
         if let Some(d) = self.dicom.get() {
-            s.push_str(&d.render_metrics());
+            let (counters, gauges) = d.metrics();
+            for (name, help, v) in counters {
+                reg.register(name, help, ConstCounter::new(v));
+            }
+            for (name, help, v) in gauges {
+                reg.register(name, help, ConstGauge::new(v as i64));
+            }
+        }
+        self.register_info(&mut reg);
+        reg.register(
+            "noduled_job_latency_seconds",
+            "Time from taking a job to its result",
+            self.latency.clone(),
+        );
+        let mut s = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut s, &reg) {
+            tracing::warn!(error = %e, "could not encode the metrics");
         }
         s
     }
 
-    fn render_info(&self, s: &mut String) {
-        use std::fmt::Write;
+    fn register_info(&self, reg: &mut Registry) {
+        type Labelled = Family<Vec<(String, String)>, Gauge>;
         let info = self.model();
-        let _ = writeln!(
-            s,
-            "# HELP noduled_model_info The model in use.\n# TYPE noduled_model_info gauge\nnoduled_model_info{{id=\"{}\",version=\"{}\",precision=\"{}\",backend=\"{}\"}} 1",
-            esc(&info.id),
-            esc(&info.version.map(|v| v.to_string()).unwrap_or_default()),
-            esc(&info.precision),
-            esc(&info.backend)
-        );
-        let _ = writeln!(
-            s,
-            "# HELP noduled_device_fallback 1 when a CUDA build scores on the CPU because no GPU answered.\n# TYPE noduled_device_fallback gauge\nnoduled_device_fallback{{reason=\"{}\"}} {}",
-            esc(info.fallback.as_deref().unwrap_or("")),
-            info.fallback.is_some() as u8
+        let model = Labelled::default();
+        model
+            .get_or_create(&vec![
+                ("id".into(), info.id.clone()),
+                ("version".into(), info.version.map(|v| v.to_string()).unwrap_or_default()),
+                ("precision".into(), info.precision.clone()),
+                ("backend".into(), info.backend.clone()),
+            ])
+            .set(1);
+        reg.register("noduled_model_info", "The model in use", model);
+        let fallback = Labelled::default();
+        fallback
+            .get_or_create(&vec![("reason".into(), info.fallback.clone().unwrap_or_default())])
+            .set(info.fallback.is_some() as i64);
+        reg.register(
+            "noduled_device_fallback",
+            "1 when a CUDA build scores on the CPU because no GPU answered",
+            fallback,
         );
     }
-
-    fn render_latency(&self, s: &mut String) {
-        use std::fmt::Write;
-        let h = lock(&self.latency);
-        let name = "noduled_job_latency_seconds";
-        let _ = writeln!(s, "# HELP {name} Time from taking a job to its result.");
-        let _ = writeln!(s, "# TYPE {name} histogram");
-        for (i, b) in LATENCY_BUCKETS_S.iter().enumerate() {
-            let _ = writeln!(s, "{name}_bucket{{le=\"{b}\"}} {}", h.counts[i]);
-        }
-        let _ = writeln!(s, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
-        let _ = writeln!(s, "{name}_sum {}", h.sum);
-        let _ = writeln!(s, "{name}_count {}", h.count);
-    }
-}
-
-fn esc(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }

@@ -2,11 +2,12 @@
 //! `processing/`, counts the attempt durably ([`Ledger`]), runs it, and sends a typed
 //! [`Finished`] to the output stage.
 //!
-//! Each job runs on its own short-lived thread ([`run_job`]: read, check, load, then one
-//! batched pass over all its nodules) while the worker waits for it at most
-//! `jobs.timeout_secs`. A job whose input read is stuck in a system call (a hung network
-//! share, a FIFO) cannot be interrupted; past the deadline the worker gives it an error
-//! result and moves on, leaving that thread blocked (it ends with the process). The worker
+//! Each job runs on a job runner thread ([`run_job`]: read, check, load, then one batched
+//! pass over all its nodules) while the worker waits for it at most `jobs.timeout_secs`. A
+//! job whose input read is stuck in a system call (a hung network share, a FIFO) cannot be
+//! interrupted; past the deadline the worker gives it an error result and moves on to a new
+//! runner, leaving the old one blocked (it ends with the process; at most
+//! [`MAX_JOB_THREADS`] alive). The worker
 //! pings the systemd watchdog and the readiness heartbeat from its own loop, so they stop
 //! only when the worker itself is wedged.
 //!
@@ -25,9 +26,15 @@ use crate::report::ScoreReport;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::atomic::AtomicUsize;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Job threads that may be alive at once (one running, the rest stuck in a read past their
+/// deadline). At the cap the worker waits for one to end without pinging the watchdog:
+/// the pipeline is wedged, `/readyz` says so, and systemd restarts the daemon.
+pub const MAX_JOB_THREADS: usize = 8;
 
 /// A finished job for the output stage.
 #[derive(Debug)]
@@ -85,6 +92,31 @@ pub struct Worker {
     pub watchdog: Arc<Watchdog>,
     /// Set when the daemon stops.
     pub stop: Arc<AtomicBool>,
+    /// Job threads alive (see [`MAX_JOB_THREADS`]).
+    pub job_threads: Arc<AtomicUsize>,
+}
+
+/// Decrements the live job-thread count when a job thread ends.
+struct ThreadCount(Arc<AtomicUsize>);
+
+impl Drop for ThreadCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The job runner: a long-lived thread that runs one job at a time (no thread, and no new
+/// malloc arena, per job); replaced only when a job on it passes its deadline.
+struct Runner {
+    tasks: Sender<Task>,
+    msgs: Receiver<Msg>,
+}
+
+/// One job for the runner.
+struct Task {
+    file: PathBuf,
+    ids_only: bool,
+    scorer: Arc<dyn Scorer>,
 }
 
 /// The identity of a job, known once its file was read.
@@ -119,6 +151,7 @@ struct Scored {
 impl Worker {
     /// The worker loop; returns when every input is gone or the daemon stops.
     pub fn run(mut self) {
+        let mut runner = None;
         loop {
             self.telemetry.beat();
             self.watchdog.ping();
@@ -132,19 +165,19 @@ impl Worker {
             match self.jobs.recv_timeout(self.watchdog.poll_every()) {
                 Next::Closed => return,
                 Next::Idle => {}
-                Next::Job(job) => self.handle(job),
+                Next::Job(job) => self.handle(job, &mut runner),
             }
         }
     }
 
-    fn handle(&self, job: Job) {
+    fn handle(&self, job: Job, runner: &mut Option<Runner>) {
         let Some(claimed) = self.claim(&job.file) else {
             return;
         };
         let name = file_name(&claimed);
         let started = Instant::now();
         let queued_ms = started.duration_since(job.noticed).as_secs_f64() * 1e3;
-        let rec = match disk::retry("attempts ledger", &self.telemetry, &self.stop, || {
+        let rec = match disk::retry("attempts ledger", &self.telemetry, &self.stop, &|| self.alive(), || {
             self.ledger.begin(&name, job.origin)
         }) {
             Ok(r) => r,
@@ -154,25 +187,17 @@ impl Worker {
             }
         };
         let abandoned = rec.attempts > self.limits.max_attempts;
-        let (ids, ran) = self.run_with_deadline(&claimed, abandoned);
+        let (ids, ran) = self.run_with_deadline(runner, &claimed, abandoned);
         let series = ran.as_ref().and_then(|r| r.series.clone());
         let (input, spooled, outcome) = match ran {
             None => {
-                self.telemetry
-                    .jobs_timed_out
-                    .fetch_add(1, Ordering::Relaxed);
+                self.telemetry.jobs_timed_out.fetch_add(1, Ordering::Relaxed);
                 let secs = self.limits.timeout.as_secs();
                 tracing::error!(file = %name, secs, "job deadline passed; giving it an error result and moving on");
-                (
-                    serde_json::Value::Null,
-                    Vec::new(),
-                    Err(JobError::TimedOut { secs }),
-                )
+                (serde_json::Value::Null, Vec::new(), Err(JobError::TimedOut { secs }))
             }
             Some(r) if abandoned => {
-                self.telemetry
-                    .jobs_abandoned
-                    .fetch_add(1, Ordering::Relaxed);
+                self.telemetry.jobs_abandoned.fetch_add(1, Ordering::Relaxed);
                 let err = JobError::Abandoned {
                     attempts: rec.attempts - 1,
                     max: self.limits.max_attempts,
@@ -197,8 +222,30 @@ impl Worker {
             latency_s: started.elapsed().as_secs_f64(),
             series,
         };
-        if self.out.send(finished).is_err() {
-            tracing::error!(file = %name, "output stage gone; job left in processing/");
+        self.hand_over(finished, &name);
+    }
+
+    /// The worker made progress or waits on something reported (a full disk).
+    fn alive(&self) {
+        self.telemetry.beat();
+        self.watchdog.ping();
+    }
+
+    /// Sends a finished job to the output stage, waiting (alive) while it is busy.
+    fn hand_over(&self, mut finished: Finished, name: &str) {
+        loop {
+            match self.out.try_send(finished) {
+                Ok(()) => return,
+                Err(TrySendError::Full(f)) => {
+                    finished = f;
+                    self.alive();
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    tracing::error!(file = %name, "output stage gone; job left in processing/");
+                    return;
+                }
+            }
         }
     }
 
@@ -217,44 +264,82 @@ impl Worker {
         }
     }
 
-    /// Runs the job on its own thread and waits at most the deadline; `None` past it.
-    fn run_with_deadline(&self, claimed: &Path, ids_only: bool) -> (Ids, Option<Ran>) {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (file, limits, scorer, stop) = (
-            claimed.to_path_buf(),
-            self.limits.clone(),
-            self.scorer.clone(),
-            self.stop.clone(),
-        );
+    /// Starts a job runner, waiting while [`MAX_JOB_THREADS`] are alive (stuck reads).
+    fn spawn_runner(&self) -> Option<Runner> {
+        loop {
+            let alive = self.job_threads.load(Ordering::SeqCst);
+            self.telemetry.stuck_job_threads.store(alive as u64, Ordering::Relaxed);
+            if alive < MAX_JOB_THREADS || self.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let (task_tx, task_rx) = std::sync::mpsc::channel::<Task>();
+        let (msg_tx, msgs) = std::sync::mpsc::channel();
+        self.job_threads.fetch_add(1, Ordering::SeqCst);
+        let count = ThreadCount(self.job_threads.clone());
+        let (limits, stop) = (self.limits.clone(), self.stop.clone());
         let spawned = std::thread::Builder::new()
             .name("noduled-job".into())
-            .spawn(move || run_job(&file, &limits, scorer.as_ref(), &stop, ids_only, &tx));
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "could not start a job thread");
-            return (Ids::default(), None);
+            .spawn(move || {
+                let _count = count;
+                for t in task_rx {
+                    run_job(&t.file, &limits, t.scorer.as_ref(), &stop, t.ids_only, &msg_tx);
+                }
+            });
+        match spawned {
+            Ok(_) => Some(Runner { tasks: task_tx, msgs }),
+            Err(e) => {
+                tracing::error!(error = %e, "could not start a job thread");
+                None
+            }
+        }
+    }
+
+    /// Runs the job on the runner and waits at most the deadline; `None` past it (the
+    /// runner, blocked, is then left behind and a new one starts with the next job).
+    fn run_with_deadline(
+        &self,
+        runner: &mut Option<Runner>,
+        claimed: &Path,
+        ids_only: bool,
+    ) -> (Ids, Option<Ran>) {
+        let died = || Ran {
+            input: serde_json::Value::Null,
+            spooled: Vec::new(),
+            series: None,
+            outcome: Err(JobError::Panicked),
+        };
+        if runner.is_none() {
+            *runner = self.spawn_runner();
+        }
+        let Some(r) = runner.as_ref() else {
+            return (Ids::default(), Some(died()));
+        };
+        let task = Task {
+            file: claimed.to_path_buf(),
+            ids_only,
+            scorer: self.scorer.clone(),
+        };
+        if r.tasks.send(task).is_err() {
+            *runner = None;
+            return (Ids::default(), Some(died()));
         }
         let deadline = Instant::now() + self.limits.timeout;
         let mut ids = Ids::default();
-        loop {
-            self.telemetry.beat();
-            self.watchdog.ping();
+        let ran = loop {
+            self.alive();
             let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left.min(self.watchdog.poll_every())) {
+            match r.msgs.recv_timeout(left.min(self.watchdog.poll_every())) {
                 Ok(Msg::Identified(i)) => ids = i,
-                Ok(Msg::Done(r)) => return (ids, Some(r)),
-                Err(RecvTimeoutError::Timeout) if left.is_zero() => return (ids, None),
+                Ok(Msg::Done(ran)) => return (ids, Some(ran)),
+                Err(RecvTimeoutError::Timeout) if left.is_zero() => break None,
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    let ran = Ran {
-                        input: serde_json::Value::Null,
-                        spooled: Vec::new(),
-                        series: None,
-                        outcome: Err(JobError::Panicked),
-                    };
-                    return (ids, Some(ran));
-                }
+                Err(RecvTimeoutError::Disconnected) => break Some(died()),
             }
-        }
+        };
+        *runner = None;
+        (ids, ran)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -278,24 +363,12 @@ impl Worker {
         let (report, timings, error) = match outcome {
             Ok(s) => (
                 s.report,
-                Timings {
-                    queued_ms,
-                    load_ms: s.load_ms,
-                    score_ms: s.score_ms,
-                    total_ms: 0.0,
-                },
+                Timings { queued_ms, load_ms: s.load_ms, score_ms: s.score_ms, total_ms: 0.0 },
                 None,
             ),
             Err(e) => (
-                ScoreReport {
-                    model: info.clone(),
-                    nodules: Vec::new(),
-                    patients: Vec::new(),
-                },
-                Timings {
-                    queued_ms,
-                    ..Timings::default()
-                },
+                ScoreReport { model: info.clone(), nodules: Vec::new(), patients: Vec::new() },
+                Timings { queued_ms, ..Timings::default() },
                 Some(e.to_string()),
             ),
         };
@@ -307,17 +380,10 @@ impl Worker {
             status: if ok { "ok" } else { "error" }.into(),
             job_id_reused,
             error,
-            alert: if ok {
-                job::alert_of(&report, self.limits.alert_threshold)
-            } else {
-                None
-            },
+            alert: if ok { job::alert_of(&report, self.limits.alert_threshold) } else { None },
             report,
             input: input_doc,
-            timings: Timings {
-                total_ms: started.elapsed().as_secs_f64() * 1e3,
-                ..timings
-            },
+            timings: Timings { total_ms: started.elapsed().as_secs_f64() * 1e3, ..timings },
             created_at: job::now_rfc3339(),
             noduled_version: env!("CARGO_PKG_VERSION").into(),
         }
@@ -327,14 +393,12 @@ impl Worker {
         let Some(job_id) = &ids.job_id else {
             return false;
         };
-        let reused = disk::retry("job-id ledger", &self.telemetry, &self.stop, || {
+        let reused = disk::retry("job-id ledger", &self.telemetry, &self.stop, &|| self.alive(), || {
             self.ledger.note_job_id(job_id, key)
         })
         .unwrap_or(false);
         if reused {
-            self.telemetry
-                .job_ids_reused
-                .fetch_add(1, Ordering::Relaxed);
+            self.telemetry.job_ids_reused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(job_id = %job_id, "job_id reused by a job with other content: scored as a new job (job_id_reused)");
         }
         reused
@@ -417,11 +481,7 @@ fn score_job(
     let report = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scorer.score(&inputs)))
         .map_err(|_| JobError::Panicked)?
         .map_err(|source| JobError::Score {
-            nodule_id: inputs
-                .iter()
-                .map(|n| n.nodule_id.as_str())
-                .collect::<Vec<_>>()
-                .join(","),
+            nodule_id: inputs.iter().map(|n| n.nodule_id.as_str()).collect::<Vec<_>>().join(","),
             source,
         })?;
     if stop.load(Ordering::SeqCst) {

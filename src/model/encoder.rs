@@ -7,9 +7,11 @@
 //! 1e-5), because candle-nn's fused kernel takes the variance as E[x^2] - E[x]^2 in f32,
 //! which loses digits on residual streams with a large mean.
 //!
-//! On the CPU in f32 the memory-bound steps run as fused kernels ([`super::kernels`]): each
-//! bias is applied in the pass that follows its GEMM (LoRA update, QuickGELU, residual add),
-//! and attention runs per batch and head without transposed copies. Elsewhere (CUDA, or
+//! On the CPU the memory-bound steps run as fused kernels: where the weights are packed for
+//! the in-house GEMM ([`super::gemm`], AVX-512, f32 or bf16) the MLP's bias + QuickGELU and
+//! both projections' bias + residual add happen in the GEMM's last store; otherwise, and for
+//! the LoRA update, each bias is applied in the pass that follows its GEMM
+//! ([`super::kernels`]); attention runs per batch and head without transposed copies. Elsewhere (CUDA, or
 //! `NODULED_UNFUSED=1`) the same maths runs as plain candle ops.
 //!
 //! In f16 (the GPU default, see [`crate::device`]) weights, residual stream and GEMM outputs
@@ -18,7 +20,7 @@
 //! softmax accumulates f16 rows in f32 after subtracting the row maximum.
 
 use super::kernels;
-use super::linear::{Linear, LoraLinear};
+use super::linear::{Fused, Linear, LoraLinear};
 use super::profile::timed;
 use super::weights::Weights;
 use candle_core::quantized::GgmlDType;
@@ -259,10 +261,35 @@ impl Block {
             _ => xs,
         };
         let a = self.attn.forward(&self.ln_1.forward(xs)?, mask, queries)?;
-        let a = self.attn.proj.forward_no_bias(&a)?;
-        let xs = add_bias_residual(residual, &a, self.attn.proj.bias())?;
-        let f = self.c_fc.forward_no_bias(&self.ln_2.forward(&xs)?)?;
-        let h = timed("gelu", || {
+        let xs = match self
+            .attn
+            .proj
+            .forward_fused(&a, Fused::BiasResidual(residual))?
+        {
+            Some(xs) => xs,
+            None => {
+                let a = self.attn.proj.forward_no_bias(&a)?;
+                add_bias_residual(residual, &a, self.attn.proj.bias())?
+            }
+        };
+        let x2 = self.ln_2.forward(&xs)?;
+        let h = match self.c_fc.forward_fused(&x2, Fused::BiasQuickGelu)? {
+            Some(h) => h,
+            None => self.mlp_up_unfused(&x2)?,
+        };
+        drop(x2);
+        if let Some(out) = self.c_proj.forward_fused(&h, Fused::BiasResidual(&xs))? {
+            return Ok(out);
+        }
+        let m = self.c_proj.forward_no_bias(&h)?;
+        drop(h);
+        add_bias_residual(&xs, &m, self.c_proj.bias())
+    }
+
+    /// `QuickGELU(x W^T + b)` as a GEMM, then the fused bias + QuickGELU kernel (or candle ops).
+    fn mlp_up_unfused(&self, x: &Tensor) -> Result<Tensor> {
+        let f = self.c_fc.forward_no_bias(x)?;
+        timed("gelu", || {
             match kernels::bias_quick_gelu(&f, self.c_fc.bias())? {
                 Some(h) => Ok(h),
                 None => quick_gelu(&match self.c_fc.bias() {
@@ -270,10 +297,7 @@ impl Block {
                     None => f,
                 }),
             }
-        })?;
-        let m = self.c_proj.forward_no_bias(&h)?;
-        drop(h);
-        add_bias_residual(&xs, &m, self.c_proj.bias())
+        })
     }
 }
 

@@ -6,9 +6,11 @@
 //! input's leading axis is fold-major: rows `[k * n, (k + 1) * n)` belong to fold k, so the
 //! base matmul runs once over all folds and only the rank-r paths differ per fold.
 
-use super::profile::timed;
+use super::gemm::{Epilogue, GemmDtype, PackedWeight};
+use super::profile::{timed, timed_flops};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor, D};
+use std::sync::Arc;
 
 /// The weight of a base linear layer, [out, in].
 #[derive(Debug, Clone)]
@@ -21,6 +23,41 @@ pub enum BaseWeight {
     Mapped(super::mapped::MappedQ8),
     /// A q8_0 weight from a mapped bundle file, multiplied by candle's repacking kernel.
     Packed(super::mapped::PackedQ8),
+    /// A weight packed for the in-house AVX-512 GEMM (f32 or bf16), see [`super::gemm`].
+    Gemm(Arc<PackedWeight>),
+    /// A weight rounded to bf16 but held as f32 [out, in], on CPUs without AVX512_BF16: the
+    /// input is rounded to bf16 too, so the numbers are those of the bf16 kernel (slower).
+    Bf16Emulated(Tensor),
+}
+
+impl BaseWeight {
+    /// The weight as f32 [out, in] (dequantised or unpacked).
+    pub fn to_f32(&self, out_dim: usize, in_dim: usize) -> Result<Tensor> {
+        match self {
+            BaseWeight::Float(w) | BaseWeight::Bf16Emulated(w) => w.to_dtype(DType::F32),
+            BaseWeight::Quantized(QMatMul::QTensor(q)) => q.dequantize(&Device::Cpu),
+            BaseWeight::Quantized(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => {
+                w.to_dtype(DType::F32)
+            }
+            BaseWeight::Mapped(q) => q.dequantize(),
+            BaseWeight::Packed(q) => q.source().dequantize(),
+            BaseWeight::Gemm(p) => Tensor::from_vec(p.unpack(), (out_dim, in_dim), &Device::Cpu),
+        }
+    }
+
+    /// What multiplies this weight on the CPU: `"avx512 f32"`, `"avx512 bf16"`,
+    /// `"emulated bf16"`, `"q8_0"` or `"candle f32"` (for status and bench).
+    pub fn kernel(&self) -> &'static str {
+        match self {
+            BaseWeight::Gemm(p) => match p.dtype() {
+                GemmDtype::F32 => "avx512 f32",
+                GemmDtype::Bf16 => "avx512 bf16",
+            },
+            BaseWeight::Bf16Emulated(_) => "emulated bf16",
+            BaseWeight::Quantized(_) | BaseWeight::Mapped(_) | BaseWeight::Packed(_) => "q8_0",
+            BaseWeight::Float(_) => "candle f32",
+        }
+    }
 }
 
 /// `y = x W^T + b` applied to the last axis of any-rank input.
@@ -64,11 +101,17 @@ impl Linear {
         self.out_dim
     }
 
+    /// The base weight.
+    pub fn weight(&self) -> &BaseWeight {
+        &self.weight
+    }
+
     /// This layer with a float weight quantised to `dtype` (other weights are kept as they are).
     pub fn quantized(&self, dtype: GgmlDType) -> Result<Self> {
         let weight = match &self.weight {
-            BaseWeight::Float(w) => {
-                BaseWeight::Quantized(QMatMul::from_qtensor(QTensor::quantize(w, dtype)?)?)
+            w @ (BaseWeight::Float(_) | BaseWeight::Gemm(_) | BaseWeight::Bf16Emulated(_)) => {
+                let w = w.to_f32(self.out_dim, self.in_dim)?;
+                BaseWeight::Quantized(QMatMul::from_qtensor(QTensor::quantize(&w, dtype)?)?)
             }
             other => other.clone(),
         };
@@ -80,26 +123,64 @@ impl Linear {
         ))
     }
 
-    /// This layer on `device` with a float weight and bias of `dtype`. On the CPU in f32 it
-    /// is unchanged (quantised and mapped weights stay as they are); anywhere else a
-    /// quantised weight is dequantised first (candle's GPU backends have no q8_0 matmul
-    /// with our mapped storage, and f16 from q8_0 loses nothing: q8_0 values are 8-bit
-    /// integers times an f16 scale).
+    /// This layer on `device` with a float weight and bias of `dtype`. On the CPU see
+    /// [`Self::packed_for_cpu`]; anywhere else a quantised weight is dequantised first
+    /// (candle's GPU backends have no q8_0 matmul with our mapped storage, and f16 from q8_0
+    /// loses nothing: q8_0 values are 8-bit integers times an f16 scale).
     pub fn placed(&self, device: &Device, dtype: DType) -> Result<Self> {
-        if device.is_cpu() && dtype == DType::F32 {
-            return Ok(self.clone());
+        // The CPU's GEMM dtypes; f16 on the CPU (a test of the GPU path) takes candle's ops.
+        if device.is_cpu() && matches!(dtype, DType::F32 | DType::BF16) {
+            return self.packed_for_cpu(dtype);
         }
-        let float = match &self.weight {
-            BaseWeight::Float(w) => w.clone(),
-            BaseWeight::Quantized(QMatMul::QTensor(q)) => q.dequantize(&Device::Cpu)?,
-            BaseWeight::Quantized(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => w.clone(),
-            BaseWeight::Mapped(q) => q.dequantize()?,
-            BaseWeight::Packed(q) => q.source().dequantize()?,
-        };
+        let float = self.weight.to_f32(self.out_dim, self.in_dim)?;
         let put = |t: &Tensor| t.to_dtype(dtype)?.to_device(device);
         Ok(Self {
             weight: BaseWeight::Float(put(&float)?),
             bias: self.bias.as_ref().map(put).transpose()?,
+            in_dim: self.in_dim,
+            out_dim: self.out_dim,
+        })
+    }
+
+    /// This layer for the CPU GEMM of `dtype` (f32 or bf16; the bias stays f32). f32: a float
+    /// weight is packed for the AVX-512 kernel where the CPU has one, else kept for candle's
+    /// matmul; q8_0 weights stay q8_0 (their memory is the point of them). bf16: every weight,
+    /// q8_0 included, is converted to bf16 (packed, or emulated without AVX512_BF16).
+    pub fn packed_for_cpu(&self, dtype: DType) -> Result<Self> {
+        let gemm = if dtype == DType::BF16 {
+            GemmDtype::Bf16
+        } else {
+            GemmDtype::F32
+        };
+        let keep = match &self.weight {
+            BaseWeight::Gemm(p) => p.dtype() == gemm,
+            BaseWeight::Bf16Emulated(_) => gemm == GemmDtype::Bf16,
+            BaseWeight::Float(_) => false,
+            _ => gemm == GemmDtype::F32,
+        };
+        if keep {
+            return Ok(self.clone());
+        }
+        let w = self.weight.to_f32(self.out_dim, self.in_dim)?;
+        // A mapped q8_0 matrix is read once here: its pages need not stay resident.
+        match &self.weight {
+            BaseWeight::Mapped(q) => q.release_pages(),
+            BaseWeight::Packed(q) => q.source().release_pages(),
+            _ => {}
+        }
+        let values = w.flatten_all()?.to_vec1::<f32>()?;
+        let weight = match PackedWeight::pack(&values, self.out_dim, self.in_dim, gemm) {
+            Some(p) => BaseWeight::Gemm(Arc::new(p)),
+            None if gemm == GemmDtype::Bf16 => BaseWeight::Bf16Emulated(round_bf16(&w)?),
+            None => BaseWeight::Float(w),
+        };
+        Ok(Self {
+            weight,
+            bias: self
+                .bias
+                .as_ref()
+                .map(|b| b.to_dtype(DType::F32))
+                .transpose()?,
             in_dim: self.in_dim,
             out_dim: self.out_dim,
         })
@@ -110,25 +191,113 @@ impl Linear {
         self.bias.as_ref()
     }
 
+    /// The profile label of this layer's GEMM.
+    fn label(&self) -> &'static str {
+        match self.out_dim.cmp(&self.in_dim) {
+            std::cmp::Ordering::Equal => "gemm.square",
+            std::cmp::Ordering::Greater => "gemm.up",
+            std::cmp::Ordering::Less => "gemm.down",
+        }
+    }
+
+    /// `x W^T + b` with `op` applied in the GEMM's last store (see [`Epilogue`]), or `None`
+    /// when the weight is not packed for the in-house GEMM or the fused kernels are off
+    /// (`NODULED_UNFUSED=1`): then the caller runs [`Self::forward_no_bias`] and the op.
+    pub fn forward_fused(&self, xs: &Tensor, op: Fused<'_>) -> Result<Option<Tensor>> {
+        let BaseWeight::Gemm(p) = &self.weight else {
+            return Ok(None);
+        };
+        if !super::kernels::enabled() {
+            return Ok(None);
+        }
+        let rows = xs.elem_count() / self.in_dim.max(1);
+        let x2 = xs.reshape((rows, self.in_dim))?;
+        let bias = match &self.bias {
+            Some(b) => b.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+            None => vec![0f32; self.out_dim],
+        };
+        let flops = 2.0 * (rows * self.in_dim * self.out_dim) as f64;
+        let y = timed_flops(self.label(), flops, || match op {
+            Fused::BiasQuickGelu => packed_matmul(p, &x2, |_| Epilogue::BiasQuickGelu(&bias)),
+            Fused::BiasResidual(r) => {
+                let r = r.to_dtype(DType::F32)?.contiguous()?.flatten_all()?;
+                if r.elem_count() != rows * self.out_dim {
+                    candle_core::bail!(
+                        "gemm: residual of {} values, output {rows}x{}",
+                        r.elem_count(),
+                        self.out_dim
+                    );
+                }
+                let (storage, layout) = r.storage_and_layout();
+                let (Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) =
+                    (&*storage, layout.contiguous_offsets())
+                else {
+                    candle_core::bail!("gemm: the residual is not f32 on the CPU");
+                };
+                packed_matmul(p, &x2, |_| Epilogue::BiasResidual(&bias, &v[start..end]))
+            }
+        })?;
+        let mut out_dims = xs.dims().to_vec();
+        *out_dims.last_mut().expect("rank >= 1") = self.out_dim;
+        Ok(Some(y.reshape(out_dims)?))
+    }
+
     /// `x W^T` without the bias (for kernels that fuse the bias into the next op).
     pub fn forward_no_bias(&self, xs: &Tensor) -> Result<Tensor> {
         let mut out_dims = xs.dims().to_vec();
         let rows = xs.elem_count() / self.in_dim.max(1);
         let x2 = xs.reshape((rows, self.in_dim))?;
-        let label = match self.out_dim.cmp(&self.in_dim) {
-            std::cmp::Ordering::Equal => "gemm.square",
-            std::cmp::Ordering::Greater => "gemm.up",
-            std::cmp::Ordering::Less => "gemm.down",
-        };
-        let y = timed(label, || match &self.weight {
+        let label = self.label();
+        let flops = 2.0 * (rows * self.in_dim * self.out_dim) as f64;
+        let y = timed_flops(label, flops, || match &self.weight {
             BaseWeight::Float(w) => x2.matmul(&w.t()?),
             BaseWeight::Quantized(q) => q.forward(&x2),
             BaseWeight::Mapped(q) => q.forward(&x2),
             BaseWeight::Packed(q) => q.forward(&x2),
+            BaseWeight::Gemm(p) => packed_matmul(p, &x2, |_| Epilogue::None),
+            BaseWeight::Bf16Emulated(w) => round_bf16(&x2)?.matmul(&w.t()?),
         })?;
         *out_dims.last_mut().expect("rank >= 1") = self.out_dim;
         y.reshape(out_dims)
     }
+}
+
+/// `t` rounded to bf16 (nearest even) and widened back to f32.
+fn round_bf16(t: &Tensor) -> Result<Tensor> {
+    t.to_dtype(DType::BF16)?.to_dtype(DType::F32)
+}
+
+/// An op [`Linear::forward_fused`] applies in the GEMM's store.
+#[derive(Debug, Clone, Copy)]
+pub enum Fused<'a> {
+    /// `QuickGELU(x W^T + b)` (CLIP's MLP up-projection).
+    BiasQuickGelu,
+    /// `residual + x W^T + b` (the projections back into the residual stream).
+    BiasResidual(&'a Tensor),
+}
+
+/// `x W^T` with the in-house GEMM and the epilogue `epi` makes: `x` [rows, in] f32 on the CPU.
+fn packed_matmul<'e>(
+    p: &PackedWeight,
+    x: &Tensor,
+    epi: impl FnOnce(()) -> Epilogue<'e>,
+) -> Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let (rows, in_dim) = x.dims2()?;
+    if in_dim != p.in_dim() {
+        candle_core::bail!("gemm: input width {in_dim}, weight expects {}", p.in_dim());
+    }
+    let mut out = vec![0f32; rows * p.out_dim()];
+    {
+        let (storage, layout) = x.storage_and_layout();
+        let (Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        else {
+            candle_core::bail!("gemm: the input is not contiguous f32 on the CPU");
+        };
+        p.matmul_fused(&v[start..end], rows, &mut out, epi(()));
+    }
+    Tensor::from_vec(out, (rows, p.out_dim()), &Device::Cpu)
 }
 
 impl Module for Linear {
@@ -163,14 +332,25 @@ impl LoraLinear {
         })
     }
 
+    /// The base layer.
+    pub fn base(&self) -> &Linear {
+        &self.base
+    }
+
     /// Number of folds.
     pub fn folds(&self) -> usize {
         self.a_t.dims()[0]
     }
 
-    /// This layer on `device` in `dtype` (see [`Linear::placed`]), LoRA factors included.
+    /// This layer on `device` in `dtype` (see [`Linear::placed`]), LoRA factors included
+    /// (on the CPU they stay f32: activations are f32 there whatever the GEMM dtype).
     pub fn placed(&self, device: &Device, dtype: DType) -> Result<Self> {
-        let put = |t: &Tensor| t.to_dtype(dtype)?.to_device(device);
+        let act = if device.is_cpu() && dtype == DType::BF16 {
+            DType::F32
+        } else {
+            dtype
+        };
+        let put = |t: &Tensor| t.to_dtype(act)?.to_device(device);
         Ok(Self {
             base: self.base.placed(device, dtype)?,
             a_t: put(&self.a_t)?,

@@ -24,6 +24,8 @@ pub struct OpTotal {
     pub cpu_s: f64,
     /// Calls.
     pub calls: u64,
+    /// Floating-point operations done (GEMMs only; 0 for other ops).
+    pub flops: f64,
 }
 
 /// CPU seconds (user + system) this process has used so far, all threads.
@@ -53,6 +55,13 @@ pub fn reset() {
 /// Runs `f`, adding its wall time to `label` when the timers are on.
 #[inline]
 pub fn timed<T>(label: &'static str, f: impl FnOnce() -> T) -> T {
+    timed_flops(label, 0.0, f)
+}
+
+/// [`timed`] for an op of `flops` floating-point operations (a GEMM), so that the bench can
+/// report its GFLOP/s.
+#[inline]
+pub fn timed_flops<T>(label: &'static str, flops: f64, f: impl FnOnce() -> T) -> T {
     if !ENABLED.load(Ordering::Relaxed) {
         return f();
     }
@@ -67,12 +76,14 @@ pub fn timed<T>(label: &'static str, f: impl FnOnce() -> T) -> T {
                 e.wall_s += wall_s;
                 e.cpu_s += cpu_s;
                 e.calls += 1;
+                e.flops += flops;
             }
             None => totals.push(OpTotal {
                 label,
                 wall_s,
                 cpu_s,
                 calls: 1,
+                flops,
             }),
         }
     }

@@ -71,9 +71,16 @@ impl VisionTower {
     }
 
     /// This tower on `device` with weights and activations in `dtype` (LayerNorm parameters
-    /// stay f32); on the CPU in f32 it is unchanged.
+    /// stay f32); on the CPU the encoder's weights are packed for the GEMM of `dtype` (f32 or
+    /// bf16, see [`super::linear::Linear::packed_for_cpu`]) and activations stay f32.
     pub fn placed(&self, device: &Device, dtype: DType) -> Result<Self> {
-        let put = |t: &Tensor| t.to_dtype(dtype)?.to_device(device);
+        // On the CPU activations stay f32 whatever the GEMM dtype (bf16 is the GEMMs' input).
+        let act = if device.is_cpu() && dtype == DType::BF16 {
+            DType::F32
+        } else {
+            dtype
+        };
+        let put = |t: &Tensor| t.to_dtype(act)?.to_device(device);
         Ok(Self {
             patch_weight: put(&self.patch_weight)?,
             class_embedding: put(&self.class_embedding)?,

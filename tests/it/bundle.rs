@@ -82,6 +82,8 @@ fn worst_diffs(model: &Path, tmp: &Path) -> ([f64; 4], serde_json::Value) {
             model.as_os_str(),
             "--planes".as_ref(),
             planes.as_os_str(),
+            "--dtype".as_ref(),
+            "f32".as_ref(),
         ]));
         let n = &doc["nodules"][0];
         let folds = n["folds"].as_array().unwrap();

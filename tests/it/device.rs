@@ -37,7 +37,7 @@ fn device_cpu_scores_and_the_result_names_the_backend() {
     r.write_planes("lung1", &planes);
     let mut probs = Vec::new();
     for device in ["cpu", "auto"] {
-        let out = score(&planes, &["--device", device]);
+        let out = score(&planes, &["--device", device, "--dtype", "f32"]);
         assert!(
             out.status.success(),
             "{}",
@@ -46,7 +46,8 @@ fn device_cpu_scores_and_the_result_names_the_backend() {
         let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let model = &doc["model"];
         if device == "cpu" || !cfg!(feature = "cuda") {
-            assert_eq!(model["backend"], "cpu", "{model}");
+            let backend = model["backend"].as_str().unwrap();
+            assert!(backend.starts_with("cpu f32 ("), "{model}");
             assert!(model.get("fallback").is_none(), "{model}");
         }
         probs.push(doc["nodules"][0]["score"]["raw"].as_f64().unwrap());

@@ -19,6 +19,7 @@ fn score(args: &[&str]) -> serde_json::Value {
         .arg("score")
         .arg("--model")
         .arg(util::reference().join("model"))
+        .args(["--dtype", "f32"])
         .args(args)
         .output()
         .unwrap();

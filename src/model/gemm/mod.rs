@@ -1,0 +1,462 @@
+//! The towers' weight GEMM `C = A W^T` on x86 CPUs with AVX-512: A [m, k] row-major f32
+//! activations, W [n, k] a layer's weight (out, in), C [m, n] row-major f32. Weights are packed
+//! once at placement ([`PackedWeight::pack`]) in f32 or bf16; activations are packed per call
+//! (copied in f32, or rounded to bf16 to nearest even); accumulation is always f32.
+//!
+//! # Why in-house
+//! candle's `gemm` crate (0.19, x86-v4) has no bf16 kernel (it widens bf16 to f32) and runs
+//! the encoder's f32 shapes well below the FMA peak (docs/performance.md has the figures and
+//! commands); oneDNN and OpenBLAS are system libraries a fresh `cargo run --release -- demo`
+//! must not need, and their OpenMP pools fight rayon's on two cores. What a near-peak GEMM
+//! needs is small: one register-tile micro-kernel per dtype ([`avx512`]), panel packing, cache
+//! blocking, and a row split over rayon's pool, the one pool candle also uses.
+//!
+//! # Layout and blocking
+//! - The micro-kernel computes an [`MR`] x [`NR`] (12 x 32) tile of C in 24 zmm accumulators:
+//!   per k it loads 32 weights (two vectors) and broadcasts one activation per row
+//!   (f32: `vfmadd231ps`; bf16: `vdpbf16ps` takes two k at once).
+//! - k is cut into blocks of [`KC`]; a packed weight holds, per k block and per panel of
+//!   [`NR`] outputs, the block's weights k-major (`[k][32]` f32, `[k/2][32][2]` bf16), 64-byte
+//!   aligned, so the micro-kernel streams a 16 KiB (bf16) or 32 KiB (f32) panel from L1/L2.
+//! - Rows of A are split into one contiguous run per task (about [`MC_MAX`] rows, a multiple of
+//!   [`MR`], the same count per thread); each task copies its rows' k block into a buffer with
+//!   a fixed row stride of [`KC`] values (no cache-set conflicts at k = 3072) and walks every
+//!   panel over it. n and k need not be multiples of anything: padding is zero, stores masked.
+
+mod avx512;
+
+use rayon::prelude::*;
+
+/// Rows of C per micro-kernel tile.
+pub const MR: usize = 12;
+/// Columns of C per micro-kernel tile (two zmm of f32).
+pub const NR: usize = 32;
+/// k values per block.
+pub const KC: usize = 256;
+/// Most rows of A one task packs and walks.
+pub const MC_MAX: usize = 240;
+
+/// The number format a packed weight holds (and its activations are rounded to).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmDtype {
+    /// IEEE f32 throughout (`vfmadd231ps`).
+    F32,
+    /// bf16 weights and activations, f32 accumulation (`vdpbf16ps`, AVX512_BF16).
+    Bf16,
+}
+
+impl GemmDtype {
+    /// `"f32"` or `"bf16"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        }
+    }
+
+    /// Whether this CPU runs the micro-kernel of this dtype.
+    pub fn supported(self) -> bool {
+        avx512::supported(self)
+    }
+
+    /// The CPU features the micro-kernel of this dtype uses, e.g. `"avx512f"`.
+    pub fn features(self) -> &'static str {
+        match self {
+            Self::F32 => "avx512f",
+            Self::Bf16 => "avx512f+avx512bf16",
+        }
+    }
+}
+
+/// What the GEMM applies to each output element before its last store, where the tile is
+/// still in registers (saves a pass over C): `j` is the column, `i` the row.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum Epilogue<'a> {
+    /// `c[i][j]` as computed.
+    #[default]
+    None,
+    /// `QuickGELU(c[i][j] + bias[j])`, QuickGELU(x) = x sigmoid(1.702 x).
+    BiasQuickGelu(&'a [f32]),
+    /// `c[i][j] + bias[j] + residual[i][j]` (`residual` [m, n] row-major).
+    BiasResidual(&'a [f32], &'a [f32]),
+}
+
+/// A cache line: the unit packed weights are stored in (keeps every panel 64-byte aligned).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+/// A weight [n, k] packed for the micro-kernels (see the module doc for the layout).
+pub struct PackedWeight {
+    dtype: GemmDtype,
+    n: usize,
+    k: usize,
+    lines: Vec<Line>,
+}
+
+impl std::fmt::Debug for PackedWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PackedWeight({} [{}, {}])",
+            self.dtype.name(),
+            self.n,
+            self.k
+        )
+    }
+}
+
+/// The k block starting at `k0` of a k-long axis: its length.
+fn block_len(k: usize, k0: usize) -> usize {
+    KC.min(k - k0)
+}
+
+impl PackedWeight {
+    /// Packs `w` [n, k] row-major, or `None` when this CPU lacks the dtype's micro-kernel
+    /// (the caller keeps its plain matmul) or the shape is empty.
+    pub fn pack(w: &[f32], n: usize, k: usize, dtype: GemmDtype) -> Option<Self> {
+        if !dtype.supported() || n == 0 || k == 0 || w.len() != n * k {
+            return None;
+        }
+        let panels = n.div_ceil(NR);
+        let bytes: usize = (0..k)
+            .step_by(KC)
+            .map(|k0| panels * Self::panel_bytes(dtype, block_len(k, k0)))
+            .sum();
+        let mut lines = vec![Line([0; 64]); bytes / 64];
+        // SAFETY: `lines` is `bytes` bytes of plain data, 64-byte aligned.
+        let buf = unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u8, bytes) };
+        let mut at = 0;
+        for k0 in (0..k).step_by(KC) {
+            let kc = block_len(k, k0);
+            let size = Self::panel_bytes(dtype, kc);
+            for jr in 0..panels {
+                let panel = &mut buf[at..at + size];
+                let value = |j: usize, kk: usize| {
+                    let col = jr * NR + j;
+                    if col < n && kk < k0 + kc {
+                        w[col * k + kk]
+                    } else {
+                        0.0
+                    }
+                };
+                match dtype {
+                    GemmDtype::F32 => {
+                        for (i, out) in panel.chunks_exact_mut(4).enumerate() {
+                            let (p, j) = (i / NR, i % NR);
+                            out.copy_from_slice(&value(j, k0 + p).to_le_bytes());
+                        }
+                    }
+                    GemmDtype::Bf16 => {
+                        for (i, out) in panel.chunks_exact_mut(2).enumerate() {
+                            let (pp, j, e) = (i / (2 * NR), i / 2 % NR, i % 2);
+                            let v = half::bf16::from_f32(value(j, k0 + 2 * pp + e));
+                            out.copy_from_slice(&v.to_bits().to_le_bytes());
+                        }
+                    }
+                }
+                at += size;
+            }
+        }
+        Some(Self { dtype, n, k, lines })
+    }
+
+    /// Bytes of one packed panel of a `kc`-long k block.
+    fn panel_bytes(dtype: GemmDtype, kc: usize) -> usize {
+        match dtype {
+            GemmDtype::F32 => kc * NR * 4,
+            GemmDtype::Bf16 => kc.div_ceil(2) * NR * 2 * 2,
+        }
+    }
+
+    /// Output width n.
+    pub fn out_dim(&self) -> usize {
+        self.n
+    }
+
+    /// Input width k.
+    pub fn in_dim(&self) -> usize {
+        self.k
+    }
+
+    /// The packed number format.
+    pub fn dtype(&self) -> GemmDtype {
+        self.dtype
+    }
+
+    /// Bytes the packed weight holds.
+    pub fn bytes(&self) -> usize {
+        self.lines.len() * 64
+    }
+
+    fn bytes_slice(&self) -> &[u8] {
+        // SAFETY: plain bytes of the lines.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr() as *const u8, self.bytes()) }
+    }
+
+    /// The weight back as [n, k] row-major f32 (bf16 values widened exactly).
+    pub fn unpack(&self) -> Vec<f32> {
+        let (n, k) = (self.n, self.k);
+        let buf = self.bytes_slice();
+        let mut w = vec![0f32; n * k];
+        let mut at = 0;
+        for k0 in (0..k).step_by(KC) {
+            let kc = block_len(k, k0);
+            let size = Self::panel_bytes(self.dtype, kc);
+            for jr in 0..n.div_ceil(NR) {
+                let panel = &buf[at..at + size];
+                for j in 0..NR.min(n - jr * NR) {
+                    for p in 0..kc {
+                        let v = match self.dtype {
+                            GemmDtype::F32 => {
+                                let i = 4 * (p * NR + j);
+                                f32::from_le_bytes(panel[i..i + 4].try_into().expect("4"))
+                            }
+                            GemmDtype::Bf16 => {
+                                let i = 2 * ((p / 2) * 2 * NR + 2 * j + p % 2);
+                                let bits = u16::from_le_bytes([panel[i], panel[i + 1]]);
+                                half::bf16::from_bits(bits).to_f32()
+                            }
+                        };
+                        w[(jr * NR + j) * k + k0 + p] = v;
+                    }
+                }
+                at += size;
+            }
+        }
+        w
+    }
+
+    /// `c = a W^T`: `a` [m, k] row-major, `c` [m, n] (overwritten), over rayon's pool.
+    ///
+    /// # Panics
+    /// When the slices do not hold m rows of k and n values (a caller bug, not input data).
+    pub fn matmul(&self, a: &[f32], m: usize, c: &mut [f32]) {
+        self.matmul_fused(a, m, c, Epilogue::None)
+    }
+
+    /// [`Self::matmul`] with `epi` applied to every output (see [`Epilogue`]).
+    ///
+    /// # Panics
+    /// As [`Self::matmul`], and when the bias is not n long or the residual not [m, n].
+    pub fn matmul_fused(&self, a: &[f32], m: usize, c: &mut [f32], epi: Epilogue<'_>) {
+        let (n, k) = (self.n, self.k);
+        assert!(a.len() == m * k && c.len() == m * n, "gemm shapes");
+        let (bias, residual, gelu) = match epi {
+            Epilogue::None => (None, None, false),
+            Epilogue::BiasQuickGelu(b) => (Some(b), None, true),
+            Epilogue::BiasResidual(b, r) => (Some(b), Some(r), false),
+        };
+        assert!(bias.is_none_or(|b| b.len() == n), "gemm bias length");
+        assert!(
+            residual.is_none_or(|r| r.len() == m * n),
+            "gemm residual shape"
+        );
+        if m == 0 {
+            return;
+        }
+        let threads = rayon::current_num_threads().max(1);
+        let tasks = m.div_ceil(MC_MAX).div_ceil(threads) * threads;
+        let mc = m.div_ceil(tasks).div_ceil(MR) * MR;
+        let res_chunks: Vec<Option<&[f32]>> = match residual {
+            Some(r) => r.chunks(mc * n).map(Some).collect(),
+            None => vec![None; m.div_ceil(mc)],
+        };
+        c.par_chunks_mut(mc * n)
+            .zip(a.par_chunks(mc * k))
+            .zip(res_chunks.into_par_iter())
+            .for_each(|((c, a), residual)| self.rows(a, c, bias, residual, gelu));
+    }
+
+    /// One task: all of C's columns for the rows in `a` (at most [`MC_MAX`] + [`MR`]).
+    fn rows(
+        &self,
+        a: &[f32],
+        c: &mut [f32],
+        bias: Option<&[f32]>,
+        residual: Option<&[f32]>,
+        gelu: bool,
+    ) {
+        let (n, k) = (self.n, self.k);
+        let m = a.len() / k;
+        let strips = m.div_ceil(MR);
+        let panels = n.div_ceil(NR);
+        let buf = self.bytes_slice();
+        // Packed rows: f32 values, or bf16 pairs as u32, row stride KC values either way.
+        let mut pack = vec![0u32; strips * MR * KC];
+        let mut at = 0;
+        for k0 in (0..k).step_by(KC) {
+            let kc = block_len(k, k0);
+            for r in 0..m {
+                let src = &a[r * k + k0..r * k + k0 + kc];
+                let dst = &mut pack[r * KC..r * KC + KC];
+                match self.dtype {
+                    GemmDtype::F32 => {
+                        for (d, s) in dst.iter_mut().zip(src) {
+                            *d = s.to_bits();
+                        }
+                    }
+                    GemmDtype::Bf16 => avx512::to_bf16_pairs(src, &mut dst[..kc.div_ceil(2)]),
+                }
+            }
+            let size = Self::panel_bytes(self.dtype, kc);
+            for jr in 0..panels {
+                let panel = &buf[at + jr * size..at + (jr + 1) * size];
+                let cols = NR.min(n - jr * NR);
+                let last = k0 + kc == k;
+                for s in 0..strips {
+                    let rows = MR.min(m - s * MR);
+                    let epi = match last {
+                        true => avx512::TileEpilogue {
+                            bias: bias.map(|b| &b[jr * NR..]),
+                            residual: residual.map(|r| &r[s * MR * n + jr * NR..]),
+                            gelu,
+                        },
+                        false => avx512::TileEpilogue::default(),
+                    };
+                    let tile = avx512::Tile {
+                        a: &pack[s * MR * KC..(s + 1) * MR * KC],
+                        b: panel,
+                        kc,
+                        c: &mut c[s * MR * n + jr * NR..],
+                        ldc: n,
+                        rows,
+                        cols,
+                        accumulate: k0 > 0,
+                        epi,
+                    };
+                    avx512::kernel(self.dtype, tile);
+                }
+            }
+            at += panels * size;
+        }
+    }
+}
+
+/// Measured single-thread peak of the micro-kernel's instruction on this CPU in GFLOP/s
+/// (`vfmadd231ps` or `vdpbf16ps` on zmm, independent chains, about `ms` milliseconds), or
+/// `None` when the CPU lacks it. Multiply by the threads for the machine's peak.
+pub fn peak_gflops(dtype: GemmDtype, ms: u64) -> Option<f64> {
+    avx512::peak_gflops(dtype, ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
+        let mut c = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k)
+                    .map(|p| a[i * k + p] as f64 * w[j * k + p] as f64)
+                    .sum();
+            }
+        }
+        c
+    }
+
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Odd shapes (edges in m, n and k, k across blocks) against an f64 reference: f32 to
+    /// rounding, bf16 to the bf16 rounding of both operands.
+    #[test]
+    fn packed_gemm_matches_the_definition_at_odd_shapes() {
+        for dtype in [GemmDtype::F32, GemmDtype::Bf16] {
+            if !dtype.supported() {
+                eprintln!(
+                    "{}: not on this CPU (the caller falls back to candle)",
+                    dtype.name()
+                );
+                continue;
+            }
+            for (m, n, k) in [
+                (1, 1, 1),
+                (13, 33, 7),
+                (50, 70, 257),
+                (251, 96, 600),
+                (24, 64, 512),
+            ] {
+                let a = values(m * k, 1 + m as u64);
+                let w = values(n * k, 2 + n as u64);
+                let p = PackedWeight::pack(&w, n, k, dtype).unwrap();
+                let mut c = vec![f32::NAN; m * n];
+                p.matmul(&a, m, &mut c);
+                let want = match dtype {
+                    GemmDtype::F32 => naive(&a, &w, m, n, k),
+                    GemmDtype::Bf16 => {
+                        let r = |v: &[f32]| -> Vec<f32> {
+                            v.iter()
+                                .map(|&x| half::bf16::from_f32(x).to_f32())
+                                .collect()
+                        };
+                        naive(&r(&a), &r(&w), m, n, k)
+                    }
+                };
+                let worst = c
+                    .iter()
+                    .zip(&want)
+                    .map(|(&g, &w)| (g as f64 - w).abs())
+                    .fold(0f64, f64::max);
+                assert!(
+                    worst <= 1e-5 * (k as f64).sqrt() * 4.0,
+                    "{dtype:?} {m}x{n}x{k}: {worst}"
+                );
+                let back = p.unpack();
+                let exact = match dtype {
+                    GemmDtype::F32 => w.clone(),
+                    GemmDtype::Bf16 => w
+                        .iter()
+                        .map(|&x| half::bf16::from_f32(x).to_f32())
+                        .collect(),
+                };
+                assert_eq!(back, exact, "{dtype:?} unpack");
+            }
+        }
+    }
+
+    /// The fused epilogues equal the GEMM followed by the op.
+    #[test]
+    fn epilogues_equal_the_unfused_ops() {
+        if !GemmDtype::F32.supported() {
+            return eprintln!("no AVX-512: the callers keep their unfused path");
+        }
+        let (m, n, k) = (29, 45, 300);
+        let a = values(m * k, 7);
+        let w = values(n * k, 8);
+        let bias = values(n, 9);
+        let res = values(m * n, 10);
+        let p = PackedWeight::pack(&w, n, k, GemmDtype::F32).unwrap();
+        let mut plain = vec![0f32; m * n];
+        p.matmul(&a, m, &mut plain);
+        let mut gelu = vec![0f32; m * n];
+        p.matmul_fused(&a, m, &mut gelu, Epilogue::BiasQuickGelu(&bias));
+        let mut resid = vec![0f32; m * n];
+        p.matmul_fused(&a, m, &mut resid, Epilogue::BiasResidual(&bias, &res));
+        for i in 0..m * n {
+            let v = plain[i] + bias[i % n];
+            let want = v / (1.0 + (-1.702 * v as f64).exp() as f32);
+            assert!(
+                (gelu[i] - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "{i}: {} vs {want}",
+                gelu[i]
+            );
+            assert!(
+                (resid[i] - (v + res[i])).abs() <= 1e-6 * (1.0 + v.abs()),
+                "{i}"
+            );
+        }
+    }
+}
