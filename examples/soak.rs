@@ -40,7 +40,9 @@ fn args() -> Args {
         match pair[0].as_str() {
             "--jobs" => a.jobs = val.parse().expect("--jobs N"),
             "--out" => a.out = PathBuf::from(val),
-            "--broker-every-secs" => a.broker_every = Duration::from_secs(val.parse().expect("secs")),
+            "--broker-every-secs" => {
+                a.broker_every = Duration::from_secs(val.parse().expect("secs"))
+            }
             "--kills" => a.kills = val.parse().expect("--kills K"),
             "--timeout-secs" => a.timeout = Duration::from_secs(val.parse().expect("secs")),
             other => panic!("unknown argument {other}"),
@@ -54,11 +56,18 @@ fn root() -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn kill(pid: u32, sig: &str) {
-    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
 }
 
 struct Broker {
@@ -80,7 +89,11 @@ impl Broker {
             ),
         )
         .unwrap();
-        let mut b = Self { conf, port, child: None };
+        let mut b = Self {
+            conf,
+            port,
+            child: None,
+        };
         b.up();
         b
     }
@@ -90,9 +103,19 @@ impl Broker {
             .into_iter()
             .find(|p| Path::new(p).exists())
             .expect("mosquitto (bash scripts/test installs it)");
-        self.child = Some(Command::new(bin).arg("-c").arg(&self.conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+        self.child = Some(
+            Command::new(bin)
+                .arg("-c")
+                .arg(&self.conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
         let t = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() && t.elapsed() < Duration::from_secs(10) {
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err()
+            && t.elapsed() < Duration::from_secs(10)
+        {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -123,7 +146,11 @@ struct Daemon {
 impl Daemon {
     fn start(&mut self) -> u64 {
         let _ = std::fs::remove_file(self.dir.join("state/health.addr"));
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("daemon.log"))
+            .unwrap();
         let bin = root().join("target/release/noduled");
         self.child = Some(
             Command::new(bin)
@@ -137,7 +164,11 @@ impl Daemon {
         );
         let t = Instant::now();
         while !self.ready() {
-            assert!(t.elapsed() < Duration::from_secs(120), "daemon not ready: see {}", self.dir.join("daemon.log").display());
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "daemon not ready: see {}",
+                self.dir.join("daemon.log").display()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         self.rss_kib()
@@ -145,8 +176,12 @@ impl Daemon {
 
     fn ready(&self) -> bool {
         use std::io::{Read, Write};
-        let Ok(addr) = std::fs::read_to_string(self.dir.join("state/health.addr")) else { return false };
-        let Ok(mut s) = std::net::TcpStream::connect(addr.trim()) else { return false };
+        let Ok(addr) = std::fs::read_to_string(self.dir.join("state/health.addr")) else {
+            return false;
+        };
+        let Ok(mut s) = std::net::TcpStream::connect(addr.trim()) else {
+            return false;
+        };
         let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
         let _ = write!(s, "GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n");
         let mut text = String::new();
@@ -158,7 +193,12 @@ impl Daemon {
         let pid = self.child.as_ref().map(|c| c.id()).unwrap_or(0);
         std::fs::read_to_string(format!("/proc/{pid}/status"))
             .ok()
-            .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()))
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse().ok())
+            })
             .unwrap_or(0)
     }
 
@@ -180,7 +220,10 @@ impl Daemon {
 /// Subscribes to the result topic (persistent session) and records (job_id, result_id).
 fn subscriber(port: u16, seen: Arc<Mutex<Vec<(String, String)>>>) {
     let mut o = MqttOptions::new("soak-sub", "127.0.0.1", port);
-    o.set_clean_start(false).set_session_expiry_interval(Some(3600)).set_keep_alive(Duration::from_secs(5)).set_max_packet_size(Some(16 << 20));
+    o.set_clean_start(false)
+        .set_session_expiry_interval(Some(3600))
+        .set_keep_alive(Duration::from_secs(5))
+        .set_max_packet_size(Some(16 << 20));
     let (client, mut conn) = Client::new(o, 100);
     std::thread::spawn(move || loop {
         for ev in conn.iter() {
@@ -206,7 +249,11 @@ fn subscriber(port: u16, seen: Arc<Mutex<Vec<(String, String)>>>) {
 fn publish_all(port: u16, payloads: Vec<Vec<u8>>) {
     for batch in payloads.chunks(25) {
         loop {
-            let mut o = MqttOptions::new(format!("soak-pub-{}", std::process::id()), "127.0.0.1", port);
+            let mut o = MqttOptions::new(
+                format!("soak-pub-{}", std::process::id()),
+                "127.0.0.1",
+                port,
+            );
             o.set_keep_alive(Duration::from_secs(5));
             let (client, mut conn) = Client::new(o, batch.len() + 10);
             for p in batch {
@@ -246,7 +293,8 @@ fn main() {
     let out = a.out.canonicalize().unwrap();
     let mut broker = Broker::start(&out.join("broker"));
     let example = root().join("examples");
-    let ex: serde_json::Value = serde_json::from_slice(&std::fs::read(example.join("lung1.job.json")).unwrap()).unwrap();
+    let ex: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(example.join("lung1.job.json")).unwrap()).unwrap();
     let coord = ex["nodules"][0]["coord_lps_mm"].clone();
     let volume = example.join("lung1.nii.gz");
     let d = out.join("d");
@@ -259,14 +307,20 @@ fn main() {
         ),
     )
     .unwrap();
-    let mut daemon = Daemon { dir: d.clone(), child: None };
+    let mut daemon = Daemon {
+        dir: d.clone(),
+        child: None,
+    };
     let rss_first = daemon.start();
     let seen = Arc::new(Mutex::new(Vec::new()));
     subscriber(broker.port, seen.clone());
     std::thread::sleep(Duration::from_millis(500));
 
     let t0 = Instant::now();
-    let mqtt_jobs: Vec<Vec<u8>> = (0..a.jobs).filter(|i| i % 2 == 0).map(|i| job(i, &volume, &coord).into_bytes()).collect();
+    let mqtt_jobs: Vec<Vec<u8>> = (0..a.jobs)
+        .filter(|i| i % 2 == 0)
+        .map(|i| job(i, &volume, &coord).into_bytes())
+        .collect();
     let port = broker.port;
     let publisher = std::thread::spawn(move || publish_all(port, mqtt_jobs));
     for i in (0..a.jobs).filter(|i| i % 2 == 1) {

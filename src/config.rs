@@ -67,6 +67,8 @@ pub struct Config {
     pub health: HealthConfig,
     /// Bounds of `done/` and `failed/`.
     pub retention: RetentionConfig,
+    /// DICOM receiver, series checks, SR and PACS sender.
+    pub dicom: crate::dicom::DicomConfig,
 }
 
 /// `[model]`.
@@ -239,6 +241,7 @@ impl Default for Config {
             alert: AlertConfig::default(),
             health: HealthConfig::default(),
             retention: RetentionConfig::default(),
+            dicom: crate::dicom::DicomConfig::default(),
         }
     }
 }
@@ -377,6 +380,8 @@ pub struct Settings {
     pub alert_threshold: Option<f64>,
     /// Health endpoint address when enabled.
     pub health: Option<SocketAddr>,
+    /// Validated `[dicom]`.
+    pub dicom: crate::dicom::DicomSettings,
 }
 
 /// Validated MQTT settings.
@@ -593,7 +598,12 @@ impl Config {
             ),
             None => None,
         };
+        let dicom = self
+            .dicom
+            .validate()
+            .map_err(|(key, msg)| invalid(key, msg))?;
         Ok(Settings {
+            dicom,
             model_public_key,
             device: self.model.device,
             dtype: self.model.dtype,
@@ -635,7 +645,9 @@ fn topic_or(
     if t.contains(['+', '#']) || t.split('/').any(str::is_empty) {
         return Err(ConfigError::Invalid {
             key,
-            msg: format!("`{t}` is not a plain topic (no `+`, `#` or empty levels), e.g. {prefix}/{leaf}"),
+            msg: format!(
+                "`{t}` is not a plain topic (no `+`, `#` or empty levels), e.g. {prefix}/{leaf}"
+            ),
         });
     }
     Ok(t)

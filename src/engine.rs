@@ -189,15 +189,18 @@ impl Scorer for CheckpointScorer {
                     descriptors: descriptors(self.model.zero_shot(), out),
                     source: input.source.clone(),
                     label: input.label,
+                    summary: String::new(),
                 }
             })
             .collect();
         let patients = ScoreReport::patients_from(&reports);
-        Ok(ScoreReport {
+        let mut report = ScoreReport {
             model: self.info.clone(),
             nodules: reports,
             patients,
-        })
+        };
+        report.fill_summaries(None);
+        Ok(report)
     }
 }
 

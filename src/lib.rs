@@ -12,7 +12,8 @@
 //!   turned into [`nodule::NoduleInput`]s.
 //! - [`model`]: the CLIP towers with per-fold LoRA, MIL, heads, checkpoint reading.
 //! - [`calibration`]: beta calibration of fold probabilities.
-//! - [`report`]: the score JSON every consumer reads.
+//! - [`report`]: the score JSON every consumer reads (with its summary sentence).
+//! - [`dicom`]: DICOM in and out: series checks, the SR of a result, UIDs, `[dicom]` keys.
 //! - [`convert`]: released checkpoints into a model bundle ([`bundle`]: manifest, signatures,
 //!   the model store; models/README.md).
 //! - [`device`]: the compute device and dtype (`--device auto|cpu|cuda[:N]`), chosen once.
@@ -31,6 +32,7 @@ pub mod confine;
 pub mod convert;
 pub mod daemon;
 pub mod device;
+pub mod dicom;
 pub mod engine;
 pub mod eval;
 pub mod finetune;

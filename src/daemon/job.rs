@@ -5,6 +5,7 @@
 //! ```json
 //! {"job_id": "J1", "patient_id": "P1",
 //!  "series": {"path": "/srv/ct/P1/series1", "series_uid": "1.2..."},   // a DICOM folder, or
+//!  "series": {"uid": "1.2..."},          // a series received over DICOM (waits until stable), or
 //!  "volume": "/srv/ct/P1.nii.gz",                                      // a NIfTI / NRRD file
 //!  "nodules": [{"nodule_id": "n1", "coord_lps_mm": [-21.9, -120.5, -611.5]}]}
 //! ```
@@ -122,15 +123,20 @@ pub struct JobDoc {
     pub nodules: Vec<NoduleDoc>,
 }
 
-/// `series`.
+/// `series`: a DICOM folder (`path`, with `series_uid` when it holds several), or a series
+/// received by the DICOM receiver (`uid`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SeriesRef {
     /// The DICOM folder.
-    pub path: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
     /// Which series when the folder holds several.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub series_uid: Option<String>,
+    /// SeriesInstanceUID of a received series (the job waits until it is stable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
 }
 
 /// `crop`: a file, or the file's bytes inline.
@@ -297,7 +303,13 @@ pub fn check(
     let mut spooled = Vec::new();
     let pid = doc.patient_id.clone();
     let (requests, input) = if let Some(series) = &doc.series {
-        let path = policy.check("series.path", &series.path)?;
+        let Some(p) = &series.path else {
+            return Err(field(
+                "series",
+                "give `path` (a DICOM folder) or `uid` (a received series)",
+            ));
+        };
+        let path = policy.check("series.path", p)?;
         let nodules = coords(&doc)?;
         let input =
             serde_json::json!({"kind": "series", "path": path, "series_uid": series.series_uid});

@@ -26,6 +26,7 @@
 //! output stage writes what it holds, then the MQTT client publishes a `stopped` status and
 //! disconnects; `shutdown_timeout_secs` bounds the wait.
 
+pub mod dicom_glue;
 pub mod disk;
 pub mod health;
 pub mod inbox;
@@ -233,9 +234,13 @@ async fn load_model(settings: &Settings, loader: ModelLoader) -> Result<Arc<dyn 
     Ok(scorer)
 }
 
-fn worker_limits(settings: &Settings, st: &Stores) -> Result<worker::Limits, DaemonError> {
+fn worker_limits(
+    settings: &Settings,
+    st: &Stores,
+    dicom: &Arc<dicom_glue::DicomSide>,
+) -> Result<worker::Limits, DaemonError> {
     let mut roots: Vec<PathBuf> = settings.data_roots.clone();
-    for extra in [&st.inbox_dir, &st.spool] {
+    for extra in [&st.inbox_dir, &st.spool, &dicom.store.root().to_path_buf()] {
         roots.push(extra.canonicalize().unwrap_or_else(|_| extra.clone()));
     }
     let opener = crate::confine::Opener::confined(&roots).map_err(|source| DaemonError::Folder {
@@ -255,6 +260,7 @@ fn worker_limits(settings: &Settings, st: &Stores) -> Result<worker::Limits, Dae
         alert_threshold: settings.alert_threshold,
         timeout: settings.job_timeout,
         max_attempts: settings.max_attempts,
+        dicom: dicom.clone(),
     })
 }
 
@@ -302,6 +308,11 @@ pub async fn run_with(
 ) -> Result<(), DaemonError> {
     std::fs::create_dir_all(&settings.state_dir).map_err(folder_err(&settings.state_dir))?;
     let st = open_stores(&settings)?;
+    let dicom = dicom_glue::DicomSide::start(&settings).map_err(|source| DaemonError::Listen {
+        addr: format!("dicom.listen {:?}", settings.dicom.listen),
+        source,
+    })?;
+    let dicom = Arc::new(dicom);
     let scorer = load_model(&settings, loader).await?;
     let telemetry = Arc::new(Telemetry::new(
         scorer.model_info(),
@@ -312,6 +323,7 @@ pub async fn run_with(
     let i = &st.intake;
     tmp_dirs.extend([settings.state_dir.as_path(), &st.spool, &i.processing, &i.done, &i.failed, &i.mqtt_jobs]);
     tmp_dirs.extend(st.ledger.dirs());
+    let _ = telemetry.dicom.set(dicom.clone());
     let stale = disk::remove_stale_tmp(&tmp_dirs);
     telemetry.stale_tmp_removed.store(stale, Ordering::Relaxed);
 
@@ -332,6 +344,7 @@ pub async fn run_with(
         telemetry: telemetry.clone(),
         written: written.clone(),
         stop: stop.flag(),
+        dicom: dicom.clone(),
     };
     let set_drained = shutdown::SetOnDrop(drained_tx);
     spawn_stage("output", guard.clone(), move || {
@@ -345,7 +358,7 @@ pub async fn run_with(
         scorer,
         intake: st.intake.clone(),
         ledger: st.ledger.clone(),
-        limits: Arc::new(worker_limits(&settings, &st)?),
+        limits: Arc::new(worker_limits(&settings, &st, &dicom)?),
         telemetry: telemetry.clone(),
         watchdog: Arc::new(systemd::Watchdog::from_env()),
         stop: stop.flag(),
@@ -369,6 +382,7 @@ pub async fn run_with(
     telemetry.set_state(State::Stopping);
     systemd::stopping();
     stop.signal();
+    dicom.stop();
     drop(guard);
     if !drain.wait(settings.shutdown_timeout).await {
         tracing::warn!(

@@ -47,6 +47,8 @@ pub struct Output {
     pub written: Arc<tokio::sync::Notify>,
     /// Set when the daemon stops (ends disk-full retries).
     pub stop: Arc<AtomicBool>,
+    /// Received series, SRs and the PACS queue.
+    pub dicom: Arc<super::dicom_glue::DicomSide>,
 }
 
 impl Output {
@@ -85,6 +87,7 @@ impl Output {
                 return;
             }
         };
+        super::dicom_glue::write_sr(&self.dicom, self.outbox.dir(), r, f.series.as_ref());
         let written = self.outbox.contains(&r.result_id)
             || disk::retry("outbox", &self.telemetry, &self.stop, &|| {}, || {
                 self.outbox.write(&r.result_id, &json).map(|_| ())
@@ -120,6 +123,7 @@ impl Output {
     }
 
     fn prune(&self) {
+        self.dicom.prune();
         let dropped = self.outbox.prune();
         self.telemetry.outbox_dropped.fetch_add(dropped, Ordering::Relaxed);
         let mut pruned = 0;

@@ -14,7 +14,7 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Upper bounds (seconds) of the latency histogram buckets.
@@ -121,6 +121,8 @@ pub struct Telemetry {
     last_reload: Mutex<Option<ReloadOutcome>>,
     heartbeat: Mutex<Instant>,
     latency: Histogram,
+    /// The DICOM side, for its counters in `/metrics` (set once at start).
+    pub dicom: std::sync::OnceLock<Arc<super::dicom_glue::DicomSide>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -159,6 +161,7 @@ impl Telemetry {
             last_reload: Mutex::new(None),
             heartbeat: Mutex::new(Instant::now()),
             latency: Histogram::new(LATENCY_BUCKETS_S.iter().copied()),
+            dicom: std::sync::OnceLock::new(),
         }
     }
 
@@ -297,6 +300,15 @@ impl Telemetry {
         }
         for (name, help, v) in gauges {
             reg.register(name, help, ConstGauge::new(v as i64));
+        }
+        if let Some(d) = self.dicom.get() {
+            let (counters, gauges) = d.metrics();
+            for (name, help, v) in counters {
+                reg.register(name, help, ConstCounter::new(v));
+            }
+            for (name, help, v) in gauges {
+                reg.register(name, help, ConstGauge::new(v as i64));
+            }
         }
         self.register_info(&mut reg);
         reg.register(

@@ -47,6 +47,8 @@ pub struct Finished {
     pub spooled: Vec<PathBuf>,
     /// Seconds from taking the job to its result.
     pub latency_s: f64,
+    /// The source DICOM series of a scored series job (for its SR).
+    pub series: Option<crate::dicom::SeriesInfo>,
 }
 
 /// What a job may contain and how long it may take (from the settings).
@@ -64,6 +66,8 @@ pub struct Limits {
     pub timeout: Duration,
     /// Unfinished attempts after which a job is failed.
     pub max_attempts: u32,
+    /// Received DICOM series (jobs naming a series UID) and the series checks' settings.
+    pub dicom: Arc<super::dicom_glue::DicomSide>,
 }
 
 /// The worker stage.
@@ -133,6 +137,7 @@ enum Msg {
 struct Ran {
     input: serde_json::Value,
     spooled: Vec<PathBuf>,
+    series: Option<crate::dicom::SeriesInfo>,
     outcome: Result<Option<Scored>, JobError>,
 }
 
@@ -183,6 +188,7 @@ impl Worker {
         };
         let abandoned = rec.attempts > self.limits.max_attempts;
         let (ids, ran) = self.run_with_deadline(runner, &claimed, abandoned);
+        let series = ran.as_ref().and_then(|r| r.series.clone());
         let (input, spooled, outcome) = match ran {
             None => {
                 self.telemetry.jobs_timed_out.fetch_add(1, Ordering::Relaxed);
@@ -214,6 +220,7 @@ impl Worker {
             result,
             spooled,
             latency_s: started.elapsed().as_secs_f64(),
+            series,
         };
         self.hand_over(finished, &name);
     }
@@ -300,6 +307,7 @@ impl Worker {
         let died = || Ran {
             input: serde_json::Value::Null,
             spooled: Vec::new(),
+            series: None,
             outcome: Err(JobError::Panicked),
         };
         if runner.is_none() {
@@ -410,6 +418,7 @@ fn run_job(
     let mut ran = Ran {
         input: serde_json::Value::Null,
         spooled: Vec::new(),
+        series: None,
         outcome: Ok(None),
     };
     let outcome = (|| {
@@ -435,11 +444,20 @@ fn run_job(
         if ids_only {
             return Ok(None);
         }
+        let Some(doc) = super::dicom_glue::resolve_series(&limits.dicom, doc, stop)? else {
+            return Ok(None);
+        };
         let policy = limits.policy.for_job(&file_name(file));
         let checked: CheckedJob = job::check(doc, &key, &policy, limits.max_nodules)?;
         ran.spooled = checked.spooled.clone();
         ran.input = checked.input.clone();
-        score_job(&checked, &policy.opener, scorer, stop)
+        ran.series =
+            super::dicom_glue::check_series(&checked, &limits.dicom.settings, &mut ran.input)?;
+        let mut scored = score_job(&checked, &policy.opener, scorer, stop)?;
+        if let Some(s) = scored.as_mut() {
+            s.report.fill_summaries(limits.alert_threshold);
+        }
+        Ok(scored)
     })();
     ran.outcome = outcome;
     let _ = tx.send(Msg::Done(ran));
