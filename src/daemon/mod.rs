@@ -164,6 +164,11 @@ pub fn load_checked(
             "self-test: outputs not finite probabilities (or attention does not sum to 1)".into(),
         ));
     }
+    // A bundle also carries a golden input recorded at convert time (from the verified
+    // mapping), checked at start and on reload alike.
+    scorer
+        .golden_check()
+        .map_err(|e| err(format!("bundle self-test: {e:#}")))?;
     let info = scorer.model_info();
     if let Some(v) = info.version {
         crate::bundle::rollback::admit(state_dir, path, &info.id, v).map_err(err)?;
@@ -497,14 +502,7 @@ async fn reload(
     tracing::info!(model = %path.display(), "reloading the model");
     let state_dir = settings.state_dir.clone();
     let loaded = tokio::task::spawn_blocking(move || {
-        let scorer = load_checked(loader, &path, key.as_ref(), &state_dir)?;
-        // A bundle also carries a golden input recorded at convert time (from the verified
-        // mapping): checked on reload, as before.
-        scorer.golden_check().map_err(|e| DaemonError::Model {
-            path: path.display().to_string(),
-            msg: format!("bundle self-test: {e:#}"),
-        })?;
-        Ok::<_, DaemonError>(scorer)
+        load_checked(loader, &path, key.as_ref(), &state_dir)
     })
     .await
     .map_err(|e| e.to_string())

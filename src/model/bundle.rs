@@ -452,6 +452,7 @@ impl NoduleModel {
             zero_shot,
             text_embeds,
             device: Device::Cpu,
+            dtype: candle_core::DType::F32,
         };
         Ok((model, info))
     }

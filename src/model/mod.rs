@@ -176,6 +176,8 @@ pub struct NoduleModel {
     /// Per fold, the prompts' L2-normalised embeddings [prompts, out_dim], f64.
     text_embeds: Vec<Tensor>,
     device: Device,
+    /// The vision tower's compute dtype (F32 unless placed in bf16 or f16).
+    dtype: DType,
 }
 
 impl NoduleModel {
@@ -220,6 +222,7 @@ impl NoduleModel {
             zero_shot,
             text_embeds,
             device,
+            dtype: DType::F32,
         })
     }
 
@@ -230,6 +233,7 @@ impl NoduleModel {
         Ok(Self {
             vision,
             device: placement.device.clone(),
+            dtype: placement.dtype,
             ..self
         })
     }
@@ -237,6 +241,11 @@ impl NoduleModel {
     /// The device the vision tower runs on.
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The vision tower's compute dtype: F32, or BF16/F16 once placed there.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// Fold `k`'s beta calibrator.

@@ -157,6 +157,7 @@ pub fn model_with_base(
         zero_shot,
         text_embeds,
         device,
+        dtype: candle_core::DType::F32,
     })
 }
 
