@@ -696,7 +696,10 @@ mod tests {
     fn health_binds_to_loopback_unless_allow_remote() {
         let cfg: Config = toml::from_str("[health]\nlisten = \"0.0.0.0:0\"\n").unwrap();
         let err = cfg.validate(Path::new("/")).unwrap_err().to_string();
-        assert!(err.contains("health.listen") && err.contains("allow_remote"), "{err}");
+        assert!(
+            err.contains("health.listen") && err.contains("allow_remote"),
+            "{err}"
+        );
         let cfg: Config =
             toml::from_str("[health]\nlisten = \"0.0.0.0:0\"\nallow_remote = true\n").unwrap();
         assert!(cfg.validate(Path::new("/")).unwrap().health.is_some());

@@ -143,7 +143,11 @@ impl Dir {
 
     /// Names of the regular files in the folder (not following symlinks), sorted.
     pub fn file_names(&self) -> io::Result<Vec<OsString>> {
-        let dup = open_at(self.fd.as_raw_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY)?;
+        let dup = open_at(
+            self.fd.as_raw_fd(),
+            c".",
+            libc::O_RDONLY | libc::O_DIRECTORY,
+        )?;
         // SAFETY: `dup` is an open directory descriptor whose ownership passes to the stream.
         let dirp = unsafe { libc::fdopendir(dup.as_raw_fd()) };
         if dirp.is_null() {
@@ -252,7 +256,8 @@ fn regular(fd: OwnedFd) -> io::Result<File> {
 }
 
 fn cstring(p: &OsStr) -> io::Result<CString> {
-    CString::new(p.as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
+    CString::new(p.as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
 }
 
 fn open_path(path: &Path, flags: i32) -> io::Result<OwnedFd> {
@@ -381,8 +386,8 @@ mod tests {
         for rel in ["abs_link", "rel_link", "dir_link/secret.txt"] {
             let e = open_beneath(rfd.as_raw_fd(), Path::new(rel), libc::O_RDONLY).unwrap_err();
             assert!(is_outside(&e), "{rel}: {e}");
-            let e = open_nofollow_each(rfd.as_raw_fd(), Path::new(rel), libc::O_RDONLY)
-                .unwrap_err();
+            let e =
+                open_nofollow_each(rfd.as_raw_fd(), Path::new(rel), libc::O_RDONLY).unwrap_err();
             assert!(is_outside(&e), "fallback {rel}: {e}");
         }
         assert!(open_beneath(rfd.as_raw_fd(), Path::new("sub/in.txt"), libc::O_RDONLY).is_ok());
@@ -390,7 +395,9 @@ mod tests {
             open_nofollow_each(rfd.as_raw_fd(), Path::new("sub/in.txt"), libc::O_RDONLY).is_ok()
         );
         let o = Opener::confined(&[root.clone()]).unwrap();
-        let e = o.open_file(&root.join("sub/../../out/secret.txt")).unwrap_err();
+        let e = o
+            .open_file(&root.join("sub/../../out/secret.txt"))
+            .unwrap_err();
         assert_eq!(e.to_string(), OUTSIDE);
         let e = o.open_file(Path::new("relative.txt")).unwrap_err();
         assert_eq!(e.to_string(), OUTSIDE);
@@ -419,7 +426,9 @@ mod tests {
         let d = o.open_dir(&root.join("sub")).unwrap();
         assert_eq!(d.file_names().unwrap(), vec![OsString::from("in.txt")]);
         assert!(is_outside(&d.open_file(OsStr::new("link")).unwrap_err()));
-        assert!(is_outside(&d.open_file(OsStr::new("../sub/in.txt")).unwrap_err()));
+        assert!(is_outside(
+            &d.open_file(OsStr::new("../sub/in.txt")).unwrap_err()
+        ));
         assert!(d.open_file(OsStr::new("in.txt")).is_ok());
     }
 }

@@ -122,7 +122,10 @@ impl TlsFiles {
         };
         let config = files.client_config().map_err(|msg| TlsError::Pem {
             key: "mqtt.tls",
-            path: cert.or(ca_path).map(|p| p.display().to_string()).unwrap_or_default(),
+            path: cert
+                .or(ca_path)
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
             msg,
         })?;
         files.config = Some(Arc::new(config));
@@ -204,7 +207,8 @@ pub fn read_password(path: &Path) -> Result<String, TlsError> {
 pub fn is_loopback(host: &str) -> bool {
     let h = host.trim_start_matches('[').trim_end_matches(']');
     h.eq_ignore_ascii_case("localhost")
-        || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]
@@ -221,12 +225,17 @@ mod tests {
         assert_eq!(read_password(&p).unwrap(), "s3cret");
         let p = password_path(Path::new("pw"), t.path(), Some(Path::new("/nonexistent")));
         assert_eq!(read_password(&p).unwrap(), "s3cret");
-        let e = read_password(Path::new("/nonexistent/pw")).unwrap_err().to_string();
+        let e = read_password(Path::new("/nonexistent/pw"))
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("mqtt.password_file: /nonexistent/pw:"), "{e}");
         std::fs::write(t.path().join("bad.pem"), "hello").unwrap();
         let e = TlsFiles::read(Some(&t.path().join("bad.pem")), None, None)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("mqtt.ca_file") && e.contains("BEGIN CERTIFICATE"), "{e}");
+        assert!(
+            e.contains("mqtt.ca_file") && e.contains("BEGIN CERTIFICATE"),
+            "{e}"
+        );
     }
 }

@@ -76,7 +76,10 @@ impl Planes01 {
         opener
             .open_file(path)
             // f64 planes and a generous header; anything longer is not a planes file.
-            .and_then(|f| f.take((PLANES_LEN * 8 + (1 << 20)) as u64).read_to_end(&mut bytes))
+            .and_then(|f| {
+                f.take((PLANES_LEN * 8 + (1 << 20)) as u64)
+                    .read_to_end(&mut bytes)
+            })
             .map_err(io)?;
         let st =
             safetensors::SafeTensors::deserialize(&bytes).map_err(|e| PlanesError::Format {

@@ -23,10 +23,10 @@ pub mod rollback;
 pub mod sign;
 pub mod store;
 
+use crate::model::mapped::SharedMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use crate::model::mapped::SharedMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -361,8 +361,8 @@ pub fn open_verified(
         };
         // SAFETY: a private read-only mapping of a file whose bytes are hashed below; see the
         // module doc for in-place writes.
-        let map = unsafe { memmap2::MmapOptions::new().map_copy_read_only(&file) }
-            .map_err(io(&path))?;
+        let map =
+            unsafe { memmap2::MmapOptions::new().map_copy_read_only(&file) }.map_err(io(&path))?;
         let actual = hex::encode(Sha256::digest(&map[..]));
         if &actual != expected {
             return Err(BundleError::Hash {

@@ -53,7 +53,10 @@ pub struct Record {
 pub fn store_of(model_path: &Path) -> Option<PathBuf> {
     if model_path.join(super::store::CURRENT).exists() {
         Some(model_path.to_path_buf())
-    } else if model_path.file_name().is_some_and(|n| n == super::store::CURRENT) {
+    } else if model_path
+        .file_name()
+        .is_some_and(|n| n == super::store::CURRENT)
+    {
         model_path.parent().map(Path::to_path_buf)
     } else {
         None

@@ -67,13 +67,18 @@ pub fn remove_stale_tmp(dirs: &[&Path]) -> u64 {
             if name.starts_with('.') && name.ends_with(".tmp") && e.path().is_file() {
                 match std::fs::remove_file(e.path()) {
                     Ok(()) => n += 1,
-                    Err(err) => tracing::warn!(file = %e.path().display(), error = %err, "could not remove a stale temporary file"),
+                    Err(err) => {
+                        tracing::warn!(file = %e.path().display(), error = %err, "could not remove a stale temporary file")
+                    }
                 }
             }
         }
     }
     if n > 0 {
-        tracing::info!(files = n, "removed stale temporary files left by an earlier run");
+        tracing::info!(
+            files = n,
+            "removed stale temporary files left by an earlier run"
+        );
     }
     n
 }

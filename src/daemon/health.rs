@@ -77,7 +77,11 @@ fn route(method: &str, path: &str, telemetry: &Telemetry) -> (u16, &'static str,
                 Some(reason) => format!("ok (on the CPU: {reason})\n"),
                 None => "ok\n".to_string(),
             };
-            let mqtt = telemetry.mqtt_last_error.lock().map(|e| e.clone()).unwrap_or_default();
+            let mqtt = telemetry
+                .mqtt_last_error
+                .lock()
+                .map(|e| e.clone())
+                .unwrap_or_default();
             if !mqtt.is_empty() {
                 body.push_str(&format!("mqtt: {mqtt}\n"));
             }

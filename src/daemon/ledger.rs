@@ -116,7 +116,10 @@ mod tests {
         let l = Ledger::open(dir.path()).unwrap();
         assert_eq!(l.attempts("a.json"), None);
         let r1 = l.begin("a.json", Origin::Mqtt).unwrap();
-        let r2 = Ledger::open(dir.path()).unwrap().begin("a.json", Origin::Mqtt).unwrap();
+        let r2 = Ledger::open(dir.path())
+            .unwrap()
+            .begin("a.json", Origin::Mqtt)
+            .unwrap();
         assert_eq!((r1.attempts, r2.attempts), (1, 2));
         l.undo("a.json", r2).unwrap();
         assert_eq!(l.attempts("a.json").unwrap().attempts, 1);

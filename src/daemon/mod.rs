@@ -210,14 +210,27 @@ fn open_stores(settings: &Settings) -> Result<Stores, DaemonError> {
         .unwrap_or_else(|| settings.state_dir.join("inbox"));
     let intake = Inbox::open(&inbox_dir, &settings.state_dir).map_err(folder_err(&inbox_dir))?;
     let ledger = Ledger::open(&settings.state_dir).map_err(folder_err(&settings.state_dir))?;
-    let outbox = Outbox::open(&settings.outbox, settings.outbox_max_age, settings.outbox_max_bytes)
-        .map_err(folder_err(&settings.outbox))?;
+    let outbox = Outbox::open(
+        &settings.outbox,
+        settings.outbox_max_age,
+        settings.outbox_max_bytes,
+    )
+    .map_err(folder_err(&settings.outbox))?;
     let spool = spool.canonicalize().unwrap_or(spool);
-    Ok(Stores { intake, ledger, outbox: Arc::new(outbox), spool, inbox_dir })
+    Ok(Stores {
+        intake,
+        ledger,
+        outbox: Arc::new(outbox),
+        spool,
+        inbox_dir,
+    })
 }
 
 /// Opens the device, loads and self-tests the model (off the async threads).
-async fn load_model(settings: &Settings, loader: ModelLoader) -> Result<Arc<dyn Scorer>, DaemonError> {
+async fn load_model(
+    settings: &Settings,
+    loader: ModelLoader,
+) -> Result<Arc<dyn Scorer>, DaemonError> {
     let join_err = |e: tokio::task::JoinError| DaemonError::Model {
         path: settings.model_path.display().to_string(),
         msg: e.to_string(),
@@ -228,12 +241,16 @@ async fn load_model(settings: &Settings, loader: ModelLoader) -> Result<Arc<dyn 
         .await
         .map_err(join_err)??;
     systemd::status("loading model");
-    let (path, key) = (settings.model_path.clone(), settings.model_public_key.clone());
+    let (path, key) = (
+        settings.model_path.clone(),
+        settings.model_public_key.clone(),
+    );
     let state_dir = settings.state_dir.clone();
     let t = Instant::now();
-    let scorer = tokio::task::spawn_blocking(move || load_checked(loader, &path, key.as_ref(), &state_dir))
-        .await
-        .map_err(join_err)??;
+    let scorer =
+        tokio::task::spawn_blocking(move || load_checked(loader, &path, key.as_ref(), &state_dir))
+            .await
+            .map_err(join_err)??;
     let info = scorer.model_info();
     tracing::info!(model = %info.id, version = ?info.version, backend = %info.backend, ms = t.elapsed().as_millis() as u64, "model loaded and self-tested");
     Ok(scorer)
@@ -248,10 +265,11 @@ fn worker_limits(
     for extra in [&st.inbox_dir, &st.spool, &dicom.store.root().to_path_buf()] {
         roots.push(extra.canonicalize().unwrap_or_else(|_| extra.clone()));
     }
-    let opener = crate::confine::Opener::confined(&roots).map_err(|source| DaemonError::Folder {
-        path: "jobs.data_roots".into(),
-        source,
-    })?;
+    let opener =
+        crate::confine::Opener::confined(&roots).map_err(|source| DaemonError::Folder {
+            path: "jobs.data_roots".into(),
+            source,
+        })?;
     Ok(worker::Limits {
         policy: job::PathPolicy {
             roots,
@@ -273,21 +291,29 @@ fn worker_limits(
 /// inbox (on its own thread: the channel is bounded and the worker may be busy).
 fn scan_at_start(st: &Stores, tx: JobSender, with_inbox: bool) {
     let (intake, ledger) = (st.intake.clone(), st.ledger.clone());
-    let _ = std::thread::Builder::new().name("noduled-scan".into()).spawn(move || {
-        for p in Inbox::list(&intake.processing) {
-            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let origin = ledger.attempts(&name).map(|a| a.origin).unwrap_or(Origin::Inbox);
-            tx.send(Job::new(p, origin));
-        }
-        for p in Inbox::list(&intake.mqtt_jobs) {
-            tx.send(Job::new(p, Origin::Mqtt));
-        }
-        if with_inbox {
-            for p in Inbox::list(&intake.dir) {
-                tx.send(Job::new(p, Origin::Inbox));
+    let _ = std::thread::Builder::new()
+        .name("noduled-scan".into())
+        .spawn(move || {
+            for p in Inbox::list(&intake.processing) {
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let origin = ledger
+                    .attempts(&name)
+                    .map(|a| a.origin)
+                    .unwrap_or(Origin::Inbox);
+                tx.send(Job::new(p, origin));
             }
-        }
-    });
+            for p in Inbox::list(&intake.mqtt_jobs) {
+                tx.send(Job::new(p, Origin::Mqtt));
+            }
+            if with_inbox {
+                for p in Inbox::list(&intake.dir) {
+                    tx.send(Job::new(p, Origin::Inbox));
+                }
+            }
+        });
 }
 
 fn spawn_stage(
@@ -322,11 +348,21 @@ pub async fn run_with(
     let telemetry = Arc::new(Telemetry::new(
         scorer.model_info(),
         settings.job_timeout,
-        (settings.outbox_max_bytes, settings.outbox_max_age.as_secs() / 3600),
+        (
+            settings.outbox_max_bytes,
+            settings.outbox_max_age.as_secs() / 3600,
+        ),
     ));
     let mut tmp_dirs: Vec<&Path> = st.outbox.dirs().to_vec();
     let i = &st.intake;
-    tmp_dirs.extend([settings.state_dir.as_path(), &st.spool, &i.processing, &i.done, &i.failed, &i.mqtt_jobs]);
+    tmp_dirs.extend([
+        settings.state_dir.as_path(),
+        &st.spool,
+        &i.processing,
+        &i.done,
+        &i.failed,
+        &i.mqtt_jobs,
+    ]);
     tmp_dirs.extend(st.ledger.dirs());
     let _ = telemetry.dicom.set(dicom.clone());
     let stale = disk::remove_stale_tmp(&tmp_dirs);
@@ -345,7 +381,10 @@ pub async fn run_with(
         outbox: st.outbox.clone(),
         intake: st.intake.clone(),
         ledger: st.ledger.clone(),
-        retention: output::Retention { max_age: settings.retention_max_age, max_bytes: settings.retention_max_bytes },
+        retention: output::Retention {
+            max_age: settings.retention_max_age,
+            max_bytes: settings.retention_max_bytes,
+        },
         telemetry: telemetry.clone(),
         written: written.clone(),
         stop: stop.flag(),
@@ -371,7 +410,9 @@ pub async fn run_with(
     };
     spawn_stage("worker", guard.clone(), move || w.run())?;
 
-    let watcher = start_inputs(&settings, &st, &jobs_tx, &telemetry, &written, &stop, drained_rx, &guard)?;
+    let watcher = start_inputs(
+        &settings, &st, &jobs_tx, &telemetry, &written, &stop, drained_rx, &guard,
+    )?;
     scan_at_start(&st, jobs_tx, settings.inbox.is_some());
     let health = start_health(&settings, &telemetry).await?;
 
@@ -379,7 +420,10 @@ pub async fn run_with(
     let info = telemetry.model();
     let ready_line = format!("ready: model {} on {}", info.id, info.backend);
     systemd::ready(&ready_line);
-    tracing::info!(queue = telemetry.queue_depth.load(Ordering::Relaxed), "{ready_line}");
+    tracing::info!(
+        queue = telemetry.queue_depth.load(Ordering::Relaxed),
+        "{ready_line}"
+    );
 
     serve_signals(&settings, loader, &telemetry, &models_tx, shutdown).await;
 
@@ -417,10 +461,14 @@ fn start_inputs(
     guard: &DoneGuard,
 ) -> Result<Option<notify::RecommendedWatcher>, DaemonError> {
     let watcher = match &settings.inbox {
-        Some(dir) => Some(st.intake.watch(jobs.clone()).map_err(|e| DaemonError::Watch {
-            path: dir.display().to_string(),
-            msg: e.to_string(),
-        })?),
+        Some(dir) => Some(
+            st.intake
+                .watch(jobs.clone())
+                .map_err(|e| DaemonError::Watch {
+                    path: dir.display().to_string(),
+                    msg: e.to_string(),
+                })?,
+        ),
         None => None,
     };
     if let Some(m) = settings.mqtt.clone() {
@@ -449,23 +497,38 @@ fn start_inputs(
     Ok(watcher)
 }
 
-type HealthTask = (tokio::sync::watch::Sender<bool>, tokio::task::JoinHandle<()>);
+type HealthTask = (
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+);
 
-async fn start_health(settings: &Settings, telemetry: &Arc<Telemetry>) -> Result<Option<HealthTask>, DaemonError> {
+async fn start_health(
+    settings: &Settings,
+    telemetry: &Arc<Telemetry>,
+) -> Result<Option<HealthTask>, DaemonError> {
     let Some(addr) = settings.health else {
         return Ok(None);
     };
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| DaemonError::Listen {
-        addr: addr.to_string(),
-        source,
-    })?;
-    let bound = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| DaemonError::Listen {
+            addr: addr.to_string(),
+            source,
+        })?;
+    let bound = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     tracing::info!(addr = %bound, "health endpoint listening");
-    if let Err(e) = outbox::write_atomic(&settings.state_dir.join("health.addr"), bound.as_bytes()) {
+    if let Err(e) = outbox::write_atomic(&settings.state_dir.join("health.addr"), bound.as_bytes())
+    {
         tracing::warn!(error = %e, "could not write health.addr");
     }
     let (tx, rx) = tokio::sync::watch::channel(false);
-    Ok(Some((tx, tokio::spawn(health::serve(listener, telemetry.clone(), rx)))))
+    Ok(Some((
+        tx,
+        tokio::spawn(health::serve(listener, telemetry.clone(), rx)),
+    )))
 }
 
 /// Waits for `shutdown`, reloading the model on each SIGHUP meanwhile.
@@ -498,15 +561,17 @@ async fn reload(
 ) {
     telemetry.set_state(State::Reloading);
     systemd::reloading();
-    let (path, key) = (settings.model_path.clone(), settings.model_public_key.clone());
+    let (path, key) = (
+        settings.model_path.clone(),
+        settings.model_public_key.clone(),
+    );
     tracing::info!(model = %path.display(), "reloading the model");
     let state_dir = settings.state_dir.clone();
-    let loaded = tokio::task::spawn_blocking(move || {
-        load_checked(loader, &path, key.as_ref(), &state_dir)
-    })
-    .await
-    .map_err(|e| e.to_string())
-    .and_then(|r| r.map_err(|e| e.to_string()));
+    let loaded =
+        tokio::task::spawn_blocking(move || load_checked(loader, &path, key.as_ref(), &state_dir))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
     match loaded {
         Ok(scorer) => {
             let info = scorer.model_info();

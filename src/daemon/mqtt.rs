@@ -132,12 +132,17 @@ impl Mqtt {
             let (client, el) = AsyncClient::new(self.options(), 256);
             let mut events = spawn_poller(el);
             let mut conn = Conn::default();
-            let finished = self.connection(&client, &mut events, &mut conn, &mut held).await;
+            let finished = self
+                .connection(&client, &mut events, &mut conn, &mut held)
+                .await;
             let was_connected = conn.connected;
-            self.telemetry.mqtt_connected.store(false, Ordering::Relaxed);
+            self.telemetry
+                .mqtt_connected
+                .store(false, Ordering::Relaxed);
             if finished {
                 if was_connected {
-                    self.finish(&client, &mut events, &mut conn, &mut held).await;
+                    self.finish(&client, &mut events, &mut conn, &mut held)
+                        .await;
                 }
                 return;
             }
@@ -320,7 +325,10 @@ impl Mqtt {
         let Some(f) = conn.files.get_mut(&file).filter(|f| f.attempt == attempt) else {
             return false;
         };
-        if !matches!(ack.reason, PubAckReason::Success | PubAckReason::NoMatchingSubscribers) {
+        if !matches!(
+            ack.reason,
+            PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+        ) {
             conn.files.remove(&file);
             self.refused(held, &file, &format!("{:?}", ack.reason));
             return true;
@@ -333,9 +341,13 @@ impl Mqtt {
         held.backoff.remove(&file);
         match self.outbox.mark_sent(&file) {
             Ok(()) => {
-                self.telemetry.results_published.fetch_add(1, Ordering::Relaxed);
+                self.telemetry
+                    .results_published
+                    .fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) => tracing::error!(file = %file.display(), error = %e, "could not move a sent result"),
+            Err(e) => {
+                tracing::error!(file = %file.display(), error = %e, "could not move a sent result")
+            }
         }
         super::output::refresh_outbox_stats(&self.outbox, &self.telemetry);
         true
@@ -343,11 +355,14 @@ impl Mqtt {
 
     /// A refused publish: back off, or give up after `max_publish_attempts`.
     fn refused(&self, held: &mut Held, file: &Path, reason: &str) {
-        self.telemetry.publish_refusals.fetch_add(1, Ordering::Relaxed);
+        self.telemetry
+            .publish_refusals
+            .fetch_add(1, Ordering::Relaxed);
         let b = held.backoff.entry(file.to_path_buf()).or_default();
         b.refusals += 1;
         if b.refusals < self.max_publish_attempts {
-            let wait = Duration::from_secs(1 << (b.refusals - 1).min(8)).min(Duration::from_secs(300));
+            let wait =
+                Duration::from_secs(1 << (b.refusals - 1).min(8)).min(Duration::from_secs(300));
             b.next = Some(Instant::now() + wait);
             tracing::warn!(file = %file.display(), reason, refusals = b.refusals, wait_s = wait.as_secs(), "broker refused a result; retrying after a backoff");
             return;
@@ -360,10 +375,14 @@ impl Mqtt {
     fn give_up(&self, file: &Path, why: &serde_json::Value) {
         match self.outbox.refuse(file, why) {
             Ok(()) => {
-                self.telemetry.results_refused.fetch_add(1, Ordering::Relaxed);
+                self.telemetry
+                    .results_refused
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::error!(file = %file.display(), reason = %why["reason"], "result moved to outbox/refused/");
             }
-            Err(e) => tracing::error!(file = %file.display(), error = %e, "could not move a refused result"),
+            Err(e) => {
+                tracing::error!(file = %file.display(), error = %e, "could not move a refused result")
+            }
         }
         super::output::refresh_outbox_stats(&self.outbox, &self.telemetry);
     }
@@ -380,7 +399,13 @@ impl Mqtt {
         let mut will = self.telemetry.status_json();
         will["state"] = "lost".into();
         let will = serde_json::to_vec(&will).unwrap_or_default();
-        o.set_last_will(LastWill::new(m.status_topic.clone(), will, QoS::AtLeastOnce, true, None));
+        o.set_last_will(LastWill::new(
+            m.status_topic.clone(),
+            will,
+            QoS::AtLeastOnce,
+            true,
+            None,
+        ));
         if let Some((u, p)) = &m.credentials {
             o.set_credentials(u.clone(), p.clone());
         }
@@ -397,7 +422,10 @@ impl Mqtt {
             return;
         }
         let topic = self.settings.status_topic.clone();
-        if client.try_publish(topic, QoS::AtLeastOnce, true, text.clone()).is_ok() {
+        if client
+            .try_publish(topic, QoS::AtLeastOnce, true, text.clone())
+            .is_ok()
+        {
             conn.awaiting_pkid.push_back(Tag::Status);
             conn.last_status = text;
         }
@@ -411,7 +439,11 @@ impl Mqtt {
             if conn.files.len() >= self.settings.max_inflight {
                 return;
             }
-            let waiting = held.backoff.get(&file).and_then(|b| b.next).is_some_and(|t| t > now);
+            let waiting = held
+                .backoff
+                .get(&file)
+                .and_then(|b| b.next)
+                .is_some_and(|t| t > now);
             if conn.files.contains_key(&file) || waiting {
                 continue;
             }
@@ -427,15 +459,27 @@ impl Mqtt {
             };
             conn.attempts += 1;
             let attempt = conn.attempts;
-            conn.files.insert(file.clone(), InFlight { attempt, parts_left: parts.len() });
+            conn.files.insert(
+                file.clone(),
+                InFlight {
+                    attempt,
+                    parts_left: parts.len(),
+                },
+            );
             for (topic, payload) in parts {
-                if client.try_publish(topic, QoS::AtLeastOnce, false, payload).is_err() {
+                if client
+                    .try_publish(topic, QoS::AtLeastOnce, false, payload)
+                    .is_err()
+                {
                     // Request channel full: this attempt is void (its acks are ignored); the
                     // whole result goes again later.
                     conn.files.remove(&file);
                     return;
                 }
-                conn.awaiting_pkid.push_back(Tag::Part { file: file.clone(), attempt });
+                conn.awaiting_pkid.push_back(Tag::Part {
+                    file: file.clone(),
+                    attempt,
+                });
             }
         }
     }
@@ -452,13 +496,22 @@ impl Mqtt {
                 "model": r.report.model, "threshold": alert.threshold, "nodules": alert.nodules,
                 "created_at": r.created_at,
             });
-            parts.push((self.settings.alert_topic.clone(), serde_json::to_vec(&msg).unwrap_or_default()));
+            parts.push((
+                self.settings.alert_topic.clone(),
+                serde_json::to_vec(&msg).unwrap_or_default(),
+            ));
         }
         parts
     }
 
     /// Final status, outstanding acknowledgements (bounded wait), clean disconnect (no Will).
-    async fn finish(&self, client: &AsyncClient, events: &mut Events, conn: &mut Conn, held: &mut Held) {
+    async fn finish(
+        &self,
+        client: &AsyncClient,
+        events: &mut Events,
+        conn: &mut Conn,
+        held: &mut Held,
+    ) {
         let mut status = self.telemetry.status_json();
         status["state"] = "stopped".into();
         let _ = client.try_publish(
@@ -561,7 +614,9 @@ fn connect_failed(
     e: &rumqttc::v5::ConnectionError,
 ) {
     let msg = format!("{}:{}: {}", m.host, m.port, one_line_error(e));
-    telemetry.mqtt_connect_failures.fetch_add(1, Ordering::Relaxed);
+    telemetry
+        .mqtt_connect_failures
+        .fetch_add(1, Ordering::Relaxed);
     let mut last = telemetry
         .mqtt_last_error
         .lock()

@@ -270,7 +270,10 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert_eq!(ob.prune(), 0);
-        assert!(ob.contains("old-unsent"), "an unsent result went while sent ones remained");
+        assert!(
+            ob.contains("old-unsent"),
+            "an unsent result went while sent ones remained"
+        );
         assert!(!ob.contains("s1") && ob.contains("s2"));
     }
 }

@@ -98,7 +98,10 @@ impl Output {
             return;
         }
         self.written.notify_one();
-        let err_value = r.error.as_ref().map(|_| serde_json::to_value(r).unwrap_or_default());
+        let err_value = r
+            .error
+            .as_ref()
+            .map(|_| serde_json::to_value(r).unwrap_or_default());
         if let Err(e) = disk::retry("job move", &self.telemetry, &self.stop, &|| {}, || {
             self.intake.finish(&f.claimed, err_value.as_ref())
         }) {
@@ -125,7 +128,9 @@ impl Output {
     fn prune(&self) {
         self.dicom.prune();
         let dropped = self.outbox.prune();
-        self.telemetry.outbox_dropped.fetch_add(dropped, Ordering::Relaxed);
+        self.telemetry
+            .outbox_dropped
+            .fetch_add(dropped, Ordering::Relaxed);
         let mut pruned = 0;
         for dir in [&self.intake.done, &self.intake.failed] {
             pruned += prune_folder(dir, self.retention.max_age, self.retention.max_bytes);
@@ -135,8 +140,13 @@ impl Output {
             prune_folder(dir, self.retention.max_age, u64::MAX);
         }
         if pruned > 0 {
-            self.telemetry.retention_pruned.fetch_add(pruned, Ordering::Relaxed);
-            tracing::info!(files = pruned, "retention: removed old files from done/ and failed/");
+            self.telemetry
+                .retention_pruned
+                .fetch_add(pruned, Ordering::Relaxed);
+            tracing::info!(
+                files = pruned,
+                "retention: removed old files from done/ and failed/"
+            );
         }
         refresh_outbox_stats(&self.outbox, &self.telemetry);
     }
@@ -161,8 +171,13 @@ pub fn prune_folder(dir: &Path, max_age: Duration, max_bytes: u64) -> u64 {
             let m = e.metadata().ok()?;
             // Bytes on disk (a sparse file counts what it occupies).
             let used = std::os::unix::fs::MetadataExt::blocks(&m) * 512;
-            m.is_file()
-                .then(|| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), used, e.path()))
+            m.is_file().then(|| {
+                (
+                    m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                    used,
+                    e.path(),
+                )
+            })
         })
         .collect();
     files.sort();
@@ -192,8 +207,14 @@ mod tests {
             std::fs::write(dir.path().join(name), vec![1u8; 8192]).unwrap();
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert_eq!(prune_folder(dir.path(), Duration::from_secs(3600), 1 << 20), 0);
-        assert_eq!(prune_folder(dir.path(), Duration::from_secs(3600), 20_000), 1);
+        assert_eq!(
+            prune_folder(dir.path(), Duration::from_secs(3600), 1 << 20),
+            0
+        );
+        assert_eq!(
+            prune_folder(dir.path(), Duration::from_secs(3600), 20_000),
+            1
+        );
         assert!(!dir.path().join("a").exists() && dir.path().join("b").exists());
         assert_eq!(prune_folder(dir.path(), Duration::ZERO, 1 << 20), 2);
     }

@@ -269,30 +269,114 @@ impl Telemetry {
         let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let b = |a: &AtomicBool| a.load(Ordering::Relaxed) as u64;
         let counters = [
-            ("noduled_jobs_done", "Jobs that produced a score", c(&self.jobs_done)),
-            ("noduled_jobs_failed", "Jobs that ended with an error result", c(&self.jobs_failed)),
-            ("noduled_jobs_timed_out", "Jobs that hit jobs.timeout_secs", c(&self.jobs_timed_out)),
-            ("noduled_jobs_abandoned", "Jobs failed after jobs.max_attempts unfinished attempts", c(&self.jobs_abandoned)),
-            ("noduled_job_ids_reused", "Jobs whose job_id was seen before with other content", c(&self.job_ids_reused)),
-            ("noduled_results_published", "Results acknowledged by the MQTT broker", c(&self.results_published)),
-            ("noduled_publish_refusals", "Publishes the broker refused (each retry counts)", c(&self.publish_refusals)),
-            ("noduled_results_refused", "Results moved to outbox/refused/", c(&self.results_refused)),
-            ("noduled_outbox_dropped", "Unpublished results deleted by the outbox bounds", c(&self.outbox_dropped)),
-            ("noduled_stale_tmp_removed", "Stale temporary files removed at start", c(&self.stale_tmp_removed)),
-            ("noduled_retention_pruned", "Job files deleted from done/ and failed/ by retention", c(&self.retention_pruned)),
-            ("noduled_reload_failures", "Model reloads that failed (the old model was kept)", c(&self.reload_failures)),
-            ("noduled_mqtt_connect_failures", "Failed MQTT connection attempts (TLS, authentication, network); see /healthz", c(&self.mqtt_connect_failures)),
+            (
+                "noduled_jobs_done",
+                "Jobs that produced a score",
+                c(&self.jobs_done),
+            ),
+            (
+                "noduled_jobs_failed",
+                "Jobs that ended with an error result",
+                c(&self.jobs_failed),
+            ),
+            (
+                "noduled_jobs_timed_out",
+                "Jobs that hit jobs.timeout_secs",
+                c(&self.jobs_timed_out),
+            ),
+            (
+                "noduled_jobs_abandoned",
+                "Jobs failed after jobs.max_attempts unfinished attempts",
+                c(&self.jobs_abandoned),
+            ),
+            (
+                "noduled_job_ids_reused",
+                "Jobs whose job_id was seen before with other content",
+                c(&self.job_ids_reused),
+            ),
+            (
+                "noduled_results_published",
+                "Results acknowledged by the MQTT broker",
+                c(&self.results_published),
+            ),
+            (
+                "noduled_publish_refusals",
+                "Publishes the broker refused (each retry counts)",
+                c(&self.publish_refusals),
+            ),
+            (
+                "noduled_results_refused",
+                "Results moved to outbox/refused/",
+                c(&self.results_refused),
+            ),
+            (
+                "noduled_outbox_dropped",
+                "Unpublished results deleted by the outbox bounds",
+                c(&self.outbox_dropped),
+            ),
+            (
+                "noduled_stale_tmp_removed",
+                "Stale temporary files removed at start",
+                c(&self.stale_tmp_removed),
+            ),
+            (
+                "noduled_retention_pruned",
+                "Job files deleted from done/ and failed/ by retention",
+                c(&self.retention_pruned),
+            ),
+            (
+                "noduled_reload_failures",
+                "Model reloads that failed (the old model was kept)",
+                c(&self.reload_failures),
+            ),
+            (
+                "noduled_mqtt_connect_failures",
+                "Failed MQTT connection attempts (TLS, authentication, network); see /healthz",
+                c(&self.mqtt_connect_failures),
+            ),
         ];
         let last_ok = self.last_reload().map(|r| (r.outcome == "ok") as u64);
         let gauges = [
-            ("noduled_queue_depth", "Jobs waiting for the worker", c(&self.queue_depth)),
-            ("noduled_job_threads_busy", "Job threads alive when the latest job started (stuck reads)", c(&self.stuck_job_threads)),
-            ("noduled_outbox_depth", "Results awaiting broker acknowledgement", c(&self.outbox_depth)),
-            ("noduled_outbox_bytes", "Bytes held in the outbox", c(&self.outbox_bytes)),
-            ("noduled_mqtt_connected", "1 when connected to the broker", b(&self.mqtt_connected)),
-            ("noduled_disk_full", "1 while a write fails for lack of space and is being retried", b(&self.disk_full)),
-            ("noduled_ready", "1 when ready to take jobs", self.not_ready().is_none() as u64),
-            ("noduled_last_reload_ok", "1 when the last reload succeeded (1 before any)", last_ok.unwrap_or(1)),
+            (
+                "noduled_queue_depth",
+                "Jobs waiting for the worker",
+                c(&self.queue_depth),
+            ),
+            (
+                "noduled_job_threads_busy",
+                "Job threads alive when the latest job started (stuck reads)",
+                c(&self.stuck_job_threads),
+            ),
+            (
+                "noduled_outbox_depth",
+                "Results awaiting broker acknowledgement",
+                c(&self.outbox_depth),
+            ),
+            (
+                "noduled_outbox_bytes",
+                "Bytes held in the outbox",
+                c(&self.outbox_bytes),
+            ),
+            (
+                "noduled_mqtt_connected",
+                "1 when connected to the broker",
+                b(&self.mqtt_connected),
+            ),
+            (
+                "noduled_disk_full",
+                "1 while a write fails for lack of space and is being retried",
+                b(&self.disk_full),
+            ),
+            (
+                "noduled_ready",
+                "1 when ready to take jobs",
+                self.not_ready().is_none() as u64,
+            ),
+            (
+                "noduled_last_reload_ok",
+                "1 when the last reload succeeded (1 before any)",
+                last_ok.unwrap_or(1),
+            ),
         ];
         let mut reg = Registry::default();
         for (name, help, v) in counters {
@@ -330,7 +414,10 @@ impl Telemetry {
         model
             .get_or_create(&vec![
                 ("id".into(), info.id.clone()),
-                ("version".into(), info.version.map(|v| v.to_string()).unwrap_or_default()),
+                (
+                    "version".into(),
+                    info.version.map(|v| v.to_string()).unwrap_or_default(),
+                ),
                 ("precision".into(), info.precision.clone()),
                 ("backend".into(), info.backend.clone()),
             ])
@@ -338,7 +425,10 @@ impl Telemetry {
         reg.register("noduled_model_info", "The model in use", model);
         let fallback = Labelled::default();
         fallback
-            .get_or_create(&vec![("reason".into(), info.fallback.clone().unwrap_or_default())])
+            .get_or_create(&vec![(
+                "reason".into(),
+                info.fallback.clone().unwrap_or_default(),
+            )])
             .set(info.fallback.is_some() as i64);
         reg.register(
             "noduled_device_fallback",

@@ -25,8 +25,8 @@ use crate::nodule::NoduleInput;
 use crate::report::ScoreReport;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -177,9 +177,13 @@ impl Worker {
         let name = file_name(&claimed);
         let started = Instant::now();
         let queued_ms = started.duration_since(job.noticed).as_secs_f64() * 1e3;
-        let rec = match disk::retry("attempts ledger", &self.telemetry, &self.stop, &|| self.alive(), || {
-            self.ledger.begin(&name, job.origin)
-        }) {
+        let rec = match disk::retry(
+            "attempts ledger",
+            &self.telemetry,
+            &self.stop,
+            &|| self.alive(),
+            || self.ledger.begin(&name, job.origin),
+        ) {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(file = %name, error = %e, "could not record the attempt; job left in processing/");
@@ -191,13 +195,21 @@ impl Worker {
         let series = ran.as_ref().and_then(|r| r.series.clone());
         let (input, spooled, outcome) = match ran {
             None => {
-                self.telemetry.jobs_timed_out.fetch_add(1, Ordering::Relaxed);
+                self.telemetry
+                    .jobs_timed_out
+                    .fetch_add(1, Ordering::Relaxed);
                 let secs = self.limits.timeout.as_secs();
                 tracing::error!(file = %name, secs, "job deadline passed; giving it an error result and moving on");
-                (serde_json::Value::Null, Vec::new(), Err(JobError::TimedOut { secs }))
+                (
+                    serde_json::Value::Null,
+                    Vec::new(),
+                    Err(JobError::TimedOut { secs }),
+                )
             }
             Some(r) if abandoned => {
-                self.telemetry.jobs_abandoned.fetch_add(1, Ordering::Relaxed);
+                self.telemetry
+                    .jobs_abandoned
+                    .fetch_add(1, Ordering::Relaxed);
                 let err = JobError::Abandoned {
                     attempts: rec.attempts - 1,
                     max: self.limits.max_attempts,
@@ -268,7 +280,9 @@ impl Worker {
     fn spawn_runner(&self) -> Option<Runner> {
         loop {
             let alive = self.job_threads.load(Ordering::SeqCst);
-            self.telemetry.stuck_job_threads.store(alive as u64, Ordering::Relaxed);
+            self.telemetry
+                .stuck_job_threads
+                .store(alive as u64, Ordering::Relaxed);
             if alive < MAX_JOB_THREADS || self.stop.load(Ordering::SeqCst) {
                 break;
             }
@@ -284,11 +298,21 @@ impl Worker {
             .spawn(move || {
                 let _count = count;
                 for t in task_rx {
-                    run_job(&t.file, &limits, t.scorer.as_ref(), &stop, t.ids_only, &msg_tx);
+                    run_job(
+                        &t.file,
+                        &limits,
+                        t.scorer.as_ref(),
+                        &stop,
+                        t.ids_only,
+                        &msg_tx,
+                    );
                 }
             });
         match spawned {
-            Ok(_) => Some(Runner { tasks: task_tx, msgs }),
+            Ok(_) => Some(Runner {
+                tasks: task_tx,
+                msgs,
+            }),
             Err(e) => {
                 tracing::error!(error = %e, "could not start a job thread");
                 None
@@ -363,12 +387,24 @@ impl Worker {
         let (report, timings, error) = match outcome {
             Ok(s) => (
                 s.report,
-                Timings { queued_ms, load_ms: s.load_ms, score_ms: s.score_ms, total_ms: 0.0 },
+                Timings {
+                    queued_ms,
+                    load_ms: s.load_ms,
+                    score_ms: s.score_ms,
+                    total_ms: 0.0,
+                },
                 None,
             ),
             Err(e) => (
-                ScoreReport { model: info.clone(), nodules: Vec::new(), patients: Vec::new() },
-                Timings { queued_ms, ..Timings::default() },
+                ScoreReport {
+                    model: info.clone(),
+                    nodules: Vec::new(),
+                    patients: Vec::new(),
+                },
+                Timings {
+                    queued_ms,
+                    ..Timings::default()
+                },
                 Some(e.to_string()),
             ),
         };
@@ -380,10 +416,17 @@ impl Worker {
             status: if ok { "ok" } else { "error" }.into(),
             job_id_reused,
             error,
-            alert: if ok { job::alert_of(&report, self.limits.alert_threshold) } else { None },
+            alert: if ok {
+                job::alert_of(&report, self.limits.alert_threshold)
+            } else {
+                None
+            },
             report,
             input: input_doc,
-            timings: Timings { total_ms: started.elapsed().as_secs_f64() * 1e3, ..timings },
+            timings: Timings {
+                total_ms: started.elapsed().as_secs_f64() * 1e3,
+                ..timings
+            },
             created_at: job::now_rfc3339(),
             noduled_version: env!("CARGO_PKG_VERSION").into(),
         }
@@ -393,12 +436,18 @@ impl Worker {
         let Some(job_id) = &ids.job_id else {
             return false;
         };
-        let reused = disk::retry("job-id ledger", &self.telemetry, &self.stop, &|| self.alive(), || {
-            self.ledger.note_job_id(job_id, key)
-        })
+        let reused = disk::retry(
+            "job-id ledger",
+            &self.telemetry,
+            &self.stop,
+            &|| self.alive(),
+            || self.ledger.note_job_id(job_id, key),
+        )
         .unwrap_or(false);
         if reused {
-            self.telemetry.job_ids_reused.fetch_add(1, Ordering::Relaxed);
+            self.telemetry
+                .job_ids_reused
+                .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(job_id = %job_id, "job_id reused by a job with other content: scored as a new job (job_id_reused)");
         }
         reused
@@ -483,7 +532,11 @@ fn score_job(
     let report = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scorer.score(&inputs)))
         .map_err(|_| JobError::Panicked)?
         .map_err(|source| JobError::Score {
-            nodule_id: inputs.iter().map(|n| n.nodule_id.as_str()).collect::<Vec<_>>().join(","),
+            nodule_id: inputs
+                .iter()
+                .map(|n| n.nodule_id.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
             source,
         })?;
     if stop.load(Ordering::SeqCst) {

@@ -20,8 +20,8 @@
 //! normal; world space is DICOM patient space (LPS, mm); origin = first slice's position.
 
 use super::{check_dims, cross, dot, Format, Volume, VolumeError, VolumeIds};
-use dicom_dictionary_std::tags;
 use crate::confine::{Dir, Opener};
+use dicom_dictionary_std::tags;
 use dicom_object::file::ReadPreamble;
 use dicom_object::{DefaultDicomObject, OpenFileOptions, Tag};
 use dicom_pixeldata::PixelDecoder;

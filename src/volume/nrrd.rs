@@ -12,9 +12,9 @@
 use super::{
     check_dims, decompose_affine, read_at_most, Format, Sample, Volume, VolumeError, VolumeIds,
 };
+use crate::confine::Opener;
 use flate2::read::GzDecoder;
 use std::io::{BufRead, BufReader, Read};
-use crate::confine::Opener;
 use std::path::Path;
 
 /// Longest header accepted, in bytes.

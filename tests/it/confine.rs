@@ -49,9 +49,15 @@ fn files_outside_data_roots_are_never_read_nor_described() {
     let inside_planes = planes_file(&data, "lung1");
 
     // NRRD headers inside the root whose data file lies outside, by absolute and by `..` name.
-    nhdr(&data.join("abs.nhdr"), &out.join("vol.raw").display().to_string());
+    nhdr(
+        &data.join("abs.nhdr"),
+        &out.join("vol.raw").display().to_string(),
+    );
     nhdr(&data.join("rel.nhdr"), "../out/vol.raw");
-    nhdr(&data.join("missing.nhdr"), &out.join("nothing.raw").display().to_string());
+    nhdr(
+        &data.join("missing.nhdr"),
+        &out.join("nothing.raw").display().to_string(),
+    );
     // A symlink in the root to an outside file; a folder of the root replaced by a symlink
     // after the job was written (the check is on what is opened, not on the name).
     symlink(&outside_planes, data.join("link.safetensors")).unwrap();
@@ -67,7 +73,11 @@ fn files_outside_data_roots_are_never_read_nor_described() {
     for e in std::fs::read_dir(&dicom_dir).unwrap().take(3) {
         let e = e.unwrap();
         std::fs::copy(e.path(), out.join(e.file_name())).unwrap();
-        symlink(out.join(e.file_name()), data.join("dcm").join(e.file_name())).unwrap();
+        symlink(
+            out.join(e.file_name()),
+            data.join("dcm").join(e.file_name()),
+        )
+        .unwrap();
     }
 
     let conf = config_text(tmp.path(), &model(), "", "");
@@ -80,13 +90,19 @@ fn files_outside_data_roots_are_never_read_nor_described() {
 
     d.drop_job("abs.json", &volume_job("abs", &data.join("abs.nhdr")));
     d.drop_job("rel.json", &volume_job("rel", &data.join("rel.nhdr")));
-    d.drop_job("missing.json", &volume_job("missing", &data.join("missing.nhdr")));
+    d.drop_job(
+        "missing.json",
+        &volume_job("missing", &data.join("missing.nhdr")),
+    );
     let abs = error_of(&d, "abs");
     let rel = error_of(&d, "rel");
     let missing = error_of(&d, "missing");
     for e in [&abs, &rel, &missing] {
         assert!(e.contains("outside data_roots"), "{e}");
-        assert!(!e.contains("1024") && !e.contains("bytes"), "size leaked: {e}");
+        assert!(
+            !e.contains("1024") && !e.contains("bytes"),
+            "size leaked: {e}"
+        );
     }
     // An existing and a missing outside file read the same, but for the name.
     assert_eq!(
@@ -97,7 +113,10 @@ fn files_outside_data_roots_are_never_read_nor_described() {
             .replace("missing.nhdr", "H")
     );
 
-    d.drop_job("link.json", &planes_job("link", &data.join("link.safetensors")));
+    d.drop_job(
+        "link.json",
+        &planes_job("link", &data.join("link.safetensors")),
+    );
     assert!(error_of(&d, "link").contains("outside data_roots"));
 
     std::fs::rename(data.join("case"), tmp.path().join("case.moved")).unwrap();
@@ -108,12 +127,18 @@ fn files_outside_data_roots_are_never_read_nor_described() {
     );
     assert!(error_of(&d, "swap").contains("outside data_roots"));
 
-    d.drop_job("fifo.json", &planes_job("fifo", &data.join("pipe.safetensors")));
+    d.drop_job(
+        "fifo.json",
+        &planes_job("fifo", &data.join("pipe.safetensors")),
+    );
     assert!(error_of(&d, "fifo").contains("not a regular file"));
 
     d.drop_job("dcm.json", &volume_job("dcm", &data.join("dcm")));
     let e = error_of(&d, "dcm");
-    assert!(!e.contains("PixelData") && !e.contains("Series"), "read a member: {e}");
+    assert!(
+        !e.contains("PixelData") && !e.contains("Series"),
+        "read a member: {e}"
+    );
 
     // Another job's spooled crop may not be named, and is not deleted by the naming job.
     let spool = tmp.path().join("state/spool");

@@ -501,7 +501,10 @@ fn unknown_config_key_is_refused_naming_it() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.trim().lines().count() == 1 && err.contains("mqtt.job_topic"), "{err}");
+    assert!(
+        err.trim().lines().count() == 1 && err.contains("mqtt.job_topic"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -35,7 +35,11 @@ fn reused_job_id_gets_its_own_result_and_a_redelivery_does_not() {
     let a = wait_for(30, "the first J1 result", || d.result_for("J1"));
     d.drop_job("b.json", &ct_job("J1", "P-B", 1));
     let both = wait_for(30, "two J1 results", || {
-        let r: Vec<_> = d.results().into_iter().filter(|r| r["job_id"] == "J1").collect();
+        let r: Vec<_> = d
+            .results()
+            .into_iter()
+            .filter(|r| r["job_id"] == "J1")
+            .collect();
         (r.len() == 2).then_some(r)
     });
     let b = both.iter().find(|r| r["patient_id"] == "P-B").unwrap();
@@ -47,9 +51,15 @@ fn reused_job_id_gets_its_own_result_and_a_redelivery_does_not() {
     // The first job again, byte for byte: the same result, not a third one.
     d.drop_job("a-again.json", &first);
     wait_for(30, "a-again in done/", || {
-        d.files("state/done").contains(&"a-again.json".to_string()).then_some(())
+        d.files("state/done")
+            .contains(&"a-again.json".to_string())
+            .then_some(())
     });
-    let ids: Vec<_> = d.results().into_iter().filter(|r| r["job_id"] == "J1").collect();
+    let ids: Vec<_> = d
+        .results()
+        .into_iter()
+        .filter(|r| r["job_id"] == "J1")
+        .collect();
     assert_eq!(ids.len(), 2, "{ids:#?}");
     assert_eq!(d.metric("noduled_job_ids_reused_total"), Some(1.0));
 }
@@ -64,10 +74,19 @@ fn blocked_input_read_times_out_and_the_pipeline_moves_on() {
     let mut d = Daemon::start(tmp.path(), &cfg);
     d.drop_job("hung.json", &hung_job("hung"));
     d.drop_job("good.json", &ct_job("good", "P1", 1));
-    assert_eq!(wait_for(40, "the good job's result", || d.result_for("good"))["status"], "ok");
+    assert_eq!(
+        wait_for(40, "the good job's result", || d.result_for("good"))["status"],
+        "ok"
+    );
     let h = wait_for(10, "the hung job's result", || d.result_for("hung"));
     assert_eq!(h["status"], "error");
-    assert!(h["error"].as_str().unwrap().contains("jobs.timeout_secs = 3"), "{h:#}");
+    assert!(
+        h["error"]
+            .as_str()
+            .unwrap()
+            .contains("jobs.timeout_secs = 3"),
+        "{h:#}"
+    );
     assert!(d.files("state/failed").contains(&"hung.json".to_string()));
     assert_eq!(d.metric("noduled_jobs_timed_out_total"), Some(1.0));
     assert_eq!(d.get("/readyz").unwrap().0, 200);
@@ -75,12 +94,18 @@ fn blocked_input_read_times_out_and_the_pipeline_moves_on() {
     // Another hung read in hand at SIGTERM: the process still exits.
     d.drop_job("hung2.json", &hung_job("hung2"));
     wait_for(10, "hung2 in processing/", || {
-        d.files("state/processing").contains(&"hung2.json".to_string()).then_some(())
+        d.files("state/processing")
+            .contains(&"hung2.json".to_string())
+            .then_some(())
     });
     let t0 = Instant::now();
     let st = d.term(30);
     assert!(st.success(), "{st}: {}", d.log());
-    assert!(t0.elapsed() < Duration::from_secs(25), "took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(25),
+        "took {:?}",
+        t0.elapsed()
+    );
 }
 
 /// Fault 2 (crash loop): a job that takes the daemon down every time it runs is counted
@@ -94,7 +119,9 @@ fn a_job_that_kills_the_daemon_is_failed_after_max_attempts() {
     d.drop_job("crash.json", &hung_job("crash"));
     for attempt in 1..=2 {
         wait_for(20, "the job in processing/", || {
-            d.files("state/processing").contains(&"crash.json".to_string()).then_some(())
+            d.files("state/processing")
+                .contains(&"crash.json".to_string())
+                .then_some(())
         });
         std::thread::sleep(Duration::from_millis(500));
         d.kill9();
@@ -107,13 +134,24 @@ fn a_job_that_kills_the_daemon_is_failed_after_max_attempts() {
     }
     let r = wait_for(30, "the abandoned job's result", || d.result_for("crash"));
     assert_eq!(r["status"], "error");
-    assert!(r["error"].as_str().unwrap().contains("jobs.max_attempts = 2"), "{r:#}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("jobs.max_attempts = 2"),
+        "{r:#}"
+    );
     wait_for(10, "crash.json in failed/", || {
-        d.files("state/failed").contains(&"crash.json".to_string()).then_some(())
+        d.files("state/failed")
+            .contains(&"crash.json".to_string())
+            .then_some(())
     });
     assert_eq!(d.metric("noduled_jobs_abandoned_total"), Some(1.0));
     d.drop_job("next.json", &ct_job("next", "P1", 1));
-    assert_eq!(wait_for(30, "a later job", || d.result_for("next"))["status"], "ok");
+    assert_eq!(
+        wait_for(30, "a later job", || d.result_for("next"))["status"],
+        "ok"
+    );
 }
 
 /// Fault 3: results the broker refuses (Mosquitto ACL: NotAuthorized PUBACKs) do not hold
@@ -136,7 +174,11 @@ fn refused_publishes_back_off_then_go_to_refused_and_others_still_publish() {
         d.drop_job(&format!("r{i}.json"), &ct_job(&format!("r{i}"), "P-acl", 1));
     }
     wait_for(90, "5 refused results in outbox/refused/", || {
-        let n = d.files("outbox/refused").iter().filter(|f| f.ends_with(".reason.json")).count();
+        let n = d
+            .files("outbox/refused")
+            .iter()
+            .filter(|f| f.ends_with(".reason.json"))
+            .count();
         (n == 5).then_some(())
     });
     let reasons: Vec<String> = d
@@ -145,7 +187,10 @@ fn refused_publishes_back_off_then_go_to_refused_and_others_still_publish() {
         .filter(|f| f.ends_with(".reason.json"))
         .map(|f| std::fs::read_to_string(d.dir.join("outbox/refused").join(f)).unwrap())
         .collect();
-    assert!(reasons.iter().all(|r| r.contains("NotAuthorized")), "{reasons:?}");
+    assert!(
+        reasons.iter().all(|r| r.contains("NotAuthorized")),
+        "{reasons:?}"
+    );
     assert_eq!(d.metric("noduled_results_refused_total"), Some(5.0));
     assert_eq!(d.metric("noduled_publish_refusals_total"), Some(15.0));
     assert!(probe.on("nd/result").is_empty());
@@ -179,7 +224,10 @@ struct TmpfsGuard(std::path::PathBuf);
 
 impl Drop for TmpfsGuard {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
     }
 }
 
@@ -217,7 +265,12 @@ fn full_disk_is_survived_without_a_restart() {
         std::fs::create_dir_all(vol.join(sub)).unwrap();
         std::os::unix::fs::symlink(vol.join(sub), dd.join(sub)).unwrap();
     }
-    let cfg = config_text(&dd, &model(), "", &mqtt_conf(broker.port, "noduled-full", ""));
+    let cfg = config_text(
+        &dd,
+        &model(),
+        "",
+        &mqtt_conf(broker.port, "noduled-full", ""),
+    );
     std::fs::write(vol.join("outbox/.stale.json.1.tmp"), b"half a result").unwrap();
     let d = Daemon::start(&dd, &cfg);
     // Subscribed (its first session) before the job is published.
@@ -231,22 +284,39 @@ fn full_disk_is_survived_without_a_restart() {
     std::fs::rename(vol.join("stage/full.json"), vol.join("inbox/full.json")).unwrap();
     probe.publish("nd/job", ct_job("full-mqtt", "P-full", 1).into_bytes());
     wait_for(30, "/readyz to say disk_full", || {
-        d.get("/readyz").filter(|(c, b)| *c == 503 && b.contains("disk_full"))
+        d.get("/readyz")
+            .filter(|(c, b)| *c == 503 && b.contains("disk_full"))
     });
     assert_eq!(d.metric("noduled_disk_full"), Some(1.0));
     std::thread::sleep(Duration::from_secs(2));
     assert!(d.result_for("full").is_none());
     assert_eq!(d.metric("noduled_jobs_failed_total"), Some(0.0));
-    assert!(std::fs::read_dir(vol.join("state/done")).unwrap().next().is_none());
+    assert!(std::fs::read_dir(vol.join("state/done"))
+        .unwrap()
+        .next()
+        .is_none());
 
     std::fs::remove_file(&filler).unwrap();
-    assert_eq!(wait_for(30, "the inbox job's result", || d.result_for("full"))["status"], "ok");
+    assert_eq!(
+        wait_for(30, "the inbox job's result", || d.result_for("full"))["status"],
+        "ok"
+    );
     let t0 = Instant::now();
-    while !probe.on("nd/result").iter().any(|m| m.json["job_id"] == "full-mqtt") {
-        assert!(t0.elapsed() < Duration::from_secs(30), "no MQTT result:\n{}", d.log());
+    while !probe
+        .on("nd/result")
+        .iter()
+        .any(|m| m.json["job_id"] == "full-mqtt")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no MQTT result:\n{}",
+            d.log()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(d.result_for("full-mqtt").is_some_and(|r| r["status"] == "ok"));
+    assert!(d
+        .result_for("full-mqtt")
+        .is_some_and(|r| r["status"] == "ok"));
     wait_for(10, "ready again", || {
         (d.get("/readyz").map(|r| r.0) == Some(200)).then_some(())
     });

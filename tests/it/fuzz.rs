@@ -34,7 +34,17 @@ impl Rng {
     }
 }
 
-const INTERESTING: [u32; 9] = [0, 1, 0x7F, 0x80, 0xFF, 0x7FFF, 0xFFFF, 0x7FFF_FFFF, 0xFFFF_FFFF];
+const INTERESTING: [u32; 9] = [
+    0,
+    1,
+    0x7F,
+    0x80,
+    0xFF,
+    0x7FFF,
+    0xFFFF,
+    0x7FFF_FFFF,
+    0xFFFF_FFFF,
+];
 
 /// One to four mutations of `seed`; positions favour the first `head` bytes (the header).
 fn mutate(seed: &[u8], head: usize, rng: &mut Rng) -> Vec<u8> {
@@ -43,7 +53,11 @@ fn mutate(seed: &[u8], head: usize, rng: &mut Rng) -> Vec<u8> {
         if b.is_empty() {
             b.push(0);
         }
-        let span = if rng.below(10) < 7 { head.min(b.len()) } else { b.len() };
+        let span = if rng.below(10) < 7 {
+            head.min(b.len())
+        } else {
+            b.len()
+        };
         let at = rng.below(span);
         match rng.below(7) {
             0 => b[at] ^= 1 << rng.below(8),
@@ -91,7 +105,11 @@ fn ct_block() -> Vec<u8> {
     for k in 0..16 {
         for j in 0..16 {
             for i in 0..16 {
-                let (i, j, k) = (i + v.dims[0] / 2 - 8, j + v.dims[1] / 2 - 8, k + v.dims[2] / 2 - 8);
+                let (i, j, k) = (
+                    i + v.dims[0] / 2 - 8,
+                    j + v.dims[1] / 2 - 8,
+                    k + v.dims[2] / 2 - 8,
+                );
                 out.extend_from_slice(&(v.at(i, j, k).round() as i16).to_le_bytes());
             }
         }
@@ -108,7 +126,10 @@ fn nifti_seed(data: &[u8]) -> Vec<u8> {
     }
     put(&mut h, 70, &4i16.to_le_bytes());
     put(&mut h, 72, &16i16.to_le_bytes());
-    for (i, p) in [1f32, 0.7, 0.7, 1.25, 1.0, 1.0, 1.0, 1.0].iter().enumerate() {
+    for (i, p) in [1f32, 0.7, 0.7, 1.25, 1.0, 1.0, 1.0, 1.0]
+        .iter()
+        .enumerate()
+    {
         put(&mut h, 76 + 4 * i, &p.to_le_bytes());
     }
     put(&mut h, 108, &352f32.to_le_bytes());
@@ -116,7 +137,11 @@ fn nifti_seed(data: &[u8]) -> Vec<u8> {
     put(&mut h, 123, &[2]);
     put(&mut h, 252, &1i16.to_le_bytes());
     put(&mut h, 254, &1i16.to_le_bytes());
-    let rows = [[-0.7f32, 0.0, 0.0, 10.0], [0.0, -0.7, 0.0, 20.0], [0.0, 0.0, 1.25, -30.0]];
+    let rows = [
+        [-0.7f32, 0.0, 0.0, 10.0],
+        [0.0, -0.7, 0.0, 20.0],
+        [0.0, 0.0, 1.25, -30.0],
+    ];
     for (r, row) in rows.iter().enumerate() {
         for (c, v) in row.iter().enumerate() {
             put(&mut h, 280 + 16 * r + 4 * c, &v.to_le_bytes());
@@ -129,7 +154,8 @@ fn nifti_seed(data: &[u8]) -> Vec<u8> {
 }
 
 fn npy_seed(values: &[f32]) -> Vec<u8> {
-    let mut header = "{'descr': '<f4', 'fortran_order': False, 'shape': (100, 100, 100), }".to_string();
+    let mut header =
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (100, 100, 100), }".to_string();
     while (10 + header.len() + 1) % 64 != 0 {
         header.push(' ');
     }
@@ -150,7 +176,10 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// Runs `cases` mutations of `seed` through `check` (which writes the bytes where it needs
@@ -170,7 +199,10 @@ fn run_format(
     for case in 0..cases {
         let bytes = mutate(seed, head, rng);
         clock.store(epoch().elapsed().as_millis() as u64 + 1, Ordering::SeqCst);
-        CURRENT.lock().unwrap().clone_from(&format!("{name} case {case}"));
+        CURRENT
+            .lock()
+            .unwrap()
+            .clone_from(&format!("{name} case {case}"));
         CURRENT_BYTES.lock().unwrap().clone_from(&bytes);
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&bytes)));
         clock.store(0, Ordering::SeqCst);
@@ -181,7 +213,10 @@ fn run_format(
                 let keep = std::env::temp_dir().join(format!("noduled-fuzz-{name}-{case}"));
                 let _ = std::fs::write(&keep, &bytes);
                 let _ = std::panic::take_hook();
-                panic!("{name} case {case}: panic (input kept in {})", keep.display());
+                panic!(
+                    "{name} case {case}: panic (input kept in {})",
+                    keep.display()
+                );
             }
         }
     }
@@ -252,12 +287,23 @@ fn fuzz_cases() {
     ]
     .concat();
     let pt = std::fs::read(root().join("tests/fixtures/crops/synthetic0.pt")).unwrap();
-    let crop = noduled::volume::crop::read(&root().join("tests/fixtures/crops/synthetic0.pt")).unwrap();
-    let npy = npy_seed(&(0..100 * 100 * 100).map(|i| crop.at(i / 10000, (i / 100) % 100, i % 100)).collect::<Vec<_>>());
+    let crop =
+        noduled::volume::crop::read(&root().join("tests/fixtures/crops/synthetic0.pt")).unwrap();
+    let npy = npy_seed(
+        &(0..100 * 100 * 100)
+            .map(|i| crop.at(i / 10000, (i / 100) % 100, i % 100))
+            .collect::<Vec<_>>(),
+    );
     let (_, dicom_dir, _) = crate::daemon_support::ct_case("lung1");
-    let mut slices: Vec<_> = std::fs::read_dir(&dicom_dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut slices: Vec<_> = std::fs::read_dir(&dicom_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     slices.sort();
-    let (s0, s1) = (std::fs::read(&slices[0]).unwrap(), std::fs::read(&slices[1]).unwrap());
+    let (s0, s1) = (
+        std::fs::read(&slices[0]).unwrap(),
+        std::fs::read(&slices[1]).unwrap(),
+    );
     let job = std::fs::read(root().join("examples/lung1.job.json")).unwrap();
     let crop_job = br#"{"job_id": "j", "patient_id": "p", "crop": {"format": "npy"}, "nodules": [{"nodule_id": "n"}]}"#;
     let mqtt = [crop_job.to_vec(), vec![0], npy.clone()].concat();
@@ -287,10 +333,34 @@ fn fuzz_cases() {
     };
     let big = (cases / 4).max(1);
     let formats: Vec<(&str, Vec<u8>, usize, u64, Box<dyn Fn(&[u8]) -> bool>)> = vec![
-        ("nifti", nii.clone(), 352, cases, Box::new(read_volume("v.nii"))),
-        ("nifti-gz", gzip(&nii), 64, big, Box::new(read_volume("v.nii.gz"))),
-        ("nrrd", nrrd.clone(), 220, cases, Box::new(read_volume("v.nrrd"))),
-        ("nrrd-gz", nrrd_gz, 220, big, Box::new(read_volume("w.nrrd"))),
+        (
+            "nifti",
+            nii.clone(),
+            352,
+            cases,
+            Box::new(read_volume("v.nii")),
+        ),
+        (
+            "nifti-gz",
+            gzip(&nii),
+            64,
+            big,
+            Box::new(read_volume("v.nii.gz")),
+        ),
+        (
+            "nrrd",
+            nrrd.clone(),
+            220,
+            cases,
+            Box::new(read_volume("v.nrrd")),
+        ),
+        (
+            "nrrd-gz",
+            nrrd_gz,
+            220,
+            big,
+            Box::new(read_volume("w.nrrd")),
+        ),
         ("dicom", s0, 1500, cases, Box::new(read_dicom)),
         ("npy", npy, 128, big, Box::new(read_crop("c.npy"))),
         ("pt", pt, 4096, big, Box::new(read_crop("c.pt"))),
@@ -312,13 +382,25 @@ fn inputs_never_panic_hang_or_allocate_unboundedly() {
         .arg("-c")
         .arg(format!("ulimit -v {MEMORY_CAP_KIB} && exec \"$0\" \"$@\""))
         .arg(&exe)
-        .args(["fuzz::fuzz_cases", "--exact", "--ignored", "--nocapture", "--test-threads", "1"])
+        .args([
+            "fuzz::fuzz_cases",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
         .env("RAYON_NUM_THREADS", "2")
         .env("MALLOC_ARENA_MAX", "2")
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "fuzz child failed ({}):\n{text}", out.status);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "fuzz child failed ({}):\n{text}",
+        out.status
+    );
     let lines = text.matches(" refused, ").count();
     assert_eq!(lines, 9, "one summary per format:\n{text}");
 }

@@ -90,7 +90,10 @@ fn tampered_bundle_is_refused_at_start_and_reload_without_a_key() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.lines().last().unwrap_or("").contains("does not match manifest.json"),
+        err.lines()
+            .last()
+            .unwrap_or("")
+            .contains("does not match manifest.json"),
         "{err}"
     );
 
@@ -100,7 +103,10 @@ fn tampered_bundle_is_refused_at_start_and_reload_without_a_key() {
     tamper(&bundle);
     reload(&d, 1);
     let log = d.log();
-    assert!(log.contains("reload failed") && log.contains("does not match manifest.json"), "{log}");
+    assert!(
+        log.contains("reload failed") && log.contains("does not match manifest.json"),
+        "{log}"
+    );
     assert_eq!(d.get("/readyz").unwrap().0, 200);
 }
 
@@ -115,7 +121,13 @@ fn signed_lower_version_is_refused_on_reload_until_bundle_rollback() {
     let (key, pubkey) = (tmp.path().join("site.key"), tmp.path().join("site.pub"));
     let store = tmp.path().join("store");
     for b in [&b1, &b2] {
-        run(&["bundle", "sign", b.to_str().unwrap(), "--key", key.to_str().unwrap()]);
+        run(&[
+            "bundle",
+            "sign",
+            b.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ]);
         run(&[
             "bundle",
             "install",
@@ -158,7 +170,9 @@ fn signed_lower_version_is_refused_on_reload_until_bundle_rollback() {
     let first = std::fs::read(store.join("rollback.json")).unwrap();
     reload(&d, 2);
     assert_eq!(version(&d), "1", "{}", d.log());
-    assert!(d.log().contains("serving an older bundle after `noduled bundle rollback`"));
+    assert!(d
+        .log()
+        .contains("serving an older bundle after `noduled bundle rollback`"));
 
     // The record is used once: v2 again, then the same switch back to v1 is refused.
     run(&["bundle", "rollback", "--store", store.to_str().unwrap()]);

@@ -14,32 +14,89 @@ fn openssl(dir: &Path, args: &[&str]) {
         .current_dir(dir)
         .output()
         .expect("the openssl CLI");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A CA (`name.pem`, `name.key`).
 fn ca(dir: &Path, name: &str) {
-    openssl(dir, &["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-        "-nodes", "-keyout", &format!("{name}.key"), "-out", &format!("{name}.pem"),
-        "-days", "2", "-subj", &format!("/CN={name}")]);
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+        ],
+    );
 }
 
 /// A certificate `name.pem`/`name.key` signed by CA `ca` with extensions `ext`.
 fn leaf(dir: &Path, ca: &str, name: &str, ext: &str) {
     std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-    openssl(dir, &["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", &format!("{name}.key"), "-out", &format!("{name}.csr"), "-subj", &format!("/CN={name}")]);
-    openssl(dir, &["x509", "-req", "-in", &format!("{name}.csr"), "-CA", &format!("{ca}.pem"),
-        "-CAkey", &format!("{ca}.key"), "-CAcreateserial", "-out", &format!("{name}.pem"),
-        "-days", "2", "-extfile", &format!("{name}.ext")]);
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN={name}"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{name}.ext"),
+        ],
+    );
 }
 
 fn mosquitto_bin() -> PathBuf {
-    ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-        .expect("mosquitto (bash scripts/test installs it)")
+    [
+        "/usr/sbin/mosquitto",
+        "/usr/bin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+    .expect("mosquitto (bash scripts/test installs it)")
 }
 
 struct Broker(Child);
@@ -59,7 +116,10 @@ fn wait_for_or_log<T>(d: &Daemon, seen: usize, secs: u64, mut f: impl FnMut() ->
             return v;
         }
         if t0.elapsed().as_secs() > secs * crate::util::time_scale() {
-            panic!("no connect error line after {secs} s; log:\n{}", &d.log()[seen..]);
+            panic!(
+                "no connect error line after {secs} s; log:\n{}",
+                &d.log()[seen..]
+            );
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
@@ -72,8 +132,18 @@ fn mutual_tls_delivers_and_each_misconfiguration_is_one_line_and_loses_nothing()
     std::fs::create_dir_all(&pki).unwrap();
     ca(&pki, "ca");
     ca(&pki, "other-ca");
-    leaf(&pki, "ca", "server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n");
-    leaf(&pki, "ca", "misnamed", "subjectAltName=DNS:other.example\nextendedKeyUsage=serverAuth\n");
+    leaf(
+        &pki,
+        "ca",
+        "server",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    );
+    leaf(
+        &pki,
+        "ca",
+        "misnamed",
+        "subjectAltName=DNS:other.example\nextendedKeyUsage=serverAuth\n",
+    );
     leaf(&pki, "ca", "client", "extendedKeyUsage=clientAuth\n");
     let passwd = pki.join("passwd");
     std::fs::write(&passwd, "").unwrap();
@@ -81,7 +151,11 @@ fn mutual_tls_delivers_and_each_misconfiguration_is_one_line_and_loses_nothing()
         .args(["-b", passwd.to_str().unwrap(), "noduled", "right-password"])
         .output()
         .expect("mosquitto_passwd (Debian package mosquitto)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let (plain, tls, misnamed) = (free_port(), free_port(), free_port());
     let me = String::from_utf8_lossy(&Command::new("id").arg("-un").output().unwrap().stdout)
@@ -113,7 +187,9 @@ fn mutual_tls_delivers_and_each_misconfiguration_is_one_line_and_loses_nothing()
             .unwrap(),
     );
     for port in [plain, tls, misnamed] {
-        wait_for(10, "mosquitto to listen", || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
+        wait_for(10, "mosquitto to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
     }
     let probe = Probe::start(plain, "tls-probe", "sec/result/#");
 
@@ -125,7 +201,11 @@ fn mutual_tls_delivers_and_each_misconfiguration_is_one_line_and_loses_nothing()
     let dir = tmp.path().join("d");
     let mqtt = |port: u16, ca: &str, client: bool| {
         let client = if client {
-            format!("client_cert_file = \"{}\"\nclient_key_file = \"{}\"\n", p("client.pem"), p("client.key"))
+            format!(
+                "client_cert_file = \"{}\"\nclient_key_file = \"{}\"\n",
+                p("client.pem"),
+                p("client.key")
+            )
         } else {
             String::new()
         };
@@ -137,9 +217,17 @@ fn mutual_tls_delivers_and_each_misconfiguration_is_one_line_and_loses_nothing()
         )
     };
     let cases = [
-        ("wrong-ca", mqtt(tls, "other-ca", true), "invalid peer certificate"),
+        (
+            "wrong-ca",
+            mqtt(tls, "other-ca", true),
+            "invalid peer certificate",
+        ),
         ("no-client-cert", mqtt(tls, "ca", false), ""),
-        ("wrong-name", mqtt(misnamed, "ca", true), "not valid for name"),
+        (
+            "wrong-name",
+            mqtt(misnamed, "ca", true),
+            "not valid for name",
+        ),
         ("wrong-password", mqtt(tls, "ca", true), "refused"),
     ];
     let mut jobs = Vec::new();
@@ -157,17 +245,28 @@ fn mutual_tls_delivers_and_each_misconfiguration_is_one_line_and_loses_nothing()
         assert!(line.contains(&format!("127.0.0.1:")), "{name}: {line}");
         let (_, health) = d.get("/healthz").unwrap();
         assert!(health.contains("mqtt: 127.0.0.1:"), "{name}: {health}");
-        let m = d.metric("noduled_mqtt_connect_failures_total").unwrap_or(0.0);
+        let m = d
+            .metric("noduled_mqtt_connect_failures_total")
+            .unwrap_or(0.0);
         assert!(m >= 1.0, "{name}: failures {m}");
-        assert!(probe.on("sec/result").is_empty(), "{name}: delivered while misconfigured");
+        assert!(
+            probe.on("sec/result").is_empty(),
+            "{name}: delivered while misconfigured"
+        );
         jobs.push(name.to_string());
         drop(d);
     }
-    assert!(!std::fs::read_to_string(dir.join("daemon.log")).unwrap().contains("panicked"));
+    assert!(!std::fs::read_to_string(dir.join("daemon.log"))
+        .unwrap()
+        .contains("panicked"));
 
     // Fixed: right CA, client certificate, server name and password: everything is delivered.
     std::fs::write(creds.join("mqtt-password"), "right-password\n").unwrap();
-    let d = Daemon::start_env(&dir, &config_text(&dir, &model(), "", &mqtt(tls, "ca", true)), &env);
+    let d = Daemon::start_env(
+        &dir,
+        &config_text(&dir, &model(), "", &mqtt(tls, "ca", true)),
+        &env,
+    );
     for j in &jobs {
         probe.wait(60, "sec/result", |r| r["job_id"] == j.as_str());
     }
@@ -193,5 +292,8 @@ fn plaintext_to_a_remote_broker_is_refused_at_start() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     let last = err.lines().last().unwrap_or("");
-    assert!(last.contains("mqtt.tls") && last.contains("192.0.2.1"), "{err}");
+    assert!(
+        last.contains("mqtt.tls") && last.contains("192.0.2.1"),
+        "{err}"
+    );
 }

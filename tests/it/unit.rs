@@ -28,8 +28,8 @@ fn unit_exposure_is_at_most_3_and_keeps_the_gpu() {
         .arg(unit())
         .output()
         .expect("systemd-analyze not found: install the Debian package `systemd` (bash scripts/test does)");
-    let text = String::from_utf8_lossy(&out.stdout).to_string()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     let line = text
         .lines()
         .find(|l| l.contains("Overall exposure level"))
@@ -44,9 +44,17 @@ fn unit_exposure_is_at_most_3_and_keeps_the_gpu() {
 
     let k = keys(&std::fs::read_to_string(unit()).unwrap());
     let has = |key: &str, val: &str| k.iter().any(|(a, b)| a == key && b.contains(val));
-    assert!(!k.iter().any(|(a, _)| a == "PrivateDevices" || a == "MemoryDenyWriteExecute"));
+    assert!(!k
+        .iter()
+        .any(|(a, _)| a == "PrivateDevices" || a == "MemoryDenyWriteExecute"));
     assert!(has("DevicePolicy", "closed"));
-    for node in ["/dev/nvidiactl", "/dev/nvidia-uvm", "char-nvidia-frontend", "/dev/nvmap", "/dev/nvhost-ctrl-gpu"] {
+    for node in [
+        "/dev/nvidiactl",
+        "/dev/nvidia-uvm",
+        "char-nvidia-frontend",
+        "/dev/nvmap",
+        "/dev/nvhost-ctrl-gpu",
+    ] {
         assert!(has("DeviceAllow", node), "DeviceAllow= lacks {node}");
     }
     assert!(has("CapabilityBoundingSet", "") && has("ProtectProc", "invisible"));
@@ -54,7 +62,16 @@ fn unit_exposure_is_at_most_3_and_keeps_the_gpu() {
     assert!(has("StateDirectoryMode", "0750"));
     assert!(has("ExecStartPre", "-m 2770") && has("ExecStartPre", "/var/lib/noduled/inbox"));
     // systemd 249 (Ubuntu 22.04, JetPack 6): no directives newer than it.
-    for newer in ["ReloadSignal", "ImportCredential", "MemoryZSwapMax", "ProtectHostname=private"] {
-        assert!(!k.iter().any(|(a, b)| a == newer || format!("{a}={b}") == newer), "{newer} needs systemd > 249");
+    for newer in [
+        "ReloadSignal",
+        "ImportCredential",
+        "MemoryZSwapMax",
+        "ProtectHostname=private",
+    ] {
+        assert!(
+            !k.iter()
+                .any(|(a, b)| a == newer || format!("{a}={b}") == newer),
+            "{newer} needs systemd > 249"
+        );
     }
 }
