@@ -255,21 +255,20 @@ fn contributing(model: &ModelInfo, versions: &str, at: time::OffsetDateTime) -> 
     o
 }
 
+/// A Referenced SOP Sequence item naming one source instance (class and instance UID).
+fn sop_reference(i: &crate::dicom::series::Instance) -> InMemDicomObject {
+    InMemDicomObject::from_element_iter([
+        str_el(tags::REFERENCED_SOP_CLASS_UID, VR::UI, &i.sop_class_uid),
+        str_el(
+            tags::REFERENCED_SOP_INSTANCE_UID,
+            VR::UI,
+            &i.sop_instance_uid,
+        ),
+    ])
+}
+
 fn evidence(s: &SeriesInfo) -> InMemDicomObject {
-    let sops: Vec<InMemDicomObject> = s
-        .instances
-        .iter()
-        .map(|i| {
-            InMemDicomObject::from_element_iter([
-                str_el(tags::REFERENCED_SOP_CLASS_UID, VR::UI, &i.sop_class_uid),
-                str_el(
-                    tags::REFERENCED_SOP_INSTANCE_UID,
-                    VR::UI,
-                    &i.sop_instance_uid,
-                ),
-            ])
-        })
-        .collect();
+    let sops: Vec<InMemDicomObject> = s.instances.iter().map(sop_reference).collect();
     let series = {
         let mut o = InMemDicomObject::from_element_iter([str_el(
             tags::SERIES_INSTANCE_UID,
@@ -296,17 +295,7 @@ fn content(input: &SrInput, frame: &str) -> Vec<InMemDicomObject> {
         .iter()
         .map(|i| {
             let mut o = item("CONTAINS", "IMAGE", None);
-            o.put(seq(
-                tags::REFERENCED_SOP_SEQUENCE,
-                vec![InMemDicomObject::from_element_iter([
-                    str_el(tags::REFERENCED_SOP_CLASS_UID, VR::UI, &i.sop_class_uid),
-                    str_el(
-                        tags::REFERENCED_SOP_INSTANCE_UID,
-                        VR::UI,
-                        &i.sop_instance_uid,
-                    ),
-                ])],
-            ));
+            o.put(seq(tags::REFERENCED_SOP_SEQUENCE, vec![sop_reference(i)]));
             o
         })
         .collect();
