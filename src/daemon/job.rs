@@ -191,8 +191,6 @@ pub struct CheckedJob {
     pub doc: JobDoc,
     /// The requests to load, in nodule order.
     pub requests: Vec<NoduleRequest>,
-    /// Files to delete once the job is finished (spooled inline crops).
-    pub spooled: Vec<PathBuf>,
     /// Identifiers of the input for the result's `input` field.
     pub input: serde_json::Value,
 }
@@ -224,6 +222,26 @@ impl PathPolicy {
             own_spool: Some(file_safe(stem)),
             ..self.clone()
         }
+    }
+
+    /// Where this job's spool file in `format` (`npy` or `pt`) lives: `<own stem>.<format>`
+    /// (`key` names it when the policy is not a job's own).
+    fn spool_path(&self, key: &str, format: &str) -> PathBuf {
+        let stem = self.own_spool.clone().unwrap_or_else(|| file_safe(key));
+        self.spool.join(format!("{stem}.{format}"))
+    }
+
+    /// The spool files a job may own (its decoded inline crop, its binary MQTT crop), from
+    /// its file name alone, so they can be deleted whatever became of the job: done, failed
+    /// before or after parsing, timed out, abandoned. Empty for a policy not a job's own.
+    pub fn own_spool_files(&self) -> Vec<PathBuf> {
+        if self.own_spool.is_none() {
+            return Vec::new();
+        }
+        ["npy", "pt"]
+            .iter()
+            .map(|f| self.spool_path("", f))
+            .collect()
     }
 
     /// Resolves `p` (relative only when a base is set) lexically (`.`, `..`) and checks that
@@ -300,7 +318,6 @@ pub fn check(
             "give exactly one of `series`, `volume`, `crop`, or `planes` per nodule",
         ));
     }
-    let mut spooled = Vec::new();
     let pid = doc.patient_id.clone();
     let (requests, input) = if let Some(series) = &doc.series {
         let Some(p) = &series.path else {
@@ -340,14 +357,8 @@ pub fn check(
             return Err(field("nodules", "a crop job names exactly one nodule"));
         }
         let path = match (&crop.path, &crop.base64) {
-            (Some(p), None) => {
-                let path = policy.check("crop.path", p)?;
-                if path.starts_with(&policy.spool) {
-                    // A crop that came inline (binary MQTT payload): removed with the job.
-                    spooled.push(path.clone());
-                }
-                path
-            }
+            // A spool path (a binary MQTT crop) must be the job's own (see `check`).
+            (Some(p), None) => policy.check("crop.path", p)?,
             (None, Some(b64)) => {
                 let format = crop.format.as_deref().unwrap_or("npy");
                 if !matches!(format, "npy" | "pt") {
@@ -359,13 +370,11 @@ pub fn check(
                 let bytes = base64::engine::general_purpose::STANDARD
                     .decode(b64.as_bytes())
                     .map_err(|e| field("crop.base64", e.to_string()))?;
-                let stem = policy.own_spool.clone().unwrap_or_else(|| file_safe(key));
-                let path = policy.spool.join(format!("{stem}.{format}"));
+                let path = policy.spool_path(key, format);
                 super::outbox::write_atomic(&path, &bytes).map_err(|source| JobError::Spool {
                     path: path.display().to_string(),
                     source,
                 })?;
-                spooled.push(path.clone());
                 path
             }
             _ => return Err(field("crop", "give `path` or `base64`")),
@@ -400,7 +409,6 @@ pub fn check(
     Ok(CheckedJob {
         doc,
         requests,
-        spooled,
         input,
     })
 }

@@ -43,7 +43,8 @@ pub struct Finished {
     pub claimed: PathBuf,
     /// Its result.
     pub result: JobResult,
-    /// Spooled inline crops to delete once the result is out.
+    /// The job's spool files ([`PathPolicy::own_spool_files`]), deleted once the result is
+    /// out, whatever the outcome.
     pub spooled: Vec<PathBuf>,
     /// Seconds from taking the job to its result.
     pub latency_s: f64,
@@ -136,7 +137,6 @@ enum Msg {
 /// A job thread's outcome.
 struct Ran {
     input: serde_json::Value,
-    spooled: Vec<PathBuf>,
     series: Option<crate::dicom::SeriesInfo>,
     outcome: Result<Option<Scored>, JobError>,
 }
@@ -193,18 +193,15 @@ impl Worker {
         let abandoned = rec.attempts > self.limits.max_attempts;
         let (ids, ran) = self.run_with_deadline(runner, &claimed, abandoned);
         let series = ran.as_ref().and_then(|r| r.series.clone());
-        let (input, spooled, outcome) = match ran {
+        let spooled = self.limits.policy.for_job(&name).own_spool_files();
+        let (input, outcome) = match ran {
             None => {
                 self.telemetry
                     .jobs_timed_out
                     .fetch_add(1, Ordering::Relaxed);
                 let secs = self.limits.timeout.as_secs();
                 tracing::error!(file = %name, secs, "job deadline passed; giving it an error result and moving on");
-                (
-                    serde_json::Value::Null,
-                    Vec::new(),
-                    Err(JobError::TimedOut { secs }),
-                )
+                (serde_json::Value::Null, Err(JobError::TimedOut { secs }))
             }
             Some(r) if abandoned => {
                 self.telemetry
@@ -214,7 +211,7 @@ impl Worker {
                     attempts: rec.attempts - 1,
                     max: self.limits.max_attempts,
                 };
-                (r.input, r.spooled, Err(err))
+                (r.input, Err(err))
             }
             Some(r) => match r.outcome {
                 Ok(None) => {
@@ -222,8 +219,8 @@ impl Worker {
                     let _ = self.ledger.undo(&name, rec);
                     return;
                 }
-                Ok(Some(scored)) => (r.input, r.spooled, Ok(scored)),
-                Err(e) => (r.input, r.spooled, Err(e)),
+                Ok(Some(scored)) => (r.input, Ok(scored)),
+                Err(e) => (r.input, Err(e)),
             },
         };
         let result = self.result(&name, job.origin, ids, input, outcome, queued_ms, started);
@@ -330,7 +327,6 @@ impl Worker {
     ) -> (Ids, Option<Ran>) {
         let died = || Ran {
             input: serde_json::Value::Null,
-            spooled: Vec::new(),
             series: None,
             outcome: Err(JobError::Panicked),
         };
@@ -466,7 +462,6 @@ fn run_job(
 ) {
     let mut ran = Ran {
         input: serde_json::Value::Null,
-        spooled: Vec::new(),
         series: None,
         outcome: Ok(None),
     };
@@ -498,7 +493,6 @@ fn run_job(
         };
         let policy = limits.policy.for_job(&file_name(file));
         let checked: CheckedJob = job::check(doc, &key, &policy, limits.max_nodules)?;
-        ran.spooled = checked.spooled.clone();
         ran.input = checked.input.clone();
         ran.series =
             super::dicom_glue::check_series(&checked, &limits.dicom.settings, &mut ran.input)?;
@@ -509,7 +503,14 @@ fn run_job(
         Ok(scored)
     })();
     ran.outcome = outcome;
-    let _ = tx.send(Msg::Done(ran));
+    if tx.send(Msg::Done(ran)).is_err() {
+        // The worker gave up on this job at its deadline and its output stage may have
+        // deleted the spool files before this thread wrote one: they are this thread's now.
+        for p in limits.policy.for_job(&file_name(file)).own_spool_files() {
+            let _ = std::fs::remove_file(p);
+        }
+        tracing::info!(file = %file_name(file), "a job that passed its deadline ended; its spool files were removed");
+    }
 }
 
 /// Loads a checked job's nodules and scores them all in one pass.

@@ -323,3 +323,143 @@ fn full_disk_is_survived_without_a_restart() {
     assert_eq!(d.metric("noduled_disk_full"), Some(0.0));
     assert_eq!(d.metric("noduled_jobs_failed_total"), Some(0.0));
 }
+
+/// Spool leak: a job's spool files go with it whatever its outcome. A crash-looped job
+/// found in `processing/` at start (its inline crop already decoded by an earlier attempt)
+/// is abandoned, a binary MQTT crop whose JSON fails to parse (no patient_id) and one that
+/// fails its checks (two nodules for one crop) fail: each leaves nothing in the spool.
+#[test]
+fn spool_files_go_with_abandoned_and_failed_jobs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Broker::start(&tmp.path().join("broker"));
+    let probe = Probe::start(broker.port, "probe-spool", "nd/#");
+    let dd = tmp.path().join("d");
+    for sub in ["state/processing", "state/attempts", "state/spool"] {
+        std::fs::create_dir_all(dd.join(sub)).unwrap();
+    }
+    let left = r#"{"job_id":"left","patient_id":"P-spool","crop":{"base64":"AAAA","format":"npy"},"nodules":[{"nodule_id":"n0"}]}"#;
+    std::fs::write(dd.join("state/processing/left.json"), left).unwrap();
+    std::fs::write(
+        dd.join("state/spool/left.npy"),
+        b"decoded by the attempt that crashed",
+    )
+    .unwrap();
+    std::fs::write(
+        dd.join("state/attempts/left.json"),
+        r#"{"origin":"inbox","attempts":2}"#,
+    )
+    .unwrap();
+    let mqtt = mqtt_conf(broker.port, "noduled-spool", "");
+    let d = Daemon::start(&dd, &config_text(&dd, &model(), "max_attempts = 2", &mqtt));
+    probe.wait(20, "nd/status", |s| s["state"] == "ready");
+    let l = wait_for(20, "the abandoned job's result", || d.result_for("left"));
+    assert!(
+        l["error"]
+            .as_str()
+            .unwrap()
+            .contains("jobs.max_attempts = 2"),
+        "{l:#}"
+    );
+
+    for header in [
+        r#"{"job_id":"spool-nopid","crop":{"format":"npy"},"nodules":[{"nodule_id":"a"}]}"#,
+        r#"{"job_id":"spool-two","patient_id":"P-spool","crop":{"format":"npy"},"nodules":[{"nodule_id":"a"},{"nodule_id":"b"}]}"#,
+    ] {
+        let mut binary = header.as_bytes().to_vec();
+        binary.push(0);
+        binary.extend(b"\x93NUMPY not really a crop");
+        probe.publish("nd/job", binary);
+    }
+    wait_for(30, "three failed jobs", || {
+        (d.metric("noduled_jobs_failed_total") == Some(3.0)).then_some(())
+    });
+    // The output stage deletes a job's spool files before it counts the job.
+    assert_eq!(d.files("state/spool"), Vec::<String>::new());
+    let failed_mqtt = d
+        .files("state/failed")
+        .into_iter()
+        .filter(|f| f.starts_with("mqtt-") && f.ends_with(".error.json"))
+        .count();
+    assert_eq!(failed_mqtt, 2);
+}
+
+/// Accepted (not merely queued in the kernel's backlog) TCP connections to local `port`,
+/// from /proc/net/tcp: established entries whose socket has an inode (a process holds it).
+fn accepted_connections(port: u16) -> usize {
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    tcp.lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let local_port = f[1]
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            local_port == Some(port) && f[3] == "01" && f[9] != "0"
+        })
+        .count()
+}
+
+/// The health endpoint holds at most its cap of connections: 40 idle clients fill its 16
+/// slots (never more accepted at once), and once they go a new request is answered at once.
+#[test]
+fn health_endpoint_holds_at_most_its_connection_cap_and_recovers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(tmp.path(), &config_text(tmp.path(), &model(), "", ""));
+    let addr = std::fs::read_to_string(tmp.path().join("state/health.addr")).unwrap();
+    let addr = addr.trim().to_string();
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    let idle: Vec<std::net::TcpStream> = (0..40)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    let t0 = Instant::now();
+    let mut most = 0;
+    while t0.elapsed() < Duration::from_secs(3) {
+        most = most.max(accepted_connections(port));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(most, 16, "most connections accepted at once");
+    drop(idle);
+    let t1 = Instant::now();
+    let (code, body) = d
+        .get("/healthz")
+        .expect("healthz after the idle clients went");
+    assert_eq!((code, body.as_str()), (200, "ok\n"));
+    assert!(
+        t1.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t1.elapsed()
+    );
+}
+
+/// Retention of `done/` and `failed/`: a job file older than `max_age_hours` goes, and past
+/// `max_bytes` per folder (on disk) the oldest go first; each deletion is counted.
+#[test]
+fn done_and_failed_are_kept_within_retention() {
+    let tmp = tempfile::tempdir().unwrap();
+    let failed = tmp.path().join("state/failed");
+    std::fs::create_dir_all(&failed).unwrap();
+    let old = std::fs::File::create(failed.join("old.json")).unwrap();
+    old.set_modified(std::time::SystemTime::now() - Duration::from_secs(2 * 3600))
+        .unwrap();
+    drop(old);
+    // One small job file occupies one 4 KiB block: two exceed 6000 bytes.
+    let cfg = config_text(tmp.path(), &model(), "", "")
+        + "[retention]\nmax_age_hours = 1\nmax_bytes = 6000\n";
+    let d = Daemon::start(tmp.path(), &cfg);
+    for i in 0..3 {
+        let id = format!("kept{i}");
+        d.drop_job(&format!("{id}.json"), &ct_job(&id, "P-ret", 1));
+        wait_for(30, "the job in done/", || {
+            d.files("state/done")
+                .contains(&format!("{id}.json"))
+                .then_some(())
+        });
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_for(10, "three files pruned", || {
+        (d.metric("noduled_retention_pruned_total") == Some(3.0)).then_some(())
+    });
+    assert_eq!(d.files("state/done"), vec!["kept2.json".to_string()]);
+    assert!(!failed.join("old.json").exists());
+}
