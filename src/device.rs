@@ -341,7 +341,8 @@ impl DeviceArgs {
     }
 }
 
-fn parse_device(s: &str) -> Result<DeviceRequest, String> {
+/// `--device` of the commands (clap value parser).
+pub(crate) fn parse_device(s: &str) -> Result<DeviceRequest, String> {
     s.parse().map_err(|e: DeviceError| e.to_string())
 }
 

@@ -2,7 +2,8 @@
 //! writes it as a bundle, refusing (exit 2, nothing written to `--out`) when the
 //! gate finds it worse than the current model by more than `--gate-margin` AUROC.
 
-use crate::finetune::{self, net::Tuning, train::TrainOptions, FinetuneOptions};
+use crate::device::{DeviceRequest, DtypeRequest};
+use crate::finetune::{self, params::Tuning, train::TrainOptions, FinetuneOptions};
 use std::path::PathBuf;
 
 /// Arguments of `noduled finetune`.
@@ -68,6 +69,11 @@ pub struct Args {
     /// Refuse when the new AUROC is below the current one minus this.
     #[arg(long, default_value_t = 0.02)]
     pub gate_margin: f64,
+    /// Training device: auto (CUDA device 0 when built with CUDA and a GPU answers, else the
+    /// CPU, said on stderr), cpu, cuda or cuda:N (an error when not available). Training
+    /// computes in f32 on either.
+    #[arg(long, default_value = "auto", value_parser = crate::device::parse_device)]
+    pub device: DeviceRequest,
     /// Exit (code 3) after this many epochs (testing of kill and resume).
     #[arg(long, hide = true)]
     pub stop_after: Option<usize>,
@@ -89,6 +95,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         w.push(".work");
         PathBuf::from(w)
     });
+    let placement = crate::device::select(args.device, DtypeRequest::F32)?;
+    if let Some(reason) = &placement.fallback {
+        eprintln!("finetune: training on the CPU: {reason}");
+    }
     let opts = FinetuneOptions {
         manifest: args.manifest,
         model: args.model,
@@ -109,6 +119,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             augment: !args.no_augment,
             semantic_sampler: !args.uniform_sampler,
             seed: args.seed,
+            device: placement.device,
             stop_after: args.stop_after,
         },
     };

@@ -2,7 +2,7 @@
 //! mean, as torch's `CrossEntropyLoss(weight=w)`), and the symmetric CLIP InfoNCE with label
 //! smoothing 0.1 on `scale * img . txt^T` with the matching pairs on the diagonal.
 
-use candle_core::{Device, Result, Tensor, D};
+use candle_core::{Result, Tensor, D};
 
 /// Label smoothing of the CLIP loss.
 pub const LABEL_SMOOTHING: f64 = 0.1;
@@ -43,7 +43,7 @@ pub fn weighted_ce(logits: &Tensor, labels: &[bool], weights: [f64; 2]) -> Resul
 fn smoothed_diagonal_ce(logits: &Tensor) -> Result<Tensor> {
     let n = logits.dim(0)?;
     let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    let eye = Tensor::eye(n, candle_core::DType::F32, &Device::Cpu)?;
+    let eye = Tensor::eye(n, candle_core::DType::F32, logits.device())?;
     let nll = (logp.clone() * eye)?.sum(1)?.neg()?.mean_all()?;
     let uniform = logp.mean(1)?.neg()?.mean_all()?;
     (nll * (1.0 - LABEL_SMOOTHING))? + (uniform * LABEL_SMOOTHING)?
@@ -60,6 +60,7 @@ pub fn clip_loss(img: &Tensor, txt: &Tensor, scale: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn weighted_ce_matches_hand_computation() {

@@ -21,13 +21,14 @@
 //! `noduled bundle install`. `full` trains one model on fold 0's split and writes one fold
 //! (folds of a bundle share their base).
 //!
-//! Submodules: [`data`] manifest reading, [`augment`], [`splits`], [`net`] the trainable
-//! model, [`losses`], [`train`] the loop with checkpoints.
+//! Submodules: [`data`] manifest reading, [`augment`], [`splits`], [`params`] the trained
+//! tensors (the model is [`crate::model::fold::FoldModel`]), [`losses`], [`train`] the loop
+//! with checkpoints.
 
 pub mod augment;
 pub mod data;
 pub mod losses;
-pub mod net;
+pub mod params;
 pub mod splits;
 pub mod train;
 
@@ -35,7 +36,7 @@ use crate::model::checkpoint::Role;
 use crate::model::config::{LoraLayout, ModelConfig};
 use crate::rng::SplitMix64;
 use candle_core::Tensor;
-use net::{Net, Tuning};
+use params::{Params, Tuning};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -218,10 +219,10 @@ pub fn run(opts: &FinetuneOptions) -> Result<GateReport, FinetuneError> {
     let mut epochs_here = 0;
     for (k, (tr, va)) in split.iter().enumerate().take(n_train) {
         let values = initial_values(&cfg, current.as_ref().filter(|_| !from_random), k, opts)?;
-        let net = Net::new(&cfg, &values, opts.tuning)?;
+        let params = Params::new(&cfg, &values, opts.tuning, &opts.train.device)?;
         let r = train::train_fold(
             k,
-            net,
+            params,
             from_random,
             &samples,
             &planes,
@@ -450,12 +451,12 @@ fn initial_values(
     opts: &FinetuneOptions,
 ) -> Result<BTreeMap<String, Tensor>, FinetuneError> {
     let mut rng = SplitMix64::new(SplitMix64::nth(opts.train.seed, 77 + k as u64));
-    let mut values = net::random_init(cfg, &mut rng)?;
+    let mut values = params::random_init(cfg, &mut rng)?;
     let Some(start) = current else {
         return Ok(values);
     };
     let kk = k % start.n_folds();
-    for (key, _, role) in net::all_specs(cfg) {
+    for (key, _, role) in params::all_specs(cfg) {
         if let Some(t) = start.tensor(kk, &key, role) {
             values.insert(key, t);
         } else if !key.starts_with("classifier_text") {

@@ -12,13 +12,15 @@
 
 use super::data::Sample;
 use super::losses::{class_weights, clip_loss, weighted_ce};
-use super::net::{l2_normalize, Mode, Net};
+use super::params::Params;
 use super::FinetuneError;
+use crate::model::fold::FoldModel;
+use crate::model::kernels::differentiable;
 use crate::model::tokenizer::PromptTokenizer;
 use crate::model::vision::clip_pixels;
 use crate::nodule::Planes01;
 use crate::rng::SplitMix64;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Module, Tensor, Var};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -33,7 +35,7 @@ pub struct TrainOptions {
     pub batch: usize,
     /// AdamW learning rate.
     pub lr: f64,
-    /// Learning-rate multiplier of the heads ([`super::net::is_head`]): heads on a fresh or
+    /// Learning-rate multiplier of the heads ([`super::params::is_head`]): heads on a fresh or
     /// frozen tower need larger steps than the tower tolerates.
     pub head_lr_mult: f64,
     /// AdamW decoupled weight decay.
@@ -47,6 +49,8 @@ pub struct TrainOptions {
     pub semantic_sampler: bool,
     /// Seed of every random draw.
     pub seed: u64,
+    /// Where the tensors live and the steps run (see [`crate::device`]).
+    pub device: Device,
     /// Stop the process (exit code 3) after this many epochs were checkpointed in this run
     /// (for testing kill and resume); `None` runs to the end.
     pub stop_after: Option<usize>,
@@ -186,19 +190,18 @@ pub fn plain_planes(samples: &[Sample]) -> Vec<Planes01> {
         .collect()
 }
 
-/// Loss and image probabilities of a batch.
+/// Loss and image probabilities of a batch (inside [`differentiable`] when it is to be
+/// differentiated).
 fn batch_loss(
-    net: &Net,
+    model: &FoldModel,
     planes: &[&Planes01],
     labels: &[bool],
     ids: Option<&[Vec<u32>]>,
     weights: [f64; 2],
-    mode: &mut Mode,
 ) -> Result<(Tensor, Vec<f64>), FinetuneError> {
-    let pixels = clip_pixels(planes, &Device::Cpu)?;
-    let feats = net.vision(&pixels, mode)?;
-    let img = l2_normalize(&net.mil(&feats)?)?;
-    let logits = net.classify(&img, "classifier_image")?;
+    let pixels = clip_pixels(planes, model.logit_scale.device())?;
+    let img = model.image(&pixels)?;
+    let logits = model.classifier_image.forward(&img)?;
     let ce_img = weighted_ce(&logits, labels, weights)?;
     let probs = candle_nn::ops::softmax_last_dim(&logits)?
         .narrow(1, 1, 1)?
@@ -209,9 +212,9 @@ fn batch_loss(
         .collect();
     let loss = match ids {
         Some(ids) => {
-            let txt = l2_normalize(&net.text_head(&net.text(ids, mode)?, mode)?)?;
-            let ce_txt = weighted_ce(&net.classify(&txt, "classifier_text")?, labels, weights)?;
-            let clip = clip_loss(&img, &txt, &net.scale()?)?;
+            let txt = model.text(ids)?;
+            let ce_txt = weighted_ce(&model.classifier_text.forward(&txt)?, labels, weights)?;
+            let clip = clip_loss(&img, &txt, &model.scale()?)?;
             (clip + ((ce_img + ce_txt)? / 2.0)?)?
         }
         None => ce_img,
@@ -221,7 +224,7 @@ fn batch_loss(
 
 /// Validation loss (mean over batches, weighted by size) and probabilities.
 fn validate(
-    net: &Net,
+    params: &Params,
     planes: &[Planes01],
     labels: &[bool],
     ids: Option<&[Vec<u32>]>,
@@ -230,16 +233,17 @@ fn validate(
 ) -> Result<(f64, Vec<f64>), FinetuneError> {
     let mut total = 0.0;
     let mut probs = Vec::with_capacity(planes.len());
+    let model = params.model(None)?;
     for start in (0..planes.len()).step_by(batch) {
         let end = (start + batch).min(planes.len());
         let refs: Vec<&Planes01> = planes[start..end].iter().collect();
+        // No backward here: the fused inference kernels may run.
         let (loss, p) = batch_loss(
-            net,
+            &model,
             &refs,
             &labels[start..end],
             ids.map(|i| &i[start..end]),
             weights,
-            &mut Mode::eval(),
         )?;
         total += loss.to_scalar::<f32>()? as f64 * (end - start) as f64;
         probs.extend(p);
@@ -272,11 +276,12 @@ fn save_atomic(path: &Path, bytes: &[u8]) -> Result<(), FinetuneError> {
 
 /// Trains fold `k` on `train` (indices into `samples`), validating on `val`. With
 /// `from_random` (a `full` run from random weights) the heads' first layers are first
-/// standardised on training data ([`Net::standardise_heads`]).
+/// standardised on training data ([`Params::standardise_heads`]). Training runs on the
+/// device `params` lives on; checkpoints are written and read on the CPU.
 #[allow(clippy::too_many_arguments)]
 pub fn train_fold(
     k: usize,
-    net: Net,
+    params: Params,
     from_random: bool,
     samples: &[Sample],
     planes: &[Planes01],
@@ -289,7 +294,8 @@ pub fn train_fold(
 ) -> Result<FoldResult, FinetuneError> {
     let dir = work.join(format!("fold_{k}"));
     std::fs::create_dir_all(&dir).map_err(|e| FinetuneError::io(&dir, e))?;
-    let (keys, vars): (Vec<String>, Vec<Var>) = net
+    let device = params.device().clone();
+    let (keys, vars): (Vec<String>, Vec<Var>) = params
         .vars()
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
@@ -315,15 +321,15 @@ pub fn train_fold(
         // the variables back from its checkpoint below).
         let take: Vec<usize> = train.iter().copied().take(STANDARDISE_NODULES).collect();
         let refs: Vec<&Planes01> = take.iter().map(|&i| &planes[i]).collect();
-        let pixels = clip_pixels(&refs, &Device::Cpu)?;
+        let pixels = clip_pixels(&refs, &device)?;
         let take_ids: Option<Vec<Vec<u32>>> =
             ids.map(|ids| take.iter().map(|&i| ids[i].clone()).collect());
-        net.standardise_heads(&pixels, take_ids.as_deref())?;
+        params.standardise_heads(&pixels, take_ids.as_deref())?;
     }
     let lrs: Vec<f64> = keys
         .iter()
         .map(|k| {
-            if super::net::is_head(k) {
+            if super::params::is_head(k) {
                 opts.lr * opts.head_lr_mult
             } else {
                 opts.lr
@@ -353,9 +359,10 @@ pub fn train_fold(
         let map = candle_core::safetensors::load(&ckpt, &Device::Cpu)
             .map_err(|e| FinetuneError::Data(format!("{}: {e}", ckpt.display())))?;
         let get = |p: &str, key: &str| {
-            map.get(&format!("{p}/{key}")).cloned().ok_or_else(|| {
+            let t = map.get(&format!("{p}/{key}")).ok_or_else(|| {
                 FinetuneError::Data(format!("{}: missing `{p}/{key}`", ckpt.display()))
-            })
+            })?;
+            Ok::<_, FinetuneError>(t.to_device(&device)?)
         };
         for (i, key) in keys.iter().enumerate() {
             vars[i].set(&get("var", key)?)?;
@@ -397,17 +404,10 @@ pub fn train_fold(
             let labels: Vec<bool> = picks.iter().map(|&i| samples[i].label).collect();
             let batch_ids: Option<Vec<Vec<u32>>> =
                 texts.map(|t| picks.iter().map(|&i| t.draw(i, &mut rng)).collect());
-            let mut mode = Mode {
-                rng: Some(&mut rng),
-            };
-            let (loss, _) = batch_loss(
-                &net,
-                &refs,
-                &labels,
-                batch_ids.as_deref(),
-                weights,
-                &mut mode,
-            )?;
+            let model = params.model(Some(SplitMix64::new(rng.next_u64())))?;
+            let (loss, _) = differentiable(|| {
+                batch_loss(&model, &refs, &labels, batch_ids.as_deref(), weights)
+            })?;
             let grads = loss.backward()?;
             opt.update(&vars, &grads)?;
             let l = loss.to_scalar::<f32>()? as f64;
@@ -424,7 +424,7 @@ pub fn train_fold(
             );
         }
         let (val_loss, val_probs) = validate(
-            &net,
+            &params,
             &val_planes,
             &val_labels,
             val_ids.as_deref(),
@@ -458,11 +458,12 @@ pub fn train_fold(
         state.epoch += 1;
         state.step = opt.step;
         let mut map: std::collections::HashMap<String, Tensor> = Default::default();
+        let cpu = |t: &Tensor| t.detach().to_device(&Device::Cpu);
         for (i, key) in keys.iter().enumerate() {
-            map.insert(format!("var/{key}"), vars[i].as_tensor().clone());
-            map.insert(format!("m/{key}"), opt.m[i].clone());
-            map.insert(format!("v/{key}"), opt.v[i].clone());
-            map.insert(format!("best/{key}"), best[i].clone());
+            map.insert(format!("var/{key}"), cpu(vars[i].as_tensor())?);
+            map.insert(format!("m/{key}"), cpu(&opt.m[i])?);
+            map.insert(format!("v/{key}"), cpu(&opt.v[i])?);
+            map.insert(format!("best/{key}"), cpu(&best[i])?);
         }
         let tmp = ckpt.with_extension("tmp.safetensors");
         candle_core::safetensors::save(&map, &tmp)?;
@@ -481,7 +482,7 @@ pub fn train_fold(
         var.set(&best[i])?;
     }
     let (_, val_probs) = validate(
-        &net,
+        &params,
         &val_planes,
         &val_labels,
         val_ids.as_deref(),
@@ -489,7 +490,7 @@ pub fn train_fold(
         opts.batch,
     )?;
     Ok(FoldResult {
-        values: net.values()?,
+        values: params.values()?,
         val_probs,
     })
 }

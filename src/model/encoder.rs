@@ -173,7 +173,7 @@ impl Attention {
                 None => Ok(s),
             }
         })?;
-        let att = timed("attn.softmax", || candle_nn::ops::softmax_last_dim(&scores))?;
+        let att = timed("attn.softmax", || kernels::softmax_last(&scores))?;
         let y = timed("attn.av", || att.matmul(&v))?;
         timed("attn.merge", || y.transpose(1, 2)?.reshape((b, tq, d)))
     }

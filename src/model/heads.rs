@@ -3,10 +3,13 @@
 //! (`LayerNorm(p + fc(GELU_erf(p)))`, `p = projection(x)`) and the zero-shot logit scale.
 
 use super::encoder::LayerNorm;
-use super::linear::Linear;
+use super::linear::{Dropout, Linear};
 use super::mil::Mil;
 use super::weights::Weights;
 use candle_core::{DType, Module, Result, Tensor, D};
+
+/// Dropout inside the text projection head in training (on `fc`'s output).
+pub const HEAD_DROPOUT: f64 = 0.1;
 
 /// The text projection head (`semantic_projection.*`).
 #[derive(Debug, Clone)]
@@ -14,6 +17,7 @@ pub struct ProjectionHead {
     projection: Linear,
     fc: Linear,
     layer_norm: LayerNorm,
+    dropout: Option<Dropout>,
 }
 
 impl ProjectionHead {
@@ -26,6 +30,7 @@ impl ProjectionHead {
                 w.fold(k, "semantic_projection.layer_norm.weight")?,
                 w.fold(k, "semantic_projection.layer_norm.bias")?,
             ),
+            dropout: w.dropout(HEAD_DROPOUT),
         })
     }
 }
@@ -34,8 +39,12 @@ impl Module for ProjectionHead {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let p = self.projection.forward(xs)?;
         let residual = &p;
-        self.layer_norm
-            .forward(&(residual + self.fc.forward(&p.gelu_erf()?)?)?)
+        let h = self.fc.forward(&p.gelu_erf()?)?;
+        let h = match &self.dropout {
+            Some(d) => d.forward(&h)?,
+            None => h,
+        };
+        self.layer_norm.forward(&(residual + h)?)
     }
 }
 

@@ -18,10 +18,46 @@ use rayon::prelude::*;
 const ROWS_PER_TASK: usize = 16;
 
 /// Whether the fused kernels are on: `NODULED_UNFUSED=1` turns them off (plain candle ops),
-/// for A/B timing and for checking them against the unfused path.
+/// for A/B timing and for checking them against the unfused path; they are also off inside
+/// [`differentiable`].
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("NODULED_UNFUSED").map_or(true, |v| v.is_empty() || v == "0"))
+    !DIFFERENTIABLE.get()
+        && *ON.get_or_init(|| {
+            std::env::var("NODULED_UNFUSED").map_or(true, |v| v.is_empty() || v == "0")
+        })
+}
+
+thread_local! {
+    static DIFFERENTIABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every model op on plain differentiable candle ops on this thread: the fused
+/// kernels (which have no backward: their outputs are fresh tensors outside the graph) are
+/// off and [`softmax_last`] is written from elementary ops. Training runs its forwards
+/// inside this; scoring never does, so its speed is unchanged.
+pub fn differentiable<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            DIFFERENTIABLE.set(self.0);
+        }
+    }
+    let _restore = Restore(DIFFERENTIABLE.replace(true));
+    f()
+}
+
+/// Softmax over the last axis: candle-nn's fused kernel for inference; inside
+/// [`differentiable`] the same maths from elementary ops, because candle-nn's
+/// `softmax_last_dim` has no backward and silently cuts the graph (nothing before it would
+/// get a gradient: attention queries and keys, their LoRA factors, the MIL attention).
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if !DIFFERENTIABLE.get() {
+        return candle_nn::ops::softmax_last_dim(x);
+    }
+    let max = x.max_keepdim(candle_core::D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(candle_core::D::Minus1)?)
 }
 
 /// The tensor's data as a contiguous f32 slice, or `None` (not CPU, not f32, strided, or the

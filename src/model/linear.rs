@@ -8,9 +8,10 @@
 
 use super::gemm::{Epilogue, GemmDtype, PackedWeight};
 use super::profile::{timed, timed_flops};
+use crate::rng::SplitMix64;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor, D};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// The weight of a base linear layer, [out, in].
 #[derive(Debug, Clone)]
@@ -310,6 +311,37 @@ impl Module for Linear {
     }
 }
 
+/// Dropout on the LoRA path's input in training.
+pub const LORA_DROPOUT: f64 = 0.25;
+
+/// Inverted dropout for training: each value is zeroed with probability `p` and the rest
+/// scaled by 1/(1-p). Masks come from a SplitMix64 shared by every layer of one forward, in
+/// the order the layers run, so a seed fixes every mask of a training step.
+#[derive(Debug, Clone)]
+pub struct Dropout {
+    p: f64,
+    rng: Arc<Mutex<SplitMix64>>,
+}
+
+impl Dropout {
+    /// Dropout `p` drawing its masks from `rng`.
+    pub fn new(p: f64, rng: Arc<Mutex<SplitMix64>>) -> Self {
+        Self { p, rng }
+    }
+}
+
+impl Module for Dropout {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let keep = (1.0 / (1.0 - self.p)) as f32;
+        let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+        let mask: Vec<f32> = (0..xs.elem_count())
+            .map(|_| if rng.uniform() < self.p { 0.0 } else { keep })
+            .collect();
+        let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
+        xs * mask
+    }
+}
+
 /// A base linear layer plus one unmerged LoRA path per fold.
 #[derive(Debug, Clone)]
 pub struct LoraLinear {
@@ -318,6 +350,8 @@ pub struct LoraLinear {
     a_t: Tensor,
     /// s B_k^T stacked over folds: [folds, r, out].
     b_t_scaled: Tensor,
+    /// Dropout on the LoRA path's input (training only).
+    dropout: Option<Dropout>,
 }
 
 impl LoraLinear {
@@ -329,7 +363,15 @@ impl LoraLinear {
             base,
             a_t,
             b_t_scaled,
+            dropout: None,
         })
+    }
+
+    /// This layer with `dropout` on the LoRA path's input (training's form:
+    /// `y = x W^T + b + s (drop(x) A^T) B^T`).
+    pub fn with_dropout(mut self, dropout: Option<Dropout>) -> Self {
+        self.dropout = dropout;
+        self
     }
 
     /// The base layer.
@@ -355,6 +397,7 @@ impl LoraLinear {
             base: self.base.placed(device, dtype)?,
             a_t: put(&self.a_t)?,
             b_t_scaled: put(&self.b_t_scaled)?,
+            dropout: self.dropout.clone(),
         })
     }
 
@@ -364,6 +407,7 @@ impl LoraLinear {
             base: self.base.quantized(dtype)?,
             a_t: self.a_t.clone(),
             b_t_scaled: self.b_t_scaled.clone(),
+            dropout: self.dropout.clone(),
         })
     }
 }
@@ -375,7 +419,11 @@ impl Module for LoraLinear {
         let y = self.base.forward_no_bias(xs)?;
         let in_dim = xs.dim(D::Minus1)?;
         let per_fold = xs.elem_count() / (folds * in_dim);
-        let x3 = xs.reshape((folds, per_fold, in_dim))?;
+        let x3 = match &self.dropout {
+            Some(d) => d.forward(xs)?,
+            None => xs.clone(),
+        };
+        let x3 = x3.reshape((folds, per_fold, in_dim))?;
         let u = timed("lora.low", || x3.matmul(&self.a_t))?;
         // One pass: y + bias + u s B^T (falls back to candle ops off the f32 CPU path).
         if let Some(out) = timed("lora.add", || {

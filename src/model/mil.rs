@@ -33,7 +33,7 @@ impl Mil {
         let scores = self
             .attention_out
             .forward(&self.attention_hidden.forward(&h)?.tanh()?)?;
-        let att = candle_nn::ops::softmax_last_dim(&scores.reshape((nodules, N_PLANES))?)?;
+        let att = super::kernels::softmax_last(&scores.reshape((nodules, N_PLANES))?)?;
         let h = h.reshape((nodules, N_PLANES, self.projector.out_dim()))?;
         let pooled = att.unsqueeze(1)?.matmul(&h)?.squeeze(1)?;
         Ok((pooled, att))

@@ -21,6 +21,7 @@ pub mod bundle;
 pub mod checkpoint;
 pub mod config;
 pub mod encoder;
+pub mod fold;
 pub mod gemm;
 pub mod heads;
 pub mod kernels;

@@ -5,9 +5,8 @@
 //!
 //! Values are uniform with the standard deviation CLIP's initialisation uses (0.02 for
 //! weights, 0.05 for the LoRA factors as the reference benchmark draws them; LayerNorm gains
-//! 1, biases 0), so activations stay in a realistic range. The generator is a SplitMix64
-//! stream seeded by the caller: the same seed gives the same model. Written here because the
-//! speed of a benchmark's generator matters (~88 M values) and no crate is needed for it.
+//! 1, biases 0), so activations stay in a realistic range. The generator is the project's
+//! [`SplitMix64`] seeded by the caller: the same seed gives the same model.
 
 use super::checkpoint::{specs, Role};
 use super::config::{LoraLayout, ModelConfig};
@@ -16,39 +15,28 @@ use super::prompts::ZeroShotSpec;
 use super::weights::Weights;
 use super::{vision, ModelError, NoduleModel};
 use crate::calibration::BetaCalibration;
+use crate::rng::SplitMix64;
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-/// SplitMix64: a small, fast, well-mixed 64-bit generator.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// `n` values uniform on [-a, a] with standard deviation `std` (a = std * sqrt(3)).
-    fn uniform(&mut self, n: usize, std: f32) -> Vec<f32> {
-        let a = std * 3f32.sqrt();
-        let mut out = Vec::with_capacity(n);
-        for _ in 0..n.div_ceil(2) {
-            let r = self.next();
-            for half in [r as u32, (r >> 32) as u32] {
-                if out.len() < n {
-                    // 24 high bits -> [0, 1).
-                    let u = (half >> 8) as f32 * (1.0 / 16_777_216.0);
-                    out.push((2.0 * u - 1.0) * a);
-                }
+/// `n` values uniform on [-a, a] with standard deviation `std` (a = std * sqrt(3)), two per
+/// 64-bit draw (24 high bits of each half), so that ~88 M values are drawn quickly.
+fn uniform(rng: &mut SplitMix64, n: usize, std: f32) -> Vec<f32> {
+    let a = std * 3f32.sqrt();
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n.div_ceil(2) {
+        let r = rng.next_u64();
+        for half in [r as u32, (r >> 32) as u32] {
+            if out.len() < n {
+                // 24 high bits -> [0, 1).
+                let u = (half >> 8) as f32 * (1.0 / 16_777_216.0);
+                out.push((2.0 * u - 1.0) * a);
             }
         }
-        out
     }
+    out
 }
 
 /// True for the keys only the text tower reads.
@@ -60,22 +48,22 @@ fn text_only(key: &str) -> bool {
         && key != "logit_scale"
 }
 
-fn values(rng: &mut SplitMix, key: &str, n: usize) -> Vec<f32> {
+fn values(rng: &mut SplitMix64, key: &str, n: usize) -> Vec<f32> {
     let last = key.rsplit('.').next().unwrap_or(key);
     let is_norm = key.contains("ln_") || key.contains("layer_norm");
     match last {
         "bias" => vec![0.0; n],
         "weight" if is_norm => vec![1.0; n],
-        "w_lora_A" | "w_lora_B" => rng.uniform(n, 0.05),
+        "w_lora_A" | "w_lora_B" => uniform(rng, n, 0.05),
         "logit_scale" => vec![(1.0f32 / 0.07).ln(); n],
-        _ => rng.uniform(n, 0.02),
+        _ => uniform(rng, n, 0.02),
     }
 }
 
 /// The vision tower's base tensors and `folds` folds' LoRA factors and heads (no text tower),
 /// keyed as in the checkpoints, q/k/v unmerged.
 pub fn vision_weights(cfg: &ModelConfig, folds: usize, seed: u64) -> candle_core::Result<Weights> {
-    let mut rng = SplitMix(seed);
+    let mut rng = SplitMix64::new(seed);
     let dev = Device::Cpu;
     let mut base = HashMap::new();
     let mut fold_maps: Vec<HashMap<String, Tensor>> = (0..folds).map(|_| HashMap::new()).collect();
@@ -127,11 +115,11 @@ pub fn model_with_base(
         .collect::<candle_core::Result<Vec<_>>>()?;
     let zero_shot = ZeroShotSpec::builtin();
     let n_prompts = zero_shot.prompts().len();
-    let mut rng = SplitMix(seed ^ 0x5EED);
+    let mut rng = SplitMix64::new(seed ^ 0x5EED);
     let text_embeds = (0..folds)
         .map(|_| {
             let e = Tensor::from_vec(
-                rng.uniform(n_prompts * cfg.out_dim, 1.0),
+                uniform(&mut rng, n_prompts * cfg.out_dim, 1.0),
                 (n_prompts, cfg.out_dim),
                 &device,
             )?
@@ -167,12 +155,51 @@ mod tests {
 
     #[test]
     fn uniform_has_the_asked_spread() {
-        let v = SplitMix(1).uniform(100_001, 0.02);
+        let v = uniform(&mut SplitMix64::new(1), 100_001, 0.02);
         assert_eq!(v.len(), 100_001);
         let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
         let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64;
         assert!(mean.abs() < 1e-3, "mean {mean}");
         assert!((var.sqrt() - 0.02).abs() < 2e-4, "std {}", var.sqrt());
+    }
+
+    /// FNV-1a over every weight's key and f32 bits, in key order.
+    fn fingerprint(w: &Weights) -> u64 {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        let mut eat = |bytes: &[u8]| {
+            for &b in bytes {
+                h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3);
+            }
+        };
+        let mut maps = vec![w.base_tensors().clone()];
+        maps.extend((0..w.n_folds()).map(|k| w.fold_tensors(k).unwrap().clone()));
+        for map in maps {
+            let mut keys: Vec<_> = map.keys().cloned().collect();
+            keys.sort();
+            for key in keys {
+                eat(key.as_bytes());
+                let v = map[&key].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                for x in v {
+                    eat(&x.to_bits().to_le_bytes());
+                }
+            }
+        }
+        h
+    }
+
+    /// The random weights and prompt embeddings are those of the generator this module had
+    /// before it used `crate::rng::SplitMix64` (fingerprints taken from that code).
+    #[test]
+    fn random_model_is_unchanged() {
+        let cfg = small_config();
+        let w = vision_weights(&cfg, 3, 7).unwrap();
+        let m = model(&cfg, 2, 11).unwrap();
+        let e: Vec<f64> = m.text_embeds[1].flatten_all().unwrap().to_vec1().unwrap();
+        let bits = e.iter().fold(0u64, |h, x| h.rotate_left(5) ^ x.to_bits());
+        assert_eq!(
+            (fingerprint(&w), bits),
+            (12883585774537634546, 2759258183851267780)
+        );
     }
 
     /// ViT-B/32's layout with a 64-wide, 2-block tower and small heads.

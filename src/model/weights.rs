@@ -2,10 +2,14 @@
 //! folds (q/k/v already reduced to W0), and per fold only its LoRA factors and heads.
 //! A bundle may also hold base layer weights in another form than a float tensor (a q8_0
 //! matrix read from a mapped file): [`Weights::linear`] prefers those when present.
+//! Training builds the same components from `Weights` whose trained tensors are candle
+//! `Var`s, with a dropout generator set ([`Weights::with_dropout`]).
 
-use super::linear::{BaseWeight, Linear, LoraLinear};
+use super::linear::{BaseWeight, Dropout, Linear, LoraLinear, LORA_DROPOUT};
+use crate::rng::SplitMix64;
 use candle_core::{Result, Tensor};
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 /// Base tensors plus per-fold tensors, keyed as in the checkpoints.
 #[derive(Debug, Clone)]
@@ -16,6 +20,8 @@ pub struct Weights {
     special: HashMap<String, BaseWeight>,
     special_dims: HashMap<String, (usize, usize)>,
     lora_scale: f64,
+    /// The masks' generator when the components are built for a training step.
+    dropout: Option<Arc<Mutex<SplitMix64>>>,
 }
 
 impl Weights {
@@ -31,7 +37,22 @@ impl Weights {
             special: HashMap::new(),
             special_dims: HashMap::new(),
             lora_scale,
+            dropout: None,
         }
+    }
+
+    /// Builds training components: LoRA inputs and the text head get dropout, masks drawn
+    /// from `rng` in the order the layers run.
+    pub fn with_dropout(mut self, rng: SplitMix64) -> Self {
+        self.dropout = Some(Arc::new(Mutex::new(rng)));
+        self
+    }
+
+    /// Dropout `p` when building for training, else none.
+    pub fn dropout(&self, p: f64) -> Option<Dropout> {
+        self.dropout
+            .as_ref()
+            .map(|rng| Dropout::new(p, rng.clone()))
     }
 
     /// Adds base layer weights held in another form than a float tensor, keyed
@@ -117,6 +138,9 @@ impl Weights {
     pub fn lora_linear(&self, prefix: &str) -> Result<LoraLinear> {
         let a = self.stacked(&format!("{prefix}.w_lora_A"))?;
         let b = self.stacked(&format!("{prefix}.w_lora_B"))?;
-        LoraLinear::new(self.linear(prefix)?, &a, &b, self.lora_scale)
+        Ok(
+            LoraLinear::new(self.linear(prefix)?, &a, &b, self.lora_scale)?
+                .with_dropout(self.dropout(LORA_DROPOUT)),
+        )
     }
 }

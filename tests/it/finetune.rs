@@ -55,6 +55,8 @@ fn finetune_writes_a_model_that_scores() {
         "8",
         "--gate-margin",
         "1",
+        "--device",
+        "cpu",
     ]);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stderr}");
@@ -264,10 +266,49 @@ fn kill_and_resume_gives_identical_weights() {
     }
 }
 
+/// `finetune --device` follows scoring's rules: an explicit CUDA device in a CPU-only build
+/// is refused with one line (exit 2) before any work, nothing written; an unknown device is
+/// a usage error naming it.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn finetune_device_cuda_in_a_cpu_build_is_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = synth_set(&tmp.path().join("data"), 6, 3);
+    let out = tmp.path().join("new");
+    let fixture = reference().join("model");
+    let run = |device: &str| {
+        finetune(&[
+            "--manifest",
+            s(&manifest),
+            "--model",
+            s(&fixture),
+            "--out",
+            s(&out),
+            "--device",
+            device,
+        ])
+    };
+    for device in ["cuda", "cuda:1"] {
+        let r = run(device);
+        let stderr = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(2), "{stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.starts_with("noduled: device cuda:") && stderr.contains("without CUDA support"),
+            "{stderr}"
+        );
+        assert!(!out.exists() && !tmp.path().join("new.work").exists());
+    }
+    let r = run("gpu");
+    assert_eq!(r.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("device `gpu`"));
+}
+
 /// The training forward (eval mode) gives the inference model's fold probabilities.
 #[test]
 fn training_forward_equals_inference() {
-    use noduled::finetune::net::{self, Mode, Net, Tuning};
+    use candle_core::Module;
+    use noduled::finetune::params::{self, Params, Tuning};
     let dir = reference().join("model");
     let ck = noduled::model::checkpoint::load(&dir).unwrap();
     let model = noduled::model::NoduleModel::load(&dir).unwrap();
@@ -279,7 +320,7 @@ fn training_forward_equals_inference() {
     let want = model.forward(&[&planes]).unwrap();
     for k in 0..ck.weights.n_folds() {
         let mut values = std::collections::BTreeMap::new();
-        for (key, _, role) in net::all_specs(&ck.config) {
+        for (key, _, role) in params::all_specs(&ck.config) {
             let t = match role {
                 noduled::model::checkpoint::Role::Fold => ck.weights.fold(k, &key),
                 _ => ck.weights.base(&key),
@@ -299,16 +340,17 @@ fn training_forward_equals_inference() {
             "classifier_text.bias".into(),
             zeros.narrow(1, 0, 1).unwrap().flatten_all().unwrap(),
         );
-        let n = Net::new(&ck.config, &values, Tuning::Lora).unwrap();
+        let p = Params::new(&ck.config, &values, Tuning::Lora, &candle_core::Device::Cpu).unwrap();
         let pixels =
             noduled::model::vision::clip_pixels(&[&planes], &candle_core::Device::Cpu).unwrap();
-        let feats = n.vision(&pixels, &mut Mode::eval()).unwrap();
-        let unit = net::l2_normalize(&n.mil(&feats).unwrap()).unwrap();
-        let logits = n
-            .classify(&unit, "classifier_image")
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
+        // As training computes it: the plain differentiable ops, no dropout.
+        let logits = noduled::model::kernels::differentiable(|| {
+            let m = p.model(None).unwrap();
+            m.classifier_image.forward(&m.image(&pixels).unwrap())
+        })
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
         let p = 1.0 / (1.0 + ((logits[0][0] - logits[0][1]) as f64).exp());
         let w = want[0].folds[k].prob;
         assert!((p - w).abs() < 1e-4, "fold {k}: {p} vs {w}");
