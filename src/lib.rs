@@ -5,6 +5,7 @@
 //! # Layout
 //! Data flows one way, top to bottom:
 //!
+//! - [`fsutil`]: atomic, durable file writes and moves (outbox, ledger, DICOM store, PACS queue).
 //! - [`confine`]: every file a job names opened inside the data roots (openat2 beneath a root).
 //! - [`volume`]: CT readers (DICOM series, NIfTI, NRRD, crop files) into one `Volume` (HU, f32).
 //! - [`preprocess`]: 1 mm resample, LPS 100^3 crop at a world point, HU window, the nine planes.
@@ -36,6 +37,7 @@ pub mod dicom;
 pub mod engine;
 pub mod eval;
 pub mod finetune;
+pub mod fsutil;
 pub mod model;
 pub mod mqtt_tls;
 pub mod nodule;

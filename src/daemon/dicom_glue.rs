@@ -7,7 +7,7 @@
 use super::job::{CheckedJob, JobDoc, JobError, JobResult};
 use crate::config::Settings;
 use crate::dicom::receiver::{self, Receiver};
-use crate::dicom::sender::PacsQueue;
+use crate::dicom::sender::{PacsQueue, QueueLimits};
 use crate::dicom::sr::{self, SrInput};
 use crate::dicom::store::Store;
 use crate::dicom::{DicomSettings, SeriesInfo};
@@ -37,7 +37,7 @@ impl DicomSide {
         let receiver = match settings.dicom.listen {
             Some(_) => {
                 let r = receiver::start(&settings.dicom, store.clone())?;
-                super::outbox::write_atomic(
+                crate::fsutil::write_atomic(
                     &settings.state_dir.join("dicom.addr"),
                     r.addr.to_string().as_bytes(),
                 )?;
@@ -48,7 +48,10 @@ impl DicomSide {
         let stop = Arc::new(AtomicBool::new(false));
         let pacs = match &settings.dicom.pacs {
             Some(cfg) => {
-                let q = Arc::new(PacsQueue::open(&settings.state_dir.join("pacs"))?);
+                let q = Arc::new(PacsQueue::open(
+                    &settings.state_dir.join("pacs"),
+                    QueueLimits::of(cfg),
+                )?);
                 let (q2, cfg, ae, st) = (
                     q.clone(),
                     cfg.clone(),
@@ -117,6 +120,16 @@ impl DicomSide {
                 "noduled_pacs_failed_attempts",
                 "C-STORE attempts to the PACS that failed",
                 get(q.map(|q| &q.stats.failed_attempts)),
+            ),
+            (
+                "noduled_pacs_refused",
+                "SRs the PACS refused for good (moved to pacs/refused/)",
+                get(q.map(|q| &q.stats.refused)),
+            ),
+            (
+                "noduled_pacs_dropped",
+                "SRs deleted unsent by the PACS queue's bounds",
+                get(q.map(|q| &q.stats.dropped)),
             ),
         ];
         let gauges = vec![(
@@ -192,11 +205,13 @@ pub fn resolve_series(
     }
 }
 
-/// For a job naming a DICOM series folder: reads its headers, runs the checks (an error
+/// For a job naming a DICOM series folder: reads its headers through the job's `opener`
+/// (beneath the data roots, like every file a job names), runs the checks (an error
 /// refuses the job), and adds description, thickness, spacing and warnings to `input`.
 pub fn check_series(
     checked: &CheckedJob,
     settings: &DicomSettings,
+    opener: &crate::confine::Opener,
     input: &mut serde_json::Value,
 ) -> Result<Option<SeriesInfo>, JobError> {
     if checked.input.get("kind").and_then(|k| k.as_str()) != Some("series") {
@@ -208,8 +223,8 @@ pub fn check_series(
     else {
         return Ok(None);
     };
-    let info =
-        SeriesInfo::read(path, series_uid.as_deref()).map_err(|e| JobError::Load(e.into()))?;
+    let info = SeriesInfo::read_in(opener, path, series_uid.as_deref())
+        .map_err(|e| JobError::Load(e.into()))?;
     let warnings = info
         .check(settings.min_slices)
         .map_err(|e| JobError::Load(e.into()))?;
@@ -250,7 +265,7 @@ pub fn write_sr(
                 q.enqueue(&result.result_id, &bytes)
                     .map_err(|e| format!("PACS queue: {e}"))?;
             }
-            super::outbox::write_atomic(&path, &bytes)
+            crate::fsutil::write_atomic(&path, &bytes)
                 .map_err(|e| format!("{}: {e}", path.display()))
         });
     match written {

@@ -9,55 +9,18 @@
 //! past the age or, while over the size, oldest first; then unsent results past the age, and,
 //! only once no sent result is left, the oldest unsent while still over the size. Every
 //! result deleted before it was published counts as `dropped`.
+//!
+//! A result's DICOM SR (`<result_id>.dcm`, written just before its JSON) travels with it: its
+//! bytes count in the size bound, it moves with the JSON to `sent/` or `refused/`, and it is
+//! deleted with it. An SR whose JSON is missing (a crash between the two writes) is bounded
+//! like a sent result.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-/// Writes `bytes` to `path` atomically and durably: `.name.tmp`, fsync, rename, fsync dir.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let written = std::fs::File::create(&tmp).and_then(|mut f| {
-        f.write_all(bytes)?;
-        f.sync_all()
-    });
-    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
-        // Nothing half-written stays behind (a full disk, an I/O error).
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    sync_dir(dir)
-}
-
-/// Moves `from` to `to` (same filesystem: rename; otherwise copy, fsync, remove) and makes
-/// the move durable.
-pub fn move_durable(from: &Path, to: &Path) -> std::io::Result<()> {
-    match std::fs::rename(from, to) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(18) => {
-            // EXDEV: another filesystem.
-            let bytes = std::fs::read(from)?;
-            write_atomic(to, &bytes)?;
-            std::fs::remove_file(from)?;
-        }
-        Err(e) => return Err(e),
-    }
-    if let Some(d) = to.parent() {
-        sync_dir(d)?;
-    }
-    if let Some(d) = from.parent() {
-        sync_dir(d)?;
-    }
-    Ok(())
-}
-
-/// fsyncs a folder so a rename in it survives a power cut.
-pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
+/// Re-exported for the daemon modules that import them from here (defined in [`crate::fsutil`]).
+pub use crate::fsutil::{move_durable, sync_dir, write_atomic};
 
 /// The outbox folder and its bounds.
 #[derive(Debug)]
@@ -122,10 +85,7 @@ impl Outbox {
         let stem = stem.strip_suffix(".json").unwrap_or(&stem);
         let text = serde_json::to_vec_pretty(reason).unwrap_or_default();
         write_atomic(&self.refused.join(format!("{stem}.reason.json")), &text)?;
-        match move_durable(path, &self.refused.join(name)) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            other => other,
-        }
+        move_with_sr(path, &self.refused)
     }
 
     /// Path of an unpublished result.
@@ -154,13 +114,7 @@ impl Outbox {
 
     /// Marks a result acknowledged: moves it to `sent/`.
     pub fn mark_sent(&self, path: &Path) -> std::io::Result<()> {
-        let Some(name) = path.file_name() else {
-            return Ok(());
-        };
-        match move_durable(path, &self.sent.join(name)) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            other => other,
-        }
+        move_with_sr(path, &self.sent)
     }
 
     /// Applies the age and size bounds in the module doc's order; returns how many
@@ -168,6 +122,7 @@ impl Outbox {
     pub fn prune(&self) -> u64 {
         let now = SystemTime::now();
         let mut sent = list_results(&self.sent);
+        sent.extend(orphan_srs(&self.dir));
         let mut unsent = list_results(&self.dir);
         sent.sort_by_key(|f| f.1);
         unsent.sort_by_key(|f| f.1);
@@ -175,7 +130,7 @@ impl Outbox {
         let too_old = |t: SystemTime| now.duration_since(t).unwrap_or_default() > self.max_age;
         let mut sent_left = sent.len();
         for (p, t, len) in sent {
-            if (too_old(t) || total > self.max_bytes) && std::fs::remove_file(&p).is_ok() {
+            if (too_old(t) || total > self.max_bytes) && remove_with_sr(&p).is_ok() {
                 total -= len;
                 sent_left -= 1;
             }
@@ -183,7 +138,7 @@ impl Outbox {
         let mut dropped = 0;
         for (p, t, len) in unsent {
             let over = total > self.max_bytes && sent_left == 0;
-            if (too_old(t) || over) && std::fs::remove_file(&p).is_ok() {
+            if (too_old(t) || over) && remove_with_sr(&p).is_ok() {
                 total -= len;
                 dropped += 1;
                 tracing::warn!(file = %p.display(), "outbox bound reached: dropped an unpublished result");
@@ -196,10 +151,11 @@ impl Outbox {
     /// Depth, bytes and bounds.
     pub fn stats(&self) -> OutboxStats {
         let pending = list_results(&self.dir);
-        let sent = list_results(&self.sent);
+        let mut held = list_results(&self.sent);
+        held.extend(orphan_srs(&self.dir));
         OutboxStats {
             depth: pending.len() as u64,
-            bytes: pending.iter().chain(sent.iter()).map(|f| f.2).sum(),
+            bytes: pending.iter().chain(held.iter()).map(|f| f.2).sum(),
             max_bytes: self.max_bytes,
             max_age_hours: self.max_age.as_secs() / 3600,
             dropped: self.dropped.load(Ordering::Relaxed),
@@ -207,7 +163,34 @@ impl Outbox {
     }
 }
 
-fn list_results(dir: &Path) -> Vec<(PathBuf, SystemTime, u64)> {
+/// The SR that travels with a result JSON: `<result_id>.dcm` beside it.
+fn sr_of(json: &Path) -> PathBuf {
+    json.with_extension("dcm")
+}
+
+/// Moves a result and its SR (when there is one) into `to_dir`.
+fn move_with_sr(json: &Path, to_dir: &Path) -> std::io::Result<()> {
+    for p in [json.to_path_buf(), sr_of(json)] {
+        let Some(name) = p.file_name() else { continue };
+        match move_durable(&p, &to_dir.join(name)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            other => other?,
+        }
+    }
+    Ok(())
+}
+
+/// Deletes a result (a JSON or an orphan SR) and its SR.
+fn remove_with_sr(p: &Path) -> std::io::Result<()> {
+    std::fs::remove_file(p)?;
+    match std::fs::remove_file(sr_of(p)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Files in `dir` ending in `ext` (not temporaries): (path, modified, length).
+fn list_files(dir: &Path, ext: &str) -> Vec<(PathBuf, SystemTime, u64)> {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -215,7 +198,7 @@ fn list_results(dir: &Path) -> Vec<(PathBuf, SystemTime, u64)> {
         .filter(|e| {
             let n = e.file_name();
             let n = n.to_string_lossy();
-            n.ends_with(".json") && !n.starts_with('.')
+            n.ends_with(ext) && !n.starts_with('.')
         })
         .filter_map(|e| {
             let m = e.metadata().ok()?;
@@ -228,6 +211,22 @@ fn list_results(dir: &Path) -> Vec<(PathBuf, SystemTime, u64)> {
             })
         })
         .collect()
+}
+
+/// Result JSONs in `dir`, each length including its SR's.
+fn list_results(dir: &Path) -> Vec<(PathBuf, SystemTime, u64)> {
+    let mut v = list_files(dir, ".json");
+    for (p, _, len) in &mut v {
+        *len += std::fs::metadata(sr_of(p)).map(|m| m.len()).unwrap_or(0);
+    }
+    v
+}
+
+/// SRs in `dir` whose result JSON is not there.
+fn orphan_srs(dir: &Path) -> Vec<(PathBuf, SystemTime, u64)> {
+    let mut v = list_files(dir, ".dcm");
+    v.retain(|(p, _, _)| !p.with_extension("json").exists());
+    v
 }
 
 #[cfg(test)]
@@ -275,5 +274,39 @@ mod tests {
             "an unsent result went while sent ones remained"
         );
         assert!(!ob.contains("s1") && ob.contains("s2"));
+    }
+
+    #[test]
+    fn an_sr_counts_moves_and_goes_with_its_result() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = Outbox::open(dir.path(), Duration::from_secs(3600), 1000).unwrap();
+        std::fs::write(dir.path().join("a.dcm"), [0u8; 100]).unwrap();
+        let a = ob.write("a", b"0123456789").unwrap();
+        assert_eq!(ob.stats().bytes, 110);
+        ob.mark_sent(&a).unwrap();
+        assert!(dir.path().join("sent/a.dcm").exists());
+        assert!(!dir.path().join("a.dcm").exists());
+        // An SR without its JSON (crash between the writes) is held and bounded too.
+        std::fs::write(dir.path().join("b.dcm"), [0u8; 50]).unwrap();
+        assert_eq!(ob.stats().bytes, 160);
+        std::thread::sleep(Duration::from_millis(20));
+        ob.write("c", b"0123456789").unwrap();
+        std::fs::write(dir.path().join("c.dcm"), [0u8; 100]).unwrap();
+        // 270 bytes > 150: a (sent, with its SR) and the orphan SR go; c and its SR stay.
+        let small = Outbox::open(dir.path(), Duration::from_secs(3600), 150).unwrap();
+        assert_eq!(small.prune(), 0);
+        assert!(!dir.path().join("sent/a.dcm").exists() && !dir.path().join("b.dcm").exists());
+        assert_eq!(small.stats().bytes, 110);
+        let tiny = Outbox::open(dir.path(), Duration::from_secs(3600), 5).unwrap();
+        assert_eq!(tiny.prune(), 1);
+        assert!(
+            !dir.path().join("c.dcm").exists(),
+            "an SR outlived its result"
+        );
+        let r = ob.write("r", b"{}").unwrap();
+        std::fs::write(dir.path().join("r.dcm"), b"sr").unwrap();
+        ob.refuse(&r, &serde_json::json!({"reason": "test"}))
+            .unwrap();
+        assert!(dir.path().join("refused/r.dcm").exists());
     }
 }

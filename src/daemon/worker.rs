@@ -494,8 +494,12 @@ fn run_job(
         let policy = limits.policy.for_job(&file_name(file));
         let checked: CheckedJob = job::check(doc, &key, &policy, limits.max_nodules)?;
         ran.input = checked.input.clone();
-        ran.series =
-            super::dicom_glue::check_series(&checked, &limits.dicom.settings, &mut ran.input)?;
+        ran.series = super::dicom_glue::check_series(
+            &checked,
+            &limits.dicom.settings,
+            &policy.opener,
+            &mut ran.input,
+        )?;
         let mut scored = score_job(&checked, &policy.opener, scorer, stop)?;
         if let Some(s) = scored.as_mut() {
             s.report.fill_summaries(limits.alert_threshold);

@@ -56,10 +56,35 @@ pub struct PacsConfig {
     /// from 1 s).
     #[serde(default = "default_retry_max_secs")]
     pub retry_max_secs: u64,
+    /// C-STORE failures of one SR (a failure status, or no presentation context for it)
+    /// after which it moves to `pacs/refused/`; a permanent failure moves it at once.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Most SRs the queue holds; past it the oldest are dropped (logged and counted).
+    #[serde(default = "default_max_queue_files")]
+    pub max_queue_files: usize,
+    /// Most bytes the queue holds; past it the oldest SRs are dropped (logged and counted).
+    #[serde(default = "default_max_queue_bytes")]
+    pub max_queue_bytes: u64,
+    /// SRs queued longer than this are dropped (logged and counted), in hours.
+    #[serde(default = "default_max_queue_age_hours")]
+    pub max_queue_age_hours: u64,
 }
 
 fn default_retry_max_secs() -> u64 {
     60
+}
+fn default_max_attempts() -> u32 {
+    5
+}
+fn default_max_queue_files() -> usize {
+    10_000
+}
+fn default_max_queue_bytes() -> u64 {
+    1 << 30
+}
+fn default_max_queue_age_hours() -> u64 {
+    24 * 7
 }
 
 impl Default for DicomConfig {
@@ -171,6 +196,15 @@ impl DicomConfig {
             check_ae("dicom.pacs.ae_title", &p.ae_title).map_err(|m| ("dicom.pacs.ae_title", m))?;
             if p.host.trim().is_empty() || p.port == 0 {
                 return Err(("dicom.pacs.host", "set host and a non-zero port".into()));
+            }
+            let positive = [
+                ("dicom.pacs.max_attempts", u64::from(p.max_attempts)),
+                ("dicom.pacs.max_queue_files", p.max_queue_files as u64),
+                ("dicom.pacs.max_queue_bytes", p.max_queue_bytes),
+                ("dicom.pacs.max_queue_age_hours", p.max_queue_age_hours),
+            ];
+            if let Some((k, _)) = positive.iter().find(|(_, v)| *v == 0) {
+                return Err((k, "must be > 0".into()));
             }
         }
         Ok(DicomSettings {

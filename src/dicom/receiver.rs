@@ -15,7 +15,7 @@
 //! Rows x Columns x BitsAllocated/8), 0xC000 cannot understand (unparsable data set).
 
 use super::config::DicomSettings;
-use super::store::Store;
+use super::store::{PutError, SeriesLimits, Store};
 use super::uid;
 use dicom_core::{dicom_value, DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
@@ -317,16 +317,6 @@ fn store_instance(
     let dir = store
         .series_dir(&study, &series)
         .map_err(|e| (0xA900, clip(&e.to_string())))?;
-    let used = store.usage(&dir);
-    if used.instances >= settings.max_instances_per_series {
-        return Err((
-            0xA700,
-            format!(
-                "series full: dicom.max_instances_per_series = {}",
-                settings.max_instances_per_series
-            ),
-        ));
-    }
     let meta = FileMetaTableBuilder::new()
         .media_storage_sop_class_uid(sop_class.as_str())
         .media_storage_sop_instance_uid(sop.as_str())
@@ -337,19 +327,15 @@ fn store_instance(
     obj.with_exact_meta(meta)
         .write_all(&mut file)
         .map_err(|e| (0xC000, clip(&e.to_string())))?;
-    if used.bytes + file.len() as u64 > settings.max_series_bytes {
-        return Err((
-            0xA700,
-            format!(
-                "series full: dicom.max_series_bytes = {}",
-                settings.max_series_bytes
-            ),
-        ));
+    let limits = SeriesLimits {
+        max_instances: settings.max_instances_per_series,
+        max_bytes: settings.max_series_bytes,
+    };
+    match store.put_within(&dir, &sop, &file, limits) {
+        Ok(_) => Ok(()),
+        Err(PutError::Full(key, limit)) => Err((0xA700, format!("series full: {key} = {limit}"))),
+        Err(PutError::Io(e)) => Err((0xA700, clip(&format!("cannot store: {e}")))),
     }
-    store
-        .put(&dir, &sop, &file)
-        .map_err(|e| (0xA700, clip(&format!("cannot store: {e}"))))?;
-    Ok(())
 }
 
 /// Native Pixel Data must hold Rows x Columns x frames x samples x BitsAllocated/8 bytes.

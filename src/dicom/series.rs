@@ -10,9 +10,11 @@
 //! values projected on the slice normal (mm).
 
 use super::uid;
+use crate::confine::Opener;
+use crate::volume::dicom::{header_in, DicomError};
 use dicom_dictionary_std::tags;
-use dicom_object::{DefaultDicomObject, OpenFileOptions, Tag};
-use std::path::{Path, PathBuf};
+use dicom_object::{DefaultDicomObject, Tag};
+use std::path::Path;
 
 /// Slice spacing (mm) above which a result carries a warning.
 pub const THIN_SLICE_MM: f64 = 2.5;
@@ -37,6 +39,9 @@ pub enum SeriesError {
         /// What is wrong (names the attribute).
         msg: String,
     },
+    /// A member could not be opened beneath the data roots or parsed (names the file).
+    #[error(transparent)]
+    Read(#[from] DicomError),
     /// No instance of the series asked for (or none at all) in the folder.
     #[error("{dir}: no DICOM instances of series {uid}")]
     NotFound {
@@ -120,12 +125,32 @@ impl SeriesInfo {
     /// Reads the headers of the folder's DICOM files (not recursing, hidden files and
     /// non-Part-10 files skipped) and describes series `series_uid` (or the only series).
     pub fn read(dir: &Path, series_uid: Option<&str>) -> Result<SeriesInfo, SeriesError> {
-        let files = list(dir)?;
+        Self::read_in(&Opener::unconfined(), dir, series_uid)
+    }
+
+    /// [`SeriesInfo::read`] through `opener`: the folder and each member opened beneath the
+    /// data roots (like the volume reader, [`crate::volume::dicom::header_in`]).
+    pub fn read_in(
+        opener: &Opener,
+        dir: &Path,
+        series_uid: Option<&str>,
+    ) -> Result<SeriesInfo, SeriesError> {
+        let opened = opener.open_dir(dir).map_err(|err| SeriesError::Io {
+            path: dir.display().to_string(),
+            err,
+        })?;
+        let mut names = opened.file_names().map_err(|err| SeriesError::Io {
+            path: dir.display().to_string(),
+            err,
+        })?;
+        names.retain(|n| !n.to_string_lossy().starts_with('.'));
+        names.sort();
         let mut first: Option<DefaultDicomObject> = None;
         let mut instances = Vec::new();
         let mut chosen: Option<String> = series_uid.map(str::to_string);
-        for path in files {
-            let Some(obj) = open_header(&path)? else {
+        for name in names {
+            let path = dir.join(&name);
+            let Some((_, obj)) = header_in(&opened, &name)? else {
                 continue;
             };
             let p = path.display().to_string();
@@ -198,44 +223,6 @@ impl SeriesInfo {
             "slices": self.instances.len(),
         })
     }
-}
-
-fn list(dir: &Path) -> Result<Vec<PathBuf>, SeriesError> {
-    let io = |err| SeriesError::Io {
-        path: dir.display().to_string(),
-        err,
-    };
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(io)?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
-        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-        .map(|e| e.path())
-        .collect();
-    files.sort();
-    Ok(files)
-}
-
-/// Opens a Part-10 file's header; `Ok(None)` for files without the `DICM` preamble.
-pub fn open_header(path: &Path) -> Result<Option<DefaultDicomObject>, SeriesError> {
-    use std::io::Read;
-    let p = path.display().to_string();
-    let mut magic = [0u8; 132];
-    let mut f = std::fs::File::open(path).map_err(|err| SeriesError::Io {
-        path: p.clone(),
-        err,
-    })?;
-    if f.read_exact(&mut magic).is_err() || &magic[128..] != b"DICM" {
-        return Ok(None);
-    }
-    OpenFileOptions::new()
-        .read_until(tags::PIXEL_DATA)
-        .open_file(path)
-        .map(Some)
-        .map_err(|e| SeriesError::Bad {
-            path: p,
-            msg: one_line(&e.to_string()),
-        })
 }
 
 fn instance(obj: &DefaultDicomObject, p: &str) -> Result<Instance, SeriesError> {
@@ -345,8 +332,4 @@ fn floats(obj: &DefaultDicomObject, tag: Tag) -> Option<Vec<f64>> {
         .to_multi_float64()
         .ok()?;
     (!v.is_empty() && v.iter().all(|x| x.is_finite())).then_some(v)
-}
-
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }

@@ -4,11 +4,13 @@
 //! the folder), so a folder never holds half an instance. A series is stable once its
 //! newest instance file is older than `dicom.stable_secs` (file times, so this survives a
 //! restart). Pruning deletes whole series, oldest last arrival first, by age and total bytes.
+//! [`Store::put_within`] checks a series' limits and writes under that series' lock, so
+//! concurrent associations into one series cannot together overshoot a limit.
 
 use super::uid;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 /// Counts of one series held, for the per-series limits.
@@ -26,6 +28,26 @@ pub struct Store {
     root: PathBuf,
     /// Per series (by folder), what is held; filled from disk on first sight.
     usage: Mutex<HashMap<PathBuf, SeriesUse>>,
+    /// Per series (by folder), held while its limits are checked and an instance written.
+    locks: Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
+}
+
+/// The per-series limits ([`Store::put_within`]).
+#[derive(Debug, Clone, Copy)]
+pub struct SeriesLimits {
+    /// `dicom.max_instances_per_series`.
+    pub max_instances: usize,
+    /// `dicom.max_series_bytes`.
+    pub max_bytes: u64,
+}
+
+/// Why [`Store::put_within`] stored nothing.
+#[derive(Debug)]
+pub enum PutError {
+    /// The instance would take the series past a limit: the config key.
+    Full(&'static str, u64),
+    /// A bad SOP Instance UID or a write error.
+    Io(std::io::Error),
 }
 
 /// A series folder and when its newest instance arrived.
@@ -46,6 +68,7 @@ impl Store {
         Ok(Self {
             root: root.to_path_buf(),
             usage: Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
         })
     }
 
@@ -73,7 +96,7 @@ impl Store {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(format!("{sop}.dcm"));
         let old = std::fs::metadata(&path).ok().map(|m| m.len());
-        crate::daemon::outbox::write_atomic(&path, bytes)?;
+        crate::fsutil::write_atomic(&path, bytes)?;
         let mut map = self.usage.lock().unwrap_or_else(|e| e.into_inner());
         let Some(u) = map.get_mut(dir) else {
             // First sight: the scan counts the new file too.
@@ -83,6 +106,37 @@ impl Store {
         u.bytes = u.bytes - old.unwrap_or(0).min(u.bytes) + bytes.len() as u64;
         u.instances += usize::from(old.is_none());
         Ok(old.is_none())
+    }
+
+    /// Like [`Store::put`], once the series' limits allow it (a replaced instance counts
+    /// once), checked and written under the series' lock.
+    pub fn put_within(
+        &self,
+        dir: &Path,
+        sop: &str,
+        bytes: &[u8],
+        limits: SeriesLimits,
+    ) -> Result<bool, PutError> {
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+            locks.entry(dir.to_path_buf()).or_default().clone()
+        };
+        let _series = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let used = self.usage(dir);
+        let old = uid::check(sop)
+            .ok()
+            .and_then(|s| std::fs::metadata(dir.join(format!("{s}.dcm"))).ok())
+            .map(|m| m.len());
+        if old.is_none() && used.instances >= limits.max_instances {
+            return Err(PutError::Full(
+                "dicom.max_instances_per_series",
+                limits.max_instances as u64,
+            ));
+        }
+        if used.bytes - old.unwrap_or(0).min(used.bytes) + bytes.len() as u64 > limits.max_bytes {
+            return Err(PutError::Full("dicom.max_series_bytes", limits.max_bytes));
+        }
+        self.put(dir, sop, bytes).map_err(PutError::Io)
     }
 
     /// The folder holding series `series_uid` (any study), when any instance arrived.
@@ -146,6 +200,10 @@ impl Store {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&s.dir);
+                self.locks
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&s.dir);
                 if let Some(study) = s.dir.parent() {
                     let _ = std::fs::remove_dir(study); // only when empty
                 }
@@ -203,5 +261,56 @@ mod tests {
         assert_eq!(store.prune(Duration::from_secs(3600), 100), 0);
         assert_eq!(store.prune(Duration::from_secs(3600), 7), 1);
         assert!(!dir.exists());
+    }
+
+    #[test]
+    fn concurrent_puts_never_overshoot_a_series_limit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(tmp.path()).unwrap());
+        let dir = store.series_dir("1.2", "1.2.3").unwrap();
+        let limits = SeriesLimits {
+            max_instances: 25,
+            max_bytes: 1 << 20,
+        };
+        let stored: usize = (0..8)
+            .map(|t| {
+                let (store, dir) = (store.clone(), dir.clone());
+                std::thread::spawn(move || {
+                    (0..10)
+                        .filter(|i| {
+                            store
+                                .put_within(&dir, &format!("1.2.3.{t}.{i}"), b"x", limits)
+                                .is_ok()
+                        })
+                        .count()
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .sum();
+        assert_eq!(stored, 25);
+        assert_eq!(scan(&dir).1.instances, 25);
+        // Bytes: 25 + 10 > 30 refused; replacing a held instance counts once.
+        let bytes = SeriesLimits {
+            max_instances: 100,
+            max_bytes: 30,
+        };
+        assert!(matches!(
+            store.put_within(&dir, "1.2.3.9.9", &[0; 10], bytes),
+            Err(PutError::Full("dicom.max_series_bytes", 30))
+        ));
+        let held = std::fs::read_dir(&dir)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let sop = held.file_stem().unwrap().to_string_lossy().into_owned();
+        let full = SeriesLimits {
+            max_instances: 25,
+            ..bytes
+        };
+        assert!(store.put_within(&dir, &sop, &[0; 5], full).is_ok());
     }
 }

@@ -265,12 +265,15 @@ pub fn read_series_dir(opened: &Dir, series_uid: Option<&str>) -> Result<Volume,
 
 /// Opens a file's header (up to Pixel Data). `Ok(None)` for files to skip: not DICOM Part 10,
 /// or a DICOMDIR.
-fn read_header(
+/// The header (up to Pixel Data) of the member `name` of a folder opened through a
+/// [`crate::confine::Opener`], read once from its descriptor with every element length
+/// checked against the file, with the open file; `Ok(None)` for files without the `DICM`
+/// preamble and DICOMDIRs.
+pub fn header_in(
     dir: &Dir,
-    path: &Path,
     name: &std::ffi::OsStr,
-) -> Result<Option<Slice>, DicomError> {
-    let p = name_of(path);
+) -> Result<Option<(std::fs::File, DefaultDicomObject)>, DicomError> {
+    let p = name_of(&dir.path().join(name));
     let mut magic = [0u8; 132];
     let mut f = dir.open_file(name).map_err(|err| DicomError::Io {
         path: p.clone(),
@@ -301,6 +304,18 @@ fn read_header(
     {
         return Ok(None);
     }
+    Ok(Some((f, obj)))
+}
+
+fn read_header(
+    dir: &Dir,
+    path: &Path,
+    name: &std::ffi::OsStr,
+) -> Result<Option<Slice>, DicomError> {
+    let p = name_of(path);
+    let Some((f, obj)) = header_in(dir, name)? else {
+        return Ok(None);
+    };
     let series_uid = text(&obj, tags::SERIES_INSTANCE_UID).ok_or(DicomError::Missing {
         path: p.clone(),
         tag: "SeriesInstanceUID",

@@ -9,17 +9,27 @@ use std::process::Command;
 
 /// The daemon config with the receiver on a free port, `SCANNER` allowed.
 fn dicom_config(dir: &Path, stable_secs: u64, wait_secs: u64) -> String {
+    dicom_config_with(dir, stable_secs, wait_secs, "")
+}
+
+/// [`dicom_config`] with more `[dicom]` keys (`extra`: TOML lines).
+pub(crate) fn dicom_config_with(
+    dir: &Path,
+    stable_secs: u64,
+    wait_secs: u64,
+    extra: &str,
+) -> String {
     config_text(
         dir,
         &model(),
         "",
         &format!(
-            "[dicom]\nenabled = true\nlisten = \"127.0.0.1:0\"\nallowed_calling_aes = [\"SCANNER\"]\nstable_secs = {stable_secs}\nseries_wait_secs = {wait_secs}\n"
+            "[dicom]\nenabled = true\nlisten = \"127.0.0.1:0\"\nallowed_calling_aes = [\"SCANNER\"]\nstable_secs = {stable_secs}\nseries_wait_secs = {wait_secs}\n{extra}"
         ),
     )
 }
 
-fn port(d: &Daemon) -> String {
+pub(crate) fn port(d: &Daemon) -> String {
     let addr = wait_for(10, "dicom.addr", || {
         std::fs::read_to_string(d.dir.join("state/dicom.addr")).ok()
     });
@@ -27,7 +37,7 @@ fn port(d: &Daemon) -> String {
 }
 
 /// Runs storescu (calling AE `aet`) on `files`; returns (success, output).
-fn storescu(port: &str, aet: &str, files: &[PathBuf]) -> (bool, String) {
+pub(crate) fn storescu(port: &str, aet: &str, files: &[PathBuf]) -> (bool, String) {
     let out = Command::new("storescu")
         .args(["-d", "-aet", aet, "-aec", "NODULED", "127.0.0.1", port])
         .args(files)
@@ -41,7 +51,7 @@ fn storescu(port: &str, aet: &str, files: &[PathBuf]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-fn series_files(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn series_files(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -52,7 +62,7 @@ fn series_files(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// (study, series) UIDs of a DICOM file.
-fn uids(file: &Path) -> (String, String) {
+pub(crate) fn uids(file: &Path) -> (String, String) {
     let obj = dicom_object::OpenFileOptions::new()
         .read_until(dicom_dictionary_std::tags::PIXEL_DATA)
         .open_file(file)
@@ -72,7 +82,7 @@ fn uids(file: &Path) -> (String, String) {
 }
 
 /// Every file stored by the receiver (hidden temporaries included).
-fn stored(d: &Daemon) -> Vec<PathBuf> {
+pub(crate) fn stored(d: &Daemon) -> Vec<PathBuf> {
     fn walk(p: &Path, out: &mut Vec<PathBuf>) {
         for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
             if e.path().is_dir() {

@@ -10,6 +10,7 @@ mod daemon_ct;
 mod daemon_faults;
 mod daemon_support;
 mod device;
+mod dicom_limits;
 mod dicom_net;
 mod dicom_pacs;
 mod dicom_sr;
