@@ -72,12 +72,12 @@ pub enum DaemonError {
         source: std::io::Error,
     },
     /// The model could not be loaded or failed its self-test.
-    #[error("model {path}: {msg}")]
+    #[error("model {path}")]
     Model {
         /// The model path.
         path: String,
         /// Why.
-        msg: String,
+        source: ModelError,
     },
     /// The inbox could not be watched.
     #[error("inbox {path}: {msg}")]
@@ -108,6 +108,53 @@ pub enum DaemonError {
     },
 }
 
+/// Why a model was not taken into service, at start or on a reload (the path is the
+/// caller's context: [`DaemonError::Model`], the reload's log line).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelError {
+    /// The loader refused it (files, signature, integrity).
+    #[error("loading")]
+    Load(#[source] anyhow::Error),
+    /// The synthetic self-test input could not be built.
+    #[error("self-test input: {0}")]
+    SelfTestInput(String),
+    /// The model returned an error on the self-test input.
+    #[error("self-test")]
+    SelfTestScore(#[source] anyhow::Error),
+    /// The model panicked on the self-test input.
+    #[error("self-test: the model panicked")]
+    SelfTestPanicked,
+    /// The self-test's outputs are out of range.
+    #[error("self-test: {0}")]
+    SelfTestOutputs(&'static str),
+    /// The bundle's golden input did not give its recorded values.
+    #[error("bundle self-test")]
+    Golden(#[source] anyhow::Error),
+    /// The anti-rollback floor refused its version.
+    #[error("{0}")]
+    Rollback(String),
+    /// The loading task ended abnormally.
+    #[error("loading task")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+/// An error with its sources on one line ("model /m: loading: manifest.json: ..."), for
+/// log fields and status reasons.
+pub fn one_line(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = c.source();
+    }
+    s.replace('\n', " ")
+}
+
 /// Loads a model from a path, with the signature checked when a key is given;
 /// `engine::load_verified` in the daemon, injectable for tests.
 pub type ModelLoader =
@@ -121,12 +168,8 @@ pub fn load_checked(
     path: &Path,
     public_key: Option<&crate::bundle::sign::PublicKey>,
     state_dir: &Path,
-) -> Result<Arc<dyn Scorer>, DaemonError> {
-    let err = |msg: String| DaemonError::Model {
-        path: path.display().to_string(),
-        msg,
-    };
-    let scorer = loader(path, public_key).map_err(|e| err(format!("{e:#}")))?;
+) -> Result<Arc<dyn Scorer>, ModelError> {
+    let scorer = loader(path, public_key).map_err(ModelError::Load)?;
     let mut planes = vec![0.1f32; N_PLANES * PLANE_SIDE * PLANE_SIDE];
     let c = PLANE_SIDE as f32 / 2.0;
     for (i, v) in planes.iter_mut().enumerate() {
@@ -141,17 +184,17 @@ pub fn load_checked(
     let input = NoduleInput {
         patient_id: "self-test".into(),
         nodule_id: "self-test".into(),
-        planes: Planes01::new(planes).map_err(err)?,
+        planes: Planes01::new(planes).map_err(ModelError::SelfTestInput)?,
         source: serde_json::Value::Null,
         label: None,
     };
     let report = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scorer.score(&[input])))
-        .map_err(|_| err("self-test: the model panicked".into()))?
-        .map_err(|e| err(format!("self-test: {e:#}")))?;
+        .map_err(|_| ModelError::SelfTestPanicked)?
+        .map_err(ModelError::SelfTestScore)?;
     let n = report
         .nodules
         .first()
-        .ok_or_else(|| err("self-test: no nodule in the report".into()))?;
+        .ok_or(ModelError::SelfTestOutputs("no nodule in the report"))?;
     let unit = |v: f64| v.is_finite() && (0.0..=1.0).contains(&v);
     let folds_ok = !n.folds.is_empty()
         && n.folds.iter().all(|f| {
@@ -160,18 +203,17 @@ pub fn load_checked(
                 && (f.attention.iter().sum::<f64>() - 1.0).abs() < 1e-3
         });
     if !folds_ok || !unit(n.score.calibrated) || !unit(n.score.raw) {
-        return Err(err(
-            "self-test: outputs not finite probabilities (or attention does not sum to 1)".into(),
+        return Err(ModelError::SelfTestOutputs(
+            "outputs not finite probabilities (or attention does not sum to 1)",
         ));
     }
     // A bundle also carries a golden input recorded at convert time (from the verified
     // mapping), checked at start and on reload alike.
-    scorer
-        .golden_check()
-        .map_err(|e| err(format!("bundle self-test: {e:#}")))?;
+    scorer.golden_check().map_err(ModelError::Golden)?;
     let info = scorer.model_info();
     if let Some(v) = info.version {
-        crate::bundle::rollback::admit(state_dir, path, &info.id, v).map_err(err)?;
+        crate::bundle::rollback::admit(state_dir, path, &info.id, v)
+            .map_err(ModelError::Rollback)?;
     }
     Ok(scorer)
 }
@@ -231,10 +273,11 @@ async fn load_model(
     settings: &Settings,
     loader: ModelLoader,
 ) -> Result<Arc<dyn Scorer>, DaemonError> {
-    let join_err = |e: tokio::task::JoinError| DaemonError::Model {
+    let model_err = |source| DaemonError::Model {
         path: settings.model_path.display().to_string(),
-        msg: e.to_string(),
+        source,
     };
+    let join_err = |e| model_err(ModelError::Task(e));
     systemd::status("opening the compute device");
     let (device, dtype) = (settings.device, settings.dtype);
     tokio::task::spawn_blocking(move || crate::device::init(device, dtype))
@@ -250,7 +293,8 @@ async fn load_model(
     let scorer =
         tokio::task::spawn_blocking(move || load_checked(loader, &path, key.as_ref(), &state_dir))
             .await
-            .map_err(join_err)??;
+            .map_err(join_err)?
+            .map_err(model_err)?;
     let info = scorer.model_info();
     tracing::info!(model = %info.id, version = ?info.version, backend = %info.backend, ms = t.elapsed().as_millis() as u64, "model loaded and self-tested");
     Ok(scorer)
@@ -570,8 +614,8 @@ async fn reload(
     let loaded =
         tokio::task::spawn_blocking(move || load_checked(loader, &path, key.as_ref(), &state_dir))
             .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()));
+            .map_err(ModelError::Task)
+            .and_then(|r| r);
     match loaded {
         Ok(scorer) => {
             let info = scorer.model_info();
@@ -581,8 +625,9 @@ async fn reload(
             tracing::info!(model = %info.id, version = ?info.version, "model reloaded");
         }
         Err(e) => {
-            telemetry.reloaded(Some(e.clone()));
-            tracing::error!(error = %e, "reload failed; keeping the current model");
+            let reason = one_line(&e);
+            telemetry.reloaded(Some(reason.clone()));
+            tracing::error!(model = %settings.model_path.display(), error = %reason, "reload failed; keeping the current model");
         }
     }
     telemetry.set_state(State::Ready);

@@ -613,7 +613,7 @@ fn connect_failed(
     m: &MqttSettings,
     e: &rumqttc::v5::ConnectionError,
 ) {
-    let msg = format!("{}:{}: {}", m.host, m.port, one_line_error(e));
+    let msg = format!("{}:{}: {}", m.host, m.port, super::one_line(e));
     telemetry
         .mqtt_connect_failures
         .fetch_add(1, Ordering::Relaxed);
@@ -627,19 +627,4 @@ fn connect_failed(
     } else {
         tracing::debug!(error = %msg, "MQTT connect failed");
     }
-}
-
-/// The error with its sources, on one line ("TLS: ...: invalid peer certificate: ...").
-fn one_line_error(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = c.source();
-    }
-    s.replace('\n', " ")
 }

@@ -463,3 +463,42 @@ fn done_and_failed_are_kept_within_retention() {
     assert_eq!(d.files("state/done"), vec!["kept2.json".to_string()]);
     assert!(!failed.join("old.json").exists());
 }
+
+/// Fault 4, MQTT only: with no inbox job to make the worker write, an MQTT job refused for
+/// space is held unacknowledged and `disk_full` shows; once space returns the MQTT side
+/// stores the job itself, clears `disk_full` and the job gets its result (no restart).
+#[test]
+fn full_disk_with_only_an_mqtt_job_clears_once_it_is_stored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vol = tmp.path().join("vol");
+    let Some(_mount) = tmpfs(&vol, 8) else {
+        return;
+    };
+    let broker = Broker::start(&tmp.path().join("broker"));
+    let probe = Probe::start(broker.port, "probe-full-mqtt", "nd/#");
+    let dd = tmp.path().join("d");
+    std::fs::create_dir_all(&dd).unwrap();
+    for sub in ["state", "inbox", "outbox"] {
+        std::fs::create_dir_all(vol.join(sub)).unwrap();
+        std::os::unix::fs::symlink(vol.join(sub), dd.join(sub)).unwrap();
+    }
+    let mqtt = mqtt_conf(broker.port, "noduled-full-mqtt", "");
+    let d = Daemon::start(&dd, &config_text(&dd, &model(), "", &mqtt));
+    probe.wait(20, "nd/status", |s| s["state"] == "ready");
+
+    let filler = fill(&vol);
+    probe.publish("nd/job", ct_job("only-mqtt", "P-full", 1).into_bytes());
+    wait_for(30, "/readyz to say disk_full", || {
+        d.get("/readyz")
+            .filter(|(c, b)| *c == 503 && b.contains("disk_full"))
+    });
+    assert!(d.files("state/mqtt-jobs").is_empty());
+    std::fs::remove_file(&filler).unwrap();
+    let m = probe.wait(60, "nd/result", |r| r["job_id"] == "only-mqtt");
+    assert_eq!(m.json["status"], "ok");
+    wait_for(10, "ready again", || {
+        (d.get("/readyz").map(|r| r.0) == Some(200)).then_some(())
+    });
+    assert_eq!(d.metric("noduled_disk_full"), Some(0.0));
+    assert_eq!(d.metric("noduled_jobs_failed_total"), Some(0.0));
+}
