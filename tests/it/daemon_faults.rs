@@ -384,20 +384,24 @@ fn spool_files_go_with_abandoned_and_failed_jobs() {
 }
 
 /// Accepted (not merely queued in the kernel's backlog) TCP connections to local `port`,
-/// from /proc/net/tcp: established entries whose socket has an inode (a process holds it).
+/// from /proc/net/tcp: established entries whose socket has an inode (a process holds it),
+/// counted by inode: the file is read in chunks while sockets change, so a line can repeat.
 fn accepted_connections(port: u16) -> usize {
     let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
     tcp.lines()
         .skip(1)
-        .filter(|l| {
+        .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            let local_port = f[1]
+            let local_port = f
+                .get(1)?
                 .rsplit(':')
                 .next()
                 .and_then(|p| u16::from_str_radix(p, 16).ok());
-            local_port == Some(port) && f[3] == "01" && f[9] != "0"
+            let inode = *f.get(9)?;
+            (local_port == Some(port) && f[3] == "01" && inode != "0").then(|| inode.to_string())
         })
-        .count()
+        .collect::<std::collections::HashSet<String>>()
+        .len()
 }
 
 /// The health endpoint holds at most its cap of connections: 40 idle clients fill its 16
