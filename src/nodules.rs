@@ -5,6 +5,7 @@
 use crate::confine::Opener;
 use crate::nodule::{NoduleInput, Planes01};
 use crate::preprocess;
+use crate::table::Table;
 use crate::volume::{self, Volume};
 use anyhow::Context;
 use std::path::{Path, PathBuf};
@@ -177,7 +178,14 @@ struct Row {
 /// column order, extra columns ignored, optional `series_uid`); relative image paths are
 /// resolved against the CSV's folder. Each image is read once; rows keep their order.
 fn load_manifest(path: &Path) -> anyhow::Result<Vec<NoduleInput>> {
-    let rows = read_manifest(path)?;
+    Ok(load_manifest_table(path)?.0)
+}
+
+/// [`load`] of a manifest, also returning the table it was read from: nodule `i` is
+/// `table.rows[i]` (for the callers that read further columns, e.g. eval's semantic truth).
+pub fn load_manifest_table(path: &Path) -> anyhow::Result<(Vec<NoduleInput>, Table)> {
+    let table = Table::read(path)?;
+    let rows = read_manifest(&table)?;
     let mut out: Vec<Option<NoduleInput>> = (0..rows.len()).map(|_| None).collect();
     let mut done = vec![false; rows.len()];
     for first in 0..rows.len() {
@@ -216,10 +224,11 @@ fn load_manifest(path: &Path) -> anyhow::Result<Vec<NoduleInput>> {
             done[i] = true;
         }
     }
-    Ok(out
+    let nodules = out
         .into_iter()
         .map(|n| n.expect("every row loaded"))
-        .collect())
+        .collect();
+    Ok((nodules, table))
 }
 
 fn input(manifest: &Path, r: &Row, planes: Planes01, mut source: serde_json::Value) -> NoduleInput {
@@ -234,60 +243,41 @@ fn input(manifest: &Path, r: &Row, planes: Planes01, mut source: serde_json::Val
     }
 }
 
-fn read_manifest(path: &Path) -> anyhow::Result<Vec<Row>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+/// The manifest's rows, one per table row (so row `i` is `table.rows[i]`).
+fn read_manifest(table: &Table) -> anyhow::Result<Vec<Row>> {
+    let path = &table.path;
     let base = path.parent().unwrap_or(Path::new("."));
-    let mut lines = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty());
-    let (_, header) = lines
-        .next()
-        .with_context(|| format!("{}: empty manifest", path.display()))?;
-    let header: Vec<String> = split_csv(header)
-        .into_iter()
-        .map(|h| h.trim().to_ascii_lowercase())
-        .collect();
-    let col = |name: &str| header.iter().position(|h| h == name);
     let need = |name: &str| {
-        col(name).with_context(|| {
+        table.find_ignore_case(name).with_context(|| {
             format!("{}: header lacks column `{name}` (expected pid,nodule_id,image_path,coordX,coordY,coordZ[,malignant])", path.display())
         })
     };
     let (c_pid, c_nid, c_img) = (need("pid")?, need("nodule_id")?, need("image_path")?);
-    let c_xyz = [need("coordx")?, need("coordy")?, need("coordz")?];
-    let (c_mal, c_series) = (col("malignant"), col("series_uid"));
+    let c_xyz = [need("coordX")?, need("coordY")?, need("coordZ")?];
+    let c_mal = table.find_ignore_case("malignant");
+    let c_series = table.find_ignore_case("series_uid");
     let mut rows = Vec::new();
-    for (n, line) in lines {
-        let line_no = n + 1;
-        let f = split_csv(line);
-        let get = |c: usize| f.get(c).map(|s| s.trim()).unwrap_or("");
-        let at = |what: &str| format!("{}: line {line_no}: {what}", path.display());
+    for row in 0..table.rows.len() {
         let mut coord = [0.0; 3];
         for (a, &c) in c_xyz.iter().enumerate() {
-            let v = get(c);
-            coord[a] = v
-                .parse::<f64>()
-                .ok()
-                .filter(|x| x.is_finite())
-                .with_context(|| at(&format!("`{}` = `{v}` is not a finite number", header[c])))?;
+            coord[a] = table.f64(row, c)?;
         }
-        let label = match c_mal.map(get) {
-            None | Some("") => None,
-            Some(v) => match v.to_ascii_lowercase().as_str() {
+        let label = match c_mal.map(|c| (c, table.get(row, c))) {
+            None | Some((_, "")) => None,
+            Some((c, v)) => match v.to_ascii_lowercase().as_str() {
                 "nan" => None,
                 "true" => Some(1),
                 "false" => Some(0),
                 _ => match v.parse::<f64>() {
                     Ok(0.0) => Some(0),
                     Ok(1.0) => Some(1),
-                    _ => anyhow::bail!(at(&format!("`malignant` = `{v}` is not 0 or 1"))),
+                    _ => return Err(table.bad(row, c, format!("`{v}` is not 0 or 1")).into()),
                 },
             },
         };
-        let img = get(c_img);
+        let img = table.get(row, c_img);
         if img.is_empty() {
-            anyhow::bail!(at("`image_path` is empty"));
+            return Err(table.bad(row, c_img, "empty").into());
         }
         let image = if Path::new(img).is_absolute() {
             PathBuf::from(img)
@@ -295,13 +285,13 @@ fn read_manifest(path: &Path) -> anyhow::Result<Vec<Row>> {
             base.join(img)
         };
         let series_uid = c_series
-            .map(get)
+            .map(|c| table.get(row, c))
             .filter(|s| !s.is_empty())
             .map(str::to_string);
         rows.push(Row {
-            line: line_no,
-            pid: get(c_pid).to_string(),
-            nodule_id: get(c_nid).to_string(),
+            line: table.lines[row],
+            pid: table.get(row, c_pid).to_string(),
+            nodule_id: table.get(row, c_nid).to_string(),
             image,
             series_uid,
             coord,
@@ -312,25 +302,4 @@ fn read_manifest(path: &Path) -> anyhow::Result<Vec<Row>> {
         anyhow::bail!("{}: the manifest has no rows", path.display());
     }
     Ok(rows)
-}
-
-/// Splits one CSV line on commas, honouring double quotes (`""` inside quotes is a quote).
-fn split_csv(line: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    let mut chars = line.chars().peekable();
-    while let Some(c) = chars.next() {
-        match (c, quoted) {
-            ('"', true) if chars.peek() == Some(&'"') => {
-                cur.push('"');
-                chars.next();
-            }
-            ('"', _) => quoted = !quoted,
-            (',', false) => out.push(std::mem::take(&mut cur)),
-            _ => cur.push(c),
-        }
-    }
-    out.push(cur);
-    out
 }

@@ -52,7 +52,6 @@
 //! SplitMix64 seeded with the seed, so output depends only on (seed, i) and not on threads.
 //! Cases are written in parallel; memory is one volume per worker thread.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
@@ -89,6 +88,9 @@ pub enum SynthError {
         /// The writer's message.
         message: String,
     },
+    /// The manifest could not be written.
+    #[error(transparent)]
+    Csv(#[from] crate::table::WriteError),
     /// The request is out of range.
     #[error("synth: {0}")]
     Invalid(String),
@@ -915,7 +917,7 @@ pub fn generate(
     let sub = if crops { "crops" } else { "volumes" };
     let folder = out.join(sub);
     std::fs::create_dir_all(&folder).map_err(io_err(&folder))?;
-    let rows: Vec<String> = (0..n)
+    let rows: Vec<Vec<String>> = (0..n)
         .into_par_iter()
         .map(|i| {
             let case = draw_case(seed, i);
@@ -941,23 +943,23 @@ pub fn generate(
                 (case.label(population, labeling) as u8).to_string(),
             ];
             fields.extend(case.scene.semantics(case.risk_in(population)).csv_fields());
-            Ok(fields.join(","))
+            Ok(fields)
         })
         .collect::<Result<_, SynthError>>()?;
-    let malignant = rows
-        .iter()
-        .filter(|r| r.split(',').nth(6) == Some("1"))
-        .count();
+    let malignant = rows.iter().filter(|r| r[6] == "1").count();
     let manifest = out.join("manifest.csv");
-    let mut text = String::from("pid,nodule_id,image_path,coordX,coordY,coordZ,malignant,");
-    text.push_str(&semantics::SEMANTIC_COLUMNS.join(","));
-    text.push('\n');
-    for r in &rows {
-        text.push_str(r);
-        text.push('\n');
-    }
-    let mut file = std::fs::File::create(&manifest).map_err(io_err(&manifest))?;
-    file.write_all(text.as_bytes()).map_err(io_err(&manifest))?;
+    let mut header = [
+        "pid",
+        "nodule_id",
+        "image_path",
+        "coordX",
+        "coordY",
+        "coordZ",
+        "malignant",
+    ]
+    .to_vec();
+    header.extend_from_slice(&semantics::SEMANTIC_COLUMNS);
+    crate::table::write(&manifest, &header, &rows)?;
     Ok(SynthSummary {
         manifest,
         cases: n,

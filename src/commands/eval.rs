@@ -44,9 +44,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             if let Some(out) = &args.out {
                 std::fs::create_dir_all(out)
                     .with_context(|| format!("{}: cannot create folder", out.display()))?;
-                let path = out.join("scores.csv");
-                std::fs::write(&path, csv)
-                    .with_context(|| format!("{}: cannot write", path.display()))?;
+                crate::table::write(&out.join("scores.csv"), &csv.header, &csv.rows)?;
             }
             (records, manifest.clone())
         }
@@ -96,14 +94,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 fn score_manifest(
     manifest: &std::path::Path,
     model: &std::path::Path,
-) -> anyhow::Result<(Vec<crate::eval::EvalRecord>, String)> {
+) -> anyhow::Result<(Vec<crate::eval::EvalRecord>, ScoresCsv)> {
     use crate::eval::{EvalRecord, ZeroShotPrediction};
     use crate::semantics::{Semantics, FEATURES, SEMANTIC_COLUMNS};
     let scorer = crate::engine::load(model)?;
-    let nodules = crate::nodules::load(&crate::nodules::NoduleRequest::Manifest {
-        path: manifest.to_path_buf(),
-    })?;
-    let table = crate::table::Table::read(manifest)?;
+    // One reading of the manifest: nodule `row` is table row `row`.
+    let (nodules, table) = crate::nodules::load_manifest_table(manifest)?;
     let has_semantics = SEMANTIC_COLUMNS.iter().any(|c| {
         table
             .header
@@ -111,13 +107,15 @@ fn score_manifest(
             .any(|h| h.trim().eq_ignore_ascii_case(c))
     });
     let report = scorer.score(&nodules)?;
-    let mut csv = String::from("patient_id,nodule_id,label,score,raw");
+    let mut header: Vec<String> = ["patient_id", "nodule_id", "label", "score", "raw"]
+        .map(String::from)
+        .to_vec();
     for f in FEATURES.iter() {
         for c in 0..f.classes.len() {
-            csv.push_str(&format!(",zs_{}_{c}", f.key));
+            header.push(format!("zs_{}_{c}", f.key));
         }
     }
-    csv.push('\n');
+    let mut rows = Vec::with_capacity(nodules.len());
     let mut records = Vec::with_capacity(nodules.len());
     for (row, n) in report.nodules.iter().enumerate() {
         let label = match n.label {
@@ -129,16 +127,19 @@ fn score_manifest(
                 n.nodule_id
             ),
         };
-        let semantics = if has_semantics && row < table.rows.len() {
+        let semantics = if has_semantics {
             Some(Semantics::from_row(&table, row)?)
         } else {
             None
         };
         let mut zero_shot = std::collections::BTreeMap::new();
-        csv.push_str(&format!(
-            "{},{},{},{},{}",
-            n.patient_id, n.nodule_id, label as u8, n.score.calibrated, n.score.raw
-        ));
+        let mut fields = vec![
+            n.patient_id.clone(),
+            n.nodule_id.clone(),
+            (label as u8).to_string(),
+            n.score.calibrated.to_string(),
+            n.score.raw.to_string(),
+        ];
         for (i, f) in FEATURES.iter().enumerate() {
             let probs: Option<Vec<f64>> = n.descriptors.get(f.key).and_then(|d| {
                 f.classes
@@ -147,15 +148,15 @@ fn score_manifest(
                     .collect::<Option<Vec<f64>>>()
             });
             match &probs {
-                Some(p) => p.iter().for_each(|v| csv.push_str(&format!(",{v}"))),
-                None => (0..f.classes.len()).for_each(|_| csv.push(',')),
+                Some(p) => fields.extend(p.iter().map(f64::to_string)),
+                None => fields.extend((0..f.classes.len()).map(|_| String::new())),
             }
             if let Some(probs) = probs {
                 let truth = semantics.as_ref().and_then(|s| s.classes[i]);
                 zero_shot.insert(f.key.to_string(), ZeroShotPrediction { probs, truth });
             }
         }
-        csv.push('\n');
+        rows.push(fields);
         records.push(EvalRecord {
             label,
             score: n.score.calibrated,
@@ -163,7 +164,13 @@ fn score_manifest(
             zero_shot,
         });
     }
-    Ok((records, csv))
+    Ok((records, ScoresCsv { header, rows }))
+}
+
+/// The scores CSV of a scored manifest (readable by `--scores`).
+struct ScoresCsv {
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
 }
 
 /// Prints `text` and a newline; a closed pipe (`| head`) is not an error.

@@ -1,6 +1,7 @@
 //! `noduled finetune`: trains a new model from a manifest (see [`crate::finetune`]) and
 //! writes it as a bundle, refusing (exit 2, nothing written to `--out`) when the
-//! gate finds it worse than the current model by more than `--gate-margin` AUROC.
+//! gate finds it worse than the current model by more than `--gate-margin` AUROC on held-out
+//! test patients, or when they are too few to decide on (see [`crate::finetune::gate`]).
 
 use crate::device::{DeviceRequest, DtypeRequest};
 use crate::finetune::{self, params::Tuning, train::TrainOptions, FinetuneOptions};
@@ -66,9 +67,11 @@ pub struct Args {
     /// Seed of every random draw.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Refuse when the new AUROC is below the current one minus this.
-    #[arg(long, default_value_t = 0.02)]
-    pub gate_margin: f64,
+    /// Refuse when the new AUROC is below the current one minus this (default 0.02). Given
+    /// explicitly, the gate also decides on fewer than 30 test patients / 5 with a
+    /// malignant nodule (otherwise it refuses to decide).
+    #[arg(long)]
+    pub gate_margin: Option<f64>,
     /// Training device: auto (CUDA device 0 when built with CUDA and a GPU answers, else the
     /// CPU, said on stderr), cpu, cuda or cuda:N (an error when not available). Training
     /// computes in f32 on either.
@@ -89,6 +92,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if !(args.head_lr_mult > 0.0 && args.head_lr_mult.is_finite()) {
         anyhow::bail!("--head-lr-mult must be a positive number");
+    }
+    if args.gate_margin.is_some_and(|m| !m.is_finite()) {
+        anyhow::bail!("--gate-margin must be a finite number");
     }
     let work = args.work.clone().unwrap_or_else(|| {
         let mut w = args.out.clone().into_os_string();

@@ -119,53 +119,37 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// Writes the reference's result.csv: one row per nodule, `pid,nodule_id,raw_0..raw_{K-1},
-/// ensemble,calibrated_0..calibrated_{K-1},calibrated_ensemble[,malignant]`, written to a
-/// temporary name and renamed so a reader never sees half a file.
+/// ensemble,calibrated_0..calibrated_{K-1},calibrated_ensemble[,malignant]`, through
+/// [`crate::table::write`] (atomic, quoted where needed).
 pub fn write_result_csv(
     report: &crate::report::ScoreReport,
     path: &std::path::Path,
 ) -> anyhow::Result<()> {
-    use anyhow::Context;
     let k = report.nodules.first().map(|n| n.folds.len()).unwrap_or(0);
     let with_label = report.nodules.iter().any(|n| n.label.is_some());
-    let mut text = String::from("pid,nodule_id");
-    for i in 0..k {
-        text += &format!(",raw_{i}");
-    }
-    text += ",ensemble";
-    for i in 0..k {
-        text += &format!(",calibrated_{i}");
-    }
-    text += ",calibrated_ensemble";
+    let mut header = vec!["pid".to_string(), "nodule_id".to_string()];
+    header.extend((0..k).map(|i| format!("raw_{i}")));
+    header.push("ensemble".into());
+    header.extend((0..k).map(|i| format!("calibrated_{i}")));
+    header.push("calibrated_ensemble".into());
     if with_label {
-        text += ",malignant";
+        header.push("malignant".into());
     }
-    text += "\n";
-    let quote = |s: &str| {
-        if s.contains([',', '"', '\n']) {
-            format!("\"{}\"", s.replace('"', "\"\""))
-        } else {
-            s.to_string()
-        }
-    };
-    for n in &report.nodules {
-        text += &format!("{},{}", quote(&n.patient_id), quote(&n.nodule_id));
-        for f in &n.folds {
-            text += &format!(",{}", f.prob);
-        }
-        text += &format!(",{}", n.score.raw);
-        for f in &n.folds {
-            text += &format!(",{}", f.calibrated);
-        }
-        text += &format!(",{}", n.score.calibrated);
-        if with_label {
-            text += &format!(",{}", n.label.map(|l| l.to_string()).unwrap_or_default());
-        }
-        text += "\n";
-    }
-    let tmp = path.with_extension("csv.tmp");
-    std::fs::write(&tmp, text).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("{}: cannot rename into place", path.display()))?;
+    let rows: Vec<Vec<String>> = report
+        .nodules
+        .iter()
+        .map(|n| {
+            let mut row = vec![n.patient_id.clone(), n.nodule_id.clone()];
+            row.extend(n.folds.iter().map(|f| f.prob.to_string()));
+            row.push(n.score.raw.to_string());
+            row.extend(n.folds.iter().map(|f| f.calibrated.to_string()));
+            row.push(n.score.calibrated.to_string());
+            if with_label {
+                row.push(n.label.map(|l| l.to_string()).unwrap_or_default());
+            }
+            row
+        })
+        .collect();
+    crate::table::write(path, &header, &rows)?;
     Ok(())
 }

@@ -6,7 +6,8 @@
 //! label smoothing plus class-weighted image and text cross-entropy; AdamW; the semantic
 //! sampler; the reference's augmentations; early stopping on the validation loss; a beta
 //! calibrator per fold fitted on its validation predictions; and a gate against the current
-//! model.
+//! model on test patients that neither chose the epoch nor fitted the calibrator
+//! ([`splits`] says how the patients are divided, [`gate`] how it decides).
 //!
 //! Input model: anything [`crate::engine::load`] reads (a bundle, a model store's current
 //! bundle, or a checkpoint folder); a bundle's q8_0 weights are dequantised to f32.
@@ -18,15 +19,16 @@
 //! v5 of the fold weights' SHA-256), version = the parent bundle's + 1 (else 1), the parent
 //! (`<id>@<version>` for a bundle, the folder's model id or path otherwise) in its
 //! provenance, and the settings and gate metrics in its notes; install it with
-//! `noduled bundle install`. `full` trains one model on fold 0's split and writes one fold
-//! (folds of a bundle share their base).
+//! `noduled bundle install`. `full` trains one model on fold 0's parts and writes one fold
+//! (folds of a bundle share their base); its gate rests on fold 0's test patients only.
 //!
 //! Submodules: [`data`] manifest reading, [`augment`], [`splits`], [`params`] the trained
 //! tensors (the model is [`crate::model::fold::FoldModel`]), [`losses`], [`train`] the loop
-//! with checkpoints.
+//! with checkpoints, [`gate`].
 
 pub mod augment;
 pub mod data;
+pub mod gate;
 pub mod losses;
 pub mod params;
 pub mod splits;
@@ -36,6 +38,7 @@ use crate::model::checkpoint::Role;
 use crate::model::config::{LoraLayout, ModelConfig};
 use crate::rng::SplitMix64;
 use candle_core::Tensor;
+pub use gate::GateReport;
 use params::{Params, Tuning};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -55,6 +58,18 @@ pub enum FinetuneError {
         /// Why.
         msg: String,
     },
+    /// Too few test patients for the gate to decide without an explicit margin.
+    #[error("gate: {patients} held-out test patients ({positives} with a malignant nodule) are below the minimum of {min_patients} with {min_positives} malignant to decide; add labelled patients, or pass --gate-margin explicitly to decide anyway")]
+    GateTooSmall {
+        /// Test patients.
+        patients: usize,
+        /// Of them, patients with a malignant nodule.
+        positives: usize,
+        /// [`gate::MIN_PATIENTS`].
+        min_patients: usize,
+        /// [`gate::MIN_POSITIVE_PATIENTS`].
+        min_positives: usize,
+    },
     /// A table could not be read.
     #[error(transparent)]
     Table(#[from] crate::table::TableError),
@@ -68,8 +83,10 @@ pub enum FinetuneError {
     #[error(transparent)]
     Convert(#[from] crate::convert::ConvertError),
     /// The new model is worse than the current one by more than the margin.
-    #[error("gate: new model AUROC {new:.4} < current {current:.4} - margin {margin}; no installable model written")]
+    #[error("gate: new model AUROC {new:.4} < current {current:.4} - margin {margin} on {patients} held-out test patients; no installable model written")]
     Gate {
+        /// Test patients the AUROCs rest on.
+        patients: usize,
         /// New model's held-out AUROC.
         new: f64,
         /// Current model's AUROC on the same nodules.
@@ -108,29 +125,11 @@ pub struct FinetuneOptions {
     pub folds: usize,
     /// Which tensors are trained.
     pub tuning: Tuning,
-    /// Gate margin on AUROC.
-    pub gate_margin: f64,
+    /// Gate margin on AUROC; None: [`gate::DEFAULT_MARGIN`], and the gate refuses to decide
+    /// on fewer test patients than [`gate::MIN_PATIENTS`] / [`gate::MIN_POSITIVE_PATIENTS`].
+    pub gate_margin: Option<f64>,
     /// Loop settings.
     pub train: train::TrainOptions,
-}
-
-/// Held-out metrics of the gate.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct GateReport {
-    /// Held-out nodules.
-    pub n: usize,
-    /// New model AUROC (out-of-fold).
-    pub new_auroc: f64,
-    /// New model AUPRC.
-    pub new_auprc: f64,
-    /// Current model AUROC on the same nodules (absent without a current model).
-    pub current_auroc: Option<f64>,
-    /// Current model AUPRC.
-    pub current_auprc: Option<f64>,
-    /// The margin.
-    pub margin: f64,
-    /// Passed.
-    pub passed: bool,
 }
 
 /// Runs fine-tuning and writes the new model; returns the gate report.
@@ -188,16 +187,17 @@ pub fn run(opts: &FinetuneOptions) -> Result<GateReport, FinetuneError> {
         }
     );
     let pids: Vec<(String, bool)> = samples.iter().map(|s| (s.pid.clone(), s.label)).collect();
-    let split = splits::patient_folds(&pids, opts.folds, opts.train.seed)?;
-    for (k, (_, va)) in split.iter().enumerate() {
-        let pos = va.iter().filter(|&&i| samples[i].label).count();
-        if pos == 0 || pos == va.len() {
-            return Err(FinetuneError::Data(format!(
-                "{}: fold {k}'s validation patients are all one class ({pos} malignant of {}); use fewer folds or more data",
-                opts.manifest.display(),
-                va.len()
-            )));
-        }
+    let parts = splits::train_val_test(&pids, opts.folds, opts.train.seed)?;
+    let n_train = if opts.tuning == Tuning::Full {
+        1
+    } else {
+        opts.folds
+    };
+    let parts = &parts[..n_train];
+    check_parts(&opts.manifest, parts, &samples)?;
+    let test: Vec<usize> = parts.iter().flat_map(|p| p.test.iter().copied()).collect();
+    if current.is_some() {
+        gate::check_minimum(&samples, &test, opts.gate_margin.is_some())?;
     }
     let planes = train::plain_planes(&samples);
     if !opts.train.augment {
@@ -209,15 +209,10 @@ pub fn run(opts: &FinetuneOptions) -> Result<GateReport, FinetuneError> {
     // `full` continues the current model unless --config asks for fresh towers; from random
     // weights it standardises the heads on training data first.
     let from_random = opts.tuning == Tuning::Full && (current.is_none() || opts.config.is_some());
-    let n_train = if opts.tuning == Tuning::Full {
-        1
-    } else {
-        opts.folds
-    };
     std::fs::create_dir_all(&opts.work).map_err(|e| FinetuneError::io(&opts.work, e))?;
     let mut results = Vec::new();
     let mut epochs_here = 0;
-    for (k, (tr, va)) in split.iter().enumerate().take(n_train) {
+    for (k, p) in parts.iter().enumerate() {
         let values = initial_values(&cfg, current.as_ref().filter(|_| !from_random), k, opts)?;
         let params = Params::new(&cfg, &values, opts.tuning, &opts.train.device)?;
         let r = train::train_fold(
@@ -227,83 +222,42 @@ pub fn run(opts: &FinetuneOptions) -> Result<GateReport, FinetuneError> {
             &samples,
             &planes,
             texts.as_ref(),
-            tr,
-            va,
+            &p.train,
+            &p.val,
             &opts.train,
             &opts.work,
             &mut epochs_here,
         )?;
         results.push(r);
     }
-    // Gate on the pooled held-out nodules.
-    let mut held: Vec<usize> = Vec::new();
-    let mut new_scores = Vec::new();
-    for (k, r) in results.iter().enumerate() {
-        held.extend(&split[k].1);
-        new_scores.extend(&r.val_probs);
-    }
-    let labels: Vec<bool> = held.iter().map(|&i| samples[i].label).collect();
-    let metric = |s: &[f64]| -> Result<(f64, f64), FinetuneError> {
-        let a = crate::eval::metrics::roc_auc(&labels, s)
-            .map_err(|e| FinetuneError::Data(format!("held-out AUROC: {e}")))?;
-        let p = crate::eval::metrics::average_precision(&labels, s)
-            .map_err(|e| FinetuneError::Data(format!("held-out AUPRC: {e}")))?;
-        Ok((a, p))
-    };
-    let (new_auroc, new_auprc) = metric(&new_scores)?;
-    let (current_auroc, current_auprc) = match &current {
-        Some(start) => {
-            let model = start.model()?;
-            let refs: Vec<&crate::nodule::Planes01> = held.iter().map(|&i| &planes[i]).collect();
-            let out = model.forward(&refs)?;
-            let s: Vec<f64> = out
-                .iter()
-                .map(|o| o.folds.iter().map(|f| f.prob).sum::<f64>() / o.folds.len() as f64)
-                .collect();
-            let (a, p) = metric(&s)?;
-            (Some(a), Some(p))
-        }
-        None => (None, None),
-    };
-    let passed = current_auroc.is_none_or(|c| new_auroc >= c - opts.gate_margin);
-    let report = GateReport {
-        n: held.len(),
-        new_auroc,
-        new_auprc,
-        current_auroc,
-        current_auprc,
-        margin: opts.gate_margin,
-        passed,
-    };
-    eprintln!(
-        "gate: held-out n={} new AUROC {:.4} AUPRC {:.4}; current AUROC {} AUPRC {}",
-        report.n,
-        new_auroc,
-        new_auprc,
-        current_auroc.map_or("n/a".into(), |a| format!("{a:.4}")),
-        current_auprc.map_or("n/a".into(), |a| format!("{a:.4}")),
-    );
-    if !passed {
-        return Err(FinetuneError::Gate {
-            new: new_auroc,
-            current: current_auroc.unwrap_or(f64::NAN),
-            margin: opts.gate_margin,
-        });
-    }
     let ckpt = opts.work.join("checkpoint");
     if ckpt.exists() {
         std::fs::remove_dir_all(&ckpt).map_err(|e| FinetuneError::io(&ckpt, e))?;
     }
-    let (model_id, prov) = write_model(
-        opts,
-        &ckpt,
-        current.as_ref(),
-        &cfg,
-        &results,
-        &split,
+    let model_id = write_folds(&ckpt, &cfg, &results, parts, &samples)?;
+    // The gate scores the test patients with the fold models as written (the inference
+    // model, not the training one), each by the fold that never saw them.
+    let new_model = crate::model::NoduleModel::load(&ckpt)?;
+    let current_model = current.as_ref().map(Start::model).transpose()?;
+    let report = gate::evaluate(
         &samples,
-        &report,
+        &planes,
+        parts,
+        &new_model,
+        current_model.as_ref(),
+        opts.gate_margin,
+        opts.train.seed,
     )?;
+    eprintln!("{}", report.summary());
+    if !report.passed {
+        return Err(FinetuneError::Gate {
+            new: report.new_auroc,
+            current: report.current_auroc.unwrap_or(f64::NAN),
+            margin: report.margin,
+            patients: report.patients,
+        });
+    }
+    let prov = write_provenance(opts, &ckpt, &model_id, current.as_ref(), &report)?;
     let tolerance = match opts.precision {
         crate::convert::Precision::Q8_0 => 1e-2,
         _ => 1e-4,
@@ -468,24 +422,43 @@ fn initial_values(
     Ok(values)
 }
 
-/// Writes the checkpoint folder `out`; returns the new model id and the provenance record.
-#[allow(clippy::too_many_arguments)]
-fn write_model(
-    opts: &FinetuneOptions,
+/// Every fold's training and validation parts hold both classes (the class weights, the
+/// validation loss and the calibrator need both); the test parts are the gate's concern.
+fn check_parts(
+    manifest: &Path,
+    parts: &[splits::Parts],
+    samples: &[data::Sample],
+) -> Result<(), FinetuneError> {
+    for (k, p) in parts.iter().enumerate() {
+        for (name, idx) in [("training", &p.train), ("validation", &p.val)] {
+            let pos = idx.iter().filter(|&&i| samples[i].label).count();
+            if pos == 0 || pos == idx.len() {
+                return Err(FinetuneError::Data(format!(
+                    "{}: fold {k}'s {name} patients are all one class ({pos} malignant of {} nodules); use fewer folds or more data",
+                    manifest.display(),
+                    idx.len()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes the checkpoint folder `out` (config, per fold weights and the beta calibrator
+/// fitted on the fold's validation part); returns the new model id.
+fn write_folds(
     out: &Path,
-    current: Option<&Start>,
     cfg: &ModelConfig,
     results: &[train::FoldResult],
-    split: &[(Vec<usize>, Vec<usize>)],
+    parts: &[splits::Parts],
     samples: &[data::Sample],
-    gate: &GateReport,
-) -> Result<(String, serde_json::Value), FinetuneError> {
+) -> Result<String, FinetuneError> {
     std::fs::create_dir_all(out).map_err(|e| FinetuneError::io(out, e))?;
     let mut fold_hashes = Vec::new();
     for (k, r) in results.iter().enumerate() {
         let dir = out.join(format!("fold_{k}"));
         std::fs::create_dir_all(&dir).map_err(|e| FinetuneError::io(&dir, e))?;
-        let labels: Vec<bool> = split[k].1.iter().map(|&i| samples[i].label).collect();
+        let labels: Vec<bool> = parts[k].val.iter().map(|&i| samples[i].label).collect();
         let cal = crate::calibration::fit(&r.val_probs, &labels)
             .map_err(|e| FinetuneError::Data(format!("fold {k}: {e}")))?;
         let cal_json = serde_json::json!({"method": "beta", "a": cal.a, "b": cal.b, "c": cal.c, "clip_eps": cal.clip_eps});
@@ -510,13 +483,25 @@ fn write_model(
     });
     std::fs::write(&path, format!("{text:#}\n")).map_err(|e| FinetuneError::io(&path, e))?;
     let model_id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, fold_hashes.join(",").as_bytes());
+    Ok(model_id.to_string())
+}
+
+/// Writes `out/provenance.json` (model id, parent, settings, gate report) and returns it.
+fn write_provenance(
+    opts: &FinetuneOptions,
+    out: &Path,
+    model_id: &str,
+    current: Option<&Start>,
+    gate: &GateReport,
+) -> Result<serde_json::Value, FinetuneError> {
     let parent = current.map(|c| c.id.clone());
     let prov = serde_json::json!({
-        "model_id": model_id.to_string(),
+        "model_id": model_id,
         "parent": parent,
         "tuning": opts.tuning,
         "manifest": opts.manifest.display().to_string(),
         "folds": opts.folds,
+        "split": "per outer fold: test (gate only) / inner validation (early stopping, calibration) / training, patient-level",
         "epochs": opts.train.epochs,
         "lr": opts.train.lr,
         "head_lr_mult": opts.train.head_lr_mult,
@@ -528,7 +513,7 @@ fn write_model(
     });
     let path = out.join("provenance.json");
     std::fs::write(&path, format!("{prov:#}\n")).map_err(|e| FinetuneError::io(&path, e))?;
-    Ok((model_id.to_string(), prov))
+    Ok(prov)
 }
 
 fn read_model_id(dir: &Path) -> Option<String> {

@@ -61,13 +61,18 @@ fn finetune_writes_a_model_that_scores() {
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stderr}");
     assert!(
-        stderr.contains("fold 1 epoch 2/2 step 2/2 loss"),
+        stderr.contains("fold 1 epoch 2/2 step 1/1 loss"),
         "{stderr}"
     );
     assert!(stderr.contains("val_auroc"), "{stderr}");
     let gate: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    // Every patient is a test patient of exactly one fold; 30 is the minimum, but with the
+    // drawn labels the malignant ones may be fewer than 5: the explicit margin decides.
     assert_eq!(gate["n"].as_u64(), Some(30));
+    assert_eq!(gate["patients"].as_u64(), Some(30));
+    assert_eq!(gate["margin_explicit"], true);
     assert!(gate["current_auroc"].as_f64().is_some() && gate["passed"] == true);
+    assert!(gate["difference_ci"]["lower"].as_f64().is_some(), "{gate}");
     // A bundle (new id, version 1, the parent in its provenance) beside the checkpoint
     // folder it was converted from.
     for f in [
@@ -150,11 +155,12 @@ fn full_from_demo(manifest: &Path, out: &Path, lr: &str, extra: &[&str]) -> std:
 }
 
 /// The gate refuses a deliberately worse model: the current model is models/demo (trained
-/// on synthetic nodules, see scripts/make-demo-model); the candidate is an untrained one
-/// (`full` from random initialisation of models/demo-config.json, one epoch at lr 1e-7).
-/// On the same 60 held-out synthetic patients the candidate ranks at chance while the
-/// current model does not, so at the default margin (0.02) the run exits 2 with one line
-/// naming both AUROCs, and nothing is written to --out.
+/// on synthetic nodules, see scripts/make-demo-model); the candidate is trained from a worse
+/// start (`full` from random initialisation of models/demo-config.json, one epoch at lr
+/// 1e-7). On fold 0's 60 test patients (used neither for its early stopping nor for its
+/// calibration) the candidate ranks at chance while the current model does not, so at the
+/// default margin (0.02) the run exits 2 with one line naming both AUROCs and the patients,
+/// after a gate line with the bootstrap intervals, and nothing is written to --out.
 #[test]
 fn gate_refuses_a_worse_model() {
     let tmp = tempfile::tempdir().unwrap();
@@ -166,7 +172,90 @@ fn gate_refuses_a_worse_model() {
     assert_eq!(run.status.code(), Some(2), "{stderr}");
     let last = stderr.lines().last().unwrap();
     assert!(last.starts_with("noduled: gate: new model AUROC"), "{last}");
+    assert!(last.contains("on 60 held-out test patients"), "{last}");
+    let gate = stderr.lines().find(|l| l.starts_with("gate: ")).unwrap();
+    assert!(
+        gate.contains("60 test patients") && gate.contains("95% CI"),
+        "{gate}"
+    );
+    assert!(
+        gate.contains("margin 0.02 (default)") && gate.ends_with("refused"),
+        "{gate}"
+    );
     assert!(!worse.exists());
+}
+
+/// Writes `manifest` again with only the first `malignant` rows malignant (synth's manifest
+/// has no quoted fields).
+fn relabel(manifest: &Path, out: &Path, malignant: usize) {
+    let text = std::fs::read_to_string(manifest).unwrap();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    let col = header.split(',').position(|c| c == "malignant").unwrap();
+    let mut body = format!("{header}\n");
+    for (i, line) in lines.enumerate() {
+        let mut f: Vec<String> = line.split(',').map(str::to_string).collect();
+        f[col] = u8::from(i < malignant).to_string();
+        let image = manifest.parent().unwrap().join(&f[2]);
+        f[2] = image.display().to_string();
+        body += &(f.join(",") + "\n");
+    }
+    std::fs::write(out, body).unwrap();
+}
+
+/// The minimum rule: with fewer than 30 test patients, or fewer than 5 of them with a
+/// malignant nodule, and no explicit --gate-margin, finetune refuses to decide with one
+/// line naming the counts, before any training; an explicit margin decides anyway (as
+/// `finetune_writes_a_model_that_scores` does on 30 patients).
+#[test]
+fn gate_refuses_to_decide_on_too_few_patients() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = reference().join("model");
+    let data = synth_rule_set(&tmp.path().join("data"), 40, 5);
+    for (n, malignant, want) in [
+        (
+            20,
+            10,
+            "20 held-out test patients (10 with a malignant nodule)",
+        ),
+        (
+            40,
+            4,
+            "40 held-out test patients (4 with a malignant nodule)",
+        ),
+    ] {
+        let manifest = tmp.path().join(format!("m{n}.csv"));
+        relabel(&data, &manifest, malignant);
+        let text = std::fs::read_to_string(&manifest).unwrap();
+        let kept: Vec<&str> = text.lines().take(n + 1).collect();
+        std::fs::write(&manifest, kept.join("\n") + "\n").unwrap();
+        let out = tmp.path().join(format!("out{n}"));
+        let run = finetune(&[
+            "--manifest",
+            s(&manifest),
+            "--model",
+            s(&fixture),
+            "--out",
+            s(&out),
+            "--folds",
+            "2",
+            "--epochs",
+            "1",
+        ]);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(2), "{stderr}");
+        let last = stderr.lines().last().unwrap();
+        assert!(
+            last.starts_with("noduled: gate: ") && last.contains(want),
+            "{last}"
+        );
+        assert!(last.contains("pass --gate-margin explicitly"), "{last}");
+        assert!(
+            !stderr.contains(" epoch "),
+            "trained before refusing: {stderr}"
+        );
+        assert!(!out.exists());
+    }
 }
 
 /// `full` with a current model and no --config continues from that model's weights: one
