@@ -1,4 +1,4 @@
-//! GEMM throughput of candle's CPU matmul and of noduled's own AVX-512 GEMM (f32 and bf16,
+//! GEMM throughput of candle's CPU matmul and of noduled's own AVX-512 / AVX2 GEMM (f32 and bf16,
 //! `noduled::model::gemm`) at the ViT-B/32 shapes noduled runs (all folds batched: 5 folds x
 //! 9 planes x 50 tokens = 2250 rows), to compare with a BLAS on the same machine
 //! (scripts/gemm-vs-blas runs both). Prints one line per kernel and shape: GFLOP/s of the
@@ -63,7 +63,7 @@ fn main() -> candle_core::Result<()> {
         let wv = w.flatten_all()?.to_vec1::<f32>()?;
         for (dtype, peak) in [GemmDtype::F32, GemmDtype::Bf16].into_iter().zip(peaks) {
             let Some(p) = PackedWeight::pack(&wv, n, k, dtype) else {
-                println!("avx512-{} not on this CPU", dtype.name());
+                println!("in-house {} not on this CPU", dtype.name());
                 continue;
             };
             let mut c = vec![0f32; rows * n];
@@ -78,7 +78,8 @@ fn main() -> candle_core::Result<()> {
             }
             let cpu = cpu_seconds() - cpu0;
             println!(
-                "avx512-{} {rows} {k} {n} {:.1} GFLOP/s wall, {:.1} GFLOP per CPU-s ({:.0}% of {} peak)",
+                "{}-{} {rows} {k} {n} {:.1} GFLOP/s wall, {:.1} GFLOP per CPU-s ({:.0}% of {} peak)",
+                dtype.kernel_name().unwrap_or("?"),
                 dtype.name(),
                 gflop / best,
                 10.0 * gflop / cpu,

@@ -169,7 +169,7 @@ impl Placement {
         }
     }
 
-    /// `"cpu f32 (avx512f)"`, `"cpu f32 (candle)"`, `"cpu bf16 (avx512bf16)"`, `"cpu bf16
+    /// `"cpu f32 (avx512f)"`, `"cpu f32 (avx2)"`, `"cpu f32 (candle)"`, `"cpu bf16 (avx512bf16)"`, `"cpu bf16
     /// (emulated)"`, or `"cuda:N f16"` / `"cuda:N f32"`: the `backend` of reports and status
     /// (on the CPU: the GEMM dtype and the kernel that runs it, see [`crate::model::gemm`];
     /// a q8_0 bundle in f32 keeps its q8_0 weights and their kernel).
@@ -182,11 +182,10 @@ impl Placement {
                 } else {
                     GemmDtype::F32
                 };
-                let kernel = match (gemm.supported(), gemm) {
-                    (true, GemmDtype::F32) => "avx512f",
-                    (true, GemmDtype::Bf16) => "avx512bf16",
-                    (false, GemmDtype::F32) => "candle",
-                    (false, GemmDtype::Bf16) => "emulated",
+                let kernel = match (gemm.kernel_name(), gemm) {
+                    (Some(name), _) => name,
+                    (None, GemmDtype::F32) => "candle",
+                    (None, GemmDtype::Bf16) => "emulated",
                 };
                 format!("cpu {} ({kernel})", gemm.name())
             }
@@ -195,6 +194,18 @@ impl Placement {
                 format!("cuda:{n} {}", dtype_name(self.dtype))
             }
             other => format!("{other:?}").to_lowercase(),
+        }
+    }
+
+    /// [`Self::label`] for a model whose base weights are stored in `precision` (a bundle's
+    /// `"f32"`, `"f16"` or `"q8_0"`): a q8_0 base in f32 on the CPU keeps its q8_0 weights and
+    /// runs candle's q8_0 matmul (activations quantised too), labelled `"cpu q8_0 (candle)"`;
+    /// every other case is [`Self::label`] (bf16 converts q8_0 to bf16 at load).
+    pub fn label_for(&self, precision: &str) -> String {
+        if self.device.is_cpu() && self.dtype == DType::F32 && precision == "q8_0" {
+            "cpu q8_0 (candle)".to_string()
+        } else {
+            self.label()
         }
     }
 

@@ -117,7 +117,7 @@ impl CheckpointScorer {
         tracing::info!(
             model = %path.display(),
             folds = model.n_folds(),
-            backend = %placement.label(),
+            backend = %placement.label_for(&info.manifest.precision),
             precision = %info.manifest.precision,
             ms = started.elapsed().as_millis() as u64,
             "bundle loaded"
@@ -125,7 +125,7 @@ impl CheckpointScorer {
         let info = ModelInfo {
             id: info.manifest.model_id.clone(),
             precision: info.manifest.precision.clone(),
-            backend: placement.label(),
+            backend: placement.label_for(&info.manifest.precision),
             fallback: placement.fallback,
             version: Some(info.manifest.version),
         };

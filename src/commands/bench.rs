@@ -166,9 +166,10 @@ pub fn cpu_features() -> Vec<&'static str> {
     f
 }
 
-/// `"cpu x2 bf16 (avx512bf16)"`: threads, GEMM dtype and kernel (see [`crate::device`]).
-fn backend(placement: &crate::device::Placement, threads: usize) -> String {
-    let label = placement.label();
+/// `"cpu x2 bf16 (avx512bf16)"`: threads, GEMM dtype and kernel of a base stored in
+/// `precision` (see [`crate::device::Placement::label_for`]).
+fn backend(placement: &crate::device::Placement, threads: usize, precision: &str) -> String {
+    let label = placement.label_for(precision);
     match label.strip_prefix("cpu ") {
         Some(rest) => format!("cpu x{threads} {rest}"),
         None => label,
@@ -208,12 +209,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let started = Instant::now();
-    let (model, name) = match (&args.model, args.random) {
-        (Some(path), _) if path.join(crate::bundle::MANIFEST).is_file() => (
-            NoduleModel::load_bundle(path)?.0,
-            format!("bundle {}", path.display()),
+    // The stored precision of the base weights, for the backend label.
+    let (model, name, stored) = match (&args.model, args.random) {
+        (Some(path), _) if path.join(crate::bundle::MANIFEST).is_file() => {
+            let (model, info) = NoduleModel::load_bundle(path)?;
+            let stored = info.manifest.precision.clone();
+            (model, format!("bundle {}", path.display()), stored)
+        }
+        (Some(path), _) => (
+            NoduleModel::load(path)?,
+            path.display().to_string(),
+            "f32".to_string(),
         ),
-        (Some(path), _) => (NoduleModel::load(path)?, path.display().to_string()),
 
         (None, Some(RandomArch::VitB32)) => {
             if args.folds == 0 || args.folds > 64 {
@@ -223,6 +230,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             (
                 crate::model::random::model_with_base(&cfg, args.folds, 0, base)?,
                 "random vit-b32".to_string(),
+                format!("{:?}", args.precision).to_lowercase(),
             )
         }
         (None, None) => anyhow::bail!("give --model DIR or --random vit-b32"),
@@ -327,7 +335,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let backend = if placement.is_gpu() {
         placement.label()
     } else {
-        backend(&placement, threads)
+        backend(&placement, threads, &stored)
     };
     let features = cpu_features();
     // The GEMM peak of this run's dtype: one thread's measured instruction rate x threads.

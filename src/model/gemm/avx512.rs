@@ -2,40 +2,7 @@
 //! (`vfmadd231ps`) or bf16 pairs (`vdpbf16ps`), detected at run time. On other architectures
 //! (and x86 CPUs without AVX-512) [`supported`] is false and nothing here runs.
 
-use super::{GemmDtype, KC, MR, NR};
-
-/// One micro-kernel call: C[rows, cols] (+)= A-strip x B-panel over `kc` k values.
-pub struct Tile<'a> {
-    /// [`MR`] packed rows of A, row stride [`KC`] u32 (f32 bits, or two bf16 per u32).
-    pub a: &'a [u32],
-    /// The panel: `[kc][NR]` f32 or `[kc/2][NR][2]` bf16, 64-byte aligned.
-    pub b: &'a [u8],
-    /// k values in this block.
-    pub kc: usize,
-    /// C from the tile's top-left element on, row stride `ldc`.
-    pub c: &'a mut [f32],
-    /// C's row stride.
-    pub ldc: usize,
-    /// Valid rows (<= MR).
-    pub rows: usize,
-    /// Valid columns (<= NR).
-    pub cols: usize,
-    /// Add to C (later k blocks) instead of overwriting it.
-    pub accumulate: bool,
-    /// What to apply before the store (the caller passes one on the last k block only).
-    pub epi: TileEpilogue<'a>,
-}
-
-/// The per-tile part of [`super::Epilogue`]: slices start at the tile's first column / element.
-#[derive(Clone, Copy, Default)]
-pub struct TileEpilogue<'a> {
-    /// Added per column.
-    pub bias: Option<&'a [f32]>,
-    /// Added per element, row stride `ldc`.
-    pub residual: Option<&'a [f32]>,
-    /// QuickGELU (x sigmoid(1.702 x)) after the additions.
-    pub gelu: bool,
-}
+use super::{GemmDtype, Tile, KC, MR, NR};
 
 /// Whether the CPU has the instructions of `dtype`'s micro-kernel.
 pub fn supported(dtype: GemmDtype) -> bool {
@@ -43,8 +10,7 @@ pub fn supported(dtype: GemmDtype) -> bool {
     {
         static F32: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         static BF16: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let f32_ok =
-            *F32.get_or_init(|| std::is_x86_feature_detected!("avx512f") && !disabled_by_env());
+        let f32_ok = *F32.get_or_init(|| std::is_x86_feature_detected!("avx512f"));
         match dtype {
             GemmDtype::F32 => f32_ok,
             GemmDtype::Bf16 => {
@@ -63,20 +29,9 @@ pub fn supported(dtype: GemmDtype) -> bool {
     }
 }
 
-/// `NODULED_GEMM=candle` turns the in-house kernels off (candle's matmul runs), for A/B runs.
-fn disabled_by_env() -> bool {
-    std::env::var("NODULED_GEMM").is_ok_and(|v| v == "candle")
-}
-
 /// Runs one tile. Only called when [`supported`] holds for `dtype`.
 pub fn kernel(dtype: GemmDtype, t: Tile<'_>) {
-    assert!(t.rows <= MR && t.cols <= NR && t.kc <= KC && t.a.len() >= MR * KC);
-    assert!(t.rows == 0 || t.c.len() >= (t.rows - 1) * t.ldc + t.cols);
-    assert!(t.epi.bias.is_none_or(|b| b.len() >= t.cols));
-    assert!(t
-        .epi
-        .residual
-        .is_none_or(|r| t.rows == 0 || r.len() >= (t.rows - 1) * t.ldc + t.cols));
+    super::check_tile(&t);
     #[cfg(target_arch = "x86_64")]
     {
         assert!(supported(dtype));

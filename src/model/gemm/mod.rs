@@ -3,6 +3,10 @@
 //! once at placement ([`PackedWeight::pack`]) in f32 or bf16; activations are packed per call
 //! (copied in f32, or rounded to bf16 to nearest even); accumulation is always f32.
 //!
+//! The micro-kernel runs on AVX-512 ([`avx512`], f32 and bf16) or, on x86 CPUs without it,
+//! AVX2 + FMA ([`avx2`], f32 only); [`isa`] says which. Elsewhere (aarch64, or
+//! `NODULED_GEMM=candle` for A/B runs) nothing here runs and the callers keep candle's matmul.
+//!
 //! # Why in-house
 //! candle's `gemm` crate (0.19, x86-v4) has no bf16 kernel (it widens bf16 to f32) and runs
 //! the encoder's f32 shapes well below the FMA peak (docs/performance.md has the figures and
@@ -23,9 +27,88 @@
 //!   a fixed row stride of [`KC`] values (no cache-set conflicts at k = 3072) and walks every
 //!   panel over it. n and k need not be multiples of anything: padding is zero, stores masked.
 
+mod avx2;
 mod avx512;
 
 use rayon::prelude::*;
+
+/// The instruction set the f32 micro-kernel runs on this CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// 12 x 32 tiles in 24 zmm (`avx512f`; bf16 too where `avx512bf16` is present).
+    Avx512,
+    /// The same tile as four 6 x 16 sub-tiles in ymm (`avx2` + `fma`; f32 only).
+    Avx2,
+}
+
+/// The micro-kernels' instruction set on this CPU, or `None` (no AVX2/FMA, not x86, or
+/// `NODULED_GEMM=candle`, which turns the in-house kernels off for A/B runs).
+pub fn isa() -> Option<Isa> {
+    static ISA: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        if std::env::var("NODULED_GEMM").is_ok_and(|v| v == "candle") {
+            None
+        } else if avx512::supported(GemmDtype::F32) {
+            Some(Isa::Avx512)
+        } else if avx2::supported() {
+            Some(Isa::Avx2)
+        } else {
+            None
+        }
+    })
+}
+
+/// One micro-kernel call: C[rows, cols] (+)= A-strip x B-panel over `kc` k values.
+pub(crate) struct Tile<'a> {
+    /// [`MR`] packed rows of A, row stride [`KC`] u32 (f32 bits, or two bf16 per u32).
+    pub a: &'a [u32],
+    /// The panel: `[kc][NR]` f32 or `[kc/2][NR][2]` bf16, 64-byte aligned.
+    pub b: &'a [u8],
+    /// k values in this block.
+    pub kc: usize,
+    /// C from the tile's top-left element on, row stride `ldc`.
+    pub c: &'a mut [f32],
+    /// C's row stride.
+    pub ldc: usize,
+    /// Valid rows (<= MR).
+    pub rows: usize,
+    /// Valid columns (<= NR).
+    pub cols: usize,
+    /// Add to C (later k blocks) instead of overwriting it.
+    pub accumulate: bool,
+    /// What to apply before the store (the caller passes one on the last k block only).
+    pub epi: TileEpilogue<'a>,
+}
+
+/// The per-tile part of [`Epilogue`]: slices start at the tile's first column / element.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct TileEpilogue<'a> {
+    /// Added per column.
+    pub bias: Option<&'a [f32]>,
+    /// Added per element, row stride `ldc`.
+    pub residual: Option<&'a [f32]>,
+    /// QuickGELU (x sigmoid(1.702 x)) after the additions.
+    pub gelu: bool,
+}
+
+/// The bounds every micro-kernel relies on (a caller bug if they fail, not input data).
+fn check_tile(t: &Tile<'_>) {
+    assert!(t.rows <= MR && t.cols <= NR && t.kc <= KC && t.a.len() >= MR * KC);
+    assert!(t.rows == 0 || t.c.len() >= (t.rows - 1) * t.ldc + t.cols);
+    assert!(t.epi.bias.is_none_or(|b| b.len() >= t.cols));
+    assert!(t
+        .epi
+        .residual
+        .is_none_or(|r| t.rows == 0 || r.len() >= (t.rows - 1) * t.ldc + t.cols));
+}
+
+/// Runs one tile on this CPU's micro-kernel for `dtype` (only called when it is supported).
+fn kernel(dtype: GemmDtype, t: Tile<'_>) {
+    match (isa(), dtype) {
+        (Some(Isa::Avx2), GemmDtype::F32) => avx2::kernel(t),
+        _ => avx512::kernel(dtype, t),
+    }
+}
 
 /// Rows of C per micro-kernel tile.
 pub const MR: usize = 12;
@@ -56,14 +139,32 @@ impl GemmDtype {
 
     /// Whether this CPU runs the micro-kernel of this dtype.
     pub fn supported(self) -> bool {
-        avx512::supported(self)
+        match (isa(), self) {
+            (Some(Isa::Avx512), dtype) => avx512::supported(dtype),
+            (Some(Isa::Avx2), GemmDtype::F32) => true,
+            _ => false,
+        }
     }
 
-    /// The CPU features the micro-kernel of this dtype uses, e.g. `"avx512f"`.
+    /// The CPU features the micro-kernel of this dtype uses on this CPU, e.g. `"avx512f"` or
+    /// `"avx2+fma"` (`"none"` where [`Self::supported`] is false).
     pub fn features(self) -> &'static str {
-        match self {
-            Self::F32 => "avx512f",
-            Self::Bf16 => "avx512f+avx512bf16",
+        match (self.supported(), isa(), self) {
+            (false, ..) => "none",
+            (true, Some(Isa::Avx2), _) => "avx2+fma",
+            (true, _, Self::F32) => "avx512f",
+            (true, _, Self::Bf16) => "avx512f+avx512bf16",
+        }
+    }
+
+    /// The short kernel name reports and status give: `"avx512f"`, `"avx512bf16"`,
+    /// `"avx2"`, or `None` where candle's matmul runs (or bf16 is emulated).
+    pub fn kernel_name(self) -> Option<&'static str> {
+        match (self.supported(), isa(), self) {
+            (false, ..) => None,
+            (true, Some(Isa::Avx2), _) => Some("avx2"),
+            (true, _, Self::F32) => Some("avx512f"),
+            (true, _, Self::Bf16) => Some("avx512bf16"),
         }
     }
 }
@@ -307,14 +408,14 @@ impl PackedWeight {
                 for s in 0..strips {
                     let rows = MR.min(m - s * MR);
                     let epi = match last {
-                        true => avx512::TileEpilogue {
+                        true => TileEpilogue {
                             bias: bias.map(|b| &b[jr * NR..]),
                             residual: residual.map(|r| &r[s * MR * n + jr * NR..]),
                             gelu,
                         },
-                        false => avx512::TileEpilogue::default(),
+                        false => TileEpilogue::default(),
                     };
-                    let tile = avx512::Tile {
+                    let tile = Tile {
                         a: &pack[s * MR * KC..(s + 1) * MR * KC],
                         b: panel,
                         kc,
@@ -325,7 +426,7 @@ impl PackedWeight {
                         accumulate: k0 > 0,
                         epi,
                     };
-                    avx512::kernel(self.dtype, tile);
+                    kernel(self.dtype, tile);
                 }
             }
             at += panels * size;
@@ -334,10 +435,18 @@ impl PackedWeight {
 }
 
 /// Measured single-thread peak of the micro-kernel's instruction on this CPU in GFLOP/s
-/// (`vfmadd231ps` or `vdpbf16ps` on zmm, independent chains, about `ms` milliseconds), or
-/// `None` when the CPU lacks it. Multiply by the threads for the machine's peak.
+/// (`vfmadd231ps` or `vdpbf16ps` on zmm; `vfmadd231ps` on ymm for f32 without AVX-512;
+/// independent chains, about `ms` milliseconds), or `None` when the CPU lacks it. A property
+/// of the hardware: `NODULED_GEMM=candle` does not change it. Multiply by the threads for the
+/// machine's peak.
 pub fn peak_gflops(dtype: GemmDtype, ms: u64) -> Option<f64> {
-    avx512::peak_gflops(dtype, ms)
+    if avx512::supported(dtype) {
+        avx512::peak_gflops(dtype, ms)
+    } else if dtype == GemmDtype::F32 {
+        avx2::peak_gflops(ms)
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]
