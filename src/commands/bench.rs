@@ -351,6 +351,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let gflops = |o: &crate::model::profile::OpTotal| {
         (o.flops > 0.0 && o.wall_s > 0.0).then(|| o.flops / o.wall_s / 1e9)
     };
+    // GFLOP per CPU second: the rate each busy core ran at, which holds on a shared machine
+    // (a thread waiting for a core spends wall time but no CPU time); against one core's peak.
+    let gflop_per_cpu_s = |o: &crate::model::profile::OpTotal| {
+        (o.flops > 0.0 && o.cpu_s > 0.0).then(|| o.flops / o.cpu_s / 1e9)
+    };
+    let core_peak = peak.map(|p| p / threads as f64);
     let precision = match args.model {
         Some(_) => "as stored".to_string(),
         None => format!("{:?}", args.precision).to_lowercase(),
@@ -401,6 +407,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "calls_per_nodule": o.calls as f64 * per_nodule,
                 "gflops": gflops(o),
                 "share_of_peak": gflops(o).zip(peak).map(|(g, p)| g / p),
+                "gflop_per_cpu_s": gflop_per_cpu_s(o),
+                "cpu_share_of_core_peak": gflop_per_cpu_s(o).zip(core_peak).map(|(g, p)| g / p),
             })).collect::<Vec<_>>(),
         });
         println!("{j}");
@@ -441,25 +449,36 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if !ops.is_empty() {
             if let Some(p) = peak {
                 println!(
-                    "gemm peak  {p:.0} GFLOP/s ({} on {threads} threads, measured now)",
-                    gemm_dtype.features()
+                    "gemm peak  {p:.0} GFLOP/s ({:.0} per core x {threads} threads, FMA rate per \
+                     CPU-second, measured now)",
+                    p / threads as f64
                 );
             }
             println!(
-                "{:<14}{:>10}{:>10}{:>8}{:>8}{:>9}{:>7}",
-                "op", "wall ms", "CPU ms", "calls", "% CPU", "GFLOP/s", "% peak"
+                "{:<14}{:>10}{:>10}{:>8}{:>8}{:>9}{:>7}{:>10}{:>7}",
+                "op",
+                "wall ms",
+                "CPU ms",
+                "calls",
+                "% CPU",
+                "GFLOP/s",
+                "% peak",
+                "GF/CPU-s",
+                "% core"
             );
             let cpu_sum: f64 = ops.iter().map(|o| o.cpu_s).sum();
+            let rate = |g: Option<f64>, p: Option<f64>| match g {
+                Some(g) => (
+                    format!("{g:.0}"),
+                    p.map_or(String::new(), |p| format!("{:.0}", 100.0 * g / p)),
+                ),
+                None => (String::new(), String::new()),
+            };
             for o in &ops {
-                let (g, share) = match gflops(o) {
-                    Some(g) => (
-                        format!("{g:.0}"),
-                        peak.map_or(String::new(), |p| format!("{:.0}", 100.0 * g / p)),
-                    ),
-                    None => (String::new(), String::new()),
-                };
+                let (g, share) = rate(gflops(o), peak);
+                let (gc, core) = rate(gflop_per_cpu_s(o), core_peak);
                 println!(
-                    "{:<14}{:>10.1}{:>10.1}{:>8.0}{:>8.1}{g:>9}{share:>7}",
+                    "{:<14}{:>10.1}{:>10.1}{:>8.0}{:>8.1}{g:>9}{share:>7}{gc:>10}{core:>7}",
                     o.label,
                     o.wall_s * per_nodule * 1e3,
                     o.cpu_s * per_nodule * 1e3,

@@ -53,6 +53,7 @@ pub fn peak_gflops(ms: u64) -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
     {
         let start = std::time::Instant::now();
+        let cpu0 = super::thread_cpu_s();
         let mut iters = 0u64;
         let mut sink = 0f32;
         while start.elapsed().as_millis() < ms as u128 || iters == 0 {
@@ -62,7 +63,7 @@ pub fn peak_gflops(ms: u64) -> Option<f64> {
         }
         std::hint::black_box(sink);
         // 12 chains x 8 lanes x 2 FLOP per iteration.
-        Some(iters as f64 * 12.0 * 8.0 * 2.0 / start.elapsed().as_secs_f64() / 1e9)
+        Some(iters as f64 * 12.0 * 8.0 * 2.0 / (super::thread_cpu_s() - cpu0) / 1e9)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

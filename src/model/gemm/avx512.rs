@@ -85,6 +85,7 @@ pub fn peak_gflops(dtype: GemmDtype, ms: u64) -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
     {
         let start = std::time::Instant::now();
+        let cpu0 = super::thread_cpu_s();
         let mut iters = 0u64;
         let mut sink = 0f32;
         while start.elapsed().as_millis() < ms as u128 || iters == 0 {
@@ -95,7 +96,7 @@ pub fn peak_gflops(dtype: GemmDtype, ms: u64) -> Option<f64> {
         std::hint::black_box(sink);
         // 12 chains x 16 lanes x 2 FLOP (bf16: x 2 products per lane) per iteration.
         let per_iter = 12.0 * 16.0 * 2.0 * if dtype == GemmDtype::Bf16 { 2.0 } else { 1.0 };
-        Some(iters as f64 * per_iter / start.elapsed().as_secs_f64() / 1e9)
+        Some(iters as f64 * per_iter / (super::thread_cpu_s() - cpu0) / 1e9)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -434,9 +434,22 @@ impl PackedWeight {
     }
 }
 
+/// CPU seconds this thread has run (the peak loops divide by it, not by wall time, so a
+/// core shared with other processes still gives its own rate).
+fn thread_cpu_s() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
 /// Measured single-thread peak of the micro-kernel's instruction on this CPU in GFLOP/s
 /// (`vfmadd231ps` or `vdpbf16ps` on zmm; `vfmadd231ps` on ymm for f32 without AVX-512;
-/// independent chains, about `ms` milliseconds), or `None` when the CPU lacks it. A property
+/// independent chains, about `ms` milliseconds, per second of the thread's CPU time), or
+/// `None` when the CPU lacks it. A property
 /// of the hardware: `NODULED_GEMM=candle` does not change it. Multiply by the threads for the
 /// machine's peak.
 pub fn peak_gflops(dtype: GemmDtype, ms: u64) -> Option<f64> {
