@@ -2,9 +2,10 @@
 //! `noduled::model::gemm`) at the ViT-B/32 shapes noduled runs (all folds batched: 5 folds x
 //! 9 planes x 50 tokens = 2250 rows), to compare with a BLAS on the same machine
 //! (scripts/gemm-vs-blas runs both). Prints one line per kernel and shape: GFLOP/s of the
-//! best of 10 runs after a warm-up, GFLOP per process-CPU-second over those runs (which holds
+//! best of 10 runs after a warm-up, GFLOP per process-CPU-second of the best run (which holds
 //! on a shared machine: a thread waiting for a core does not count), and the share of the
-//! peak measured at start (one thread's `vfmadd231ps` / `vdpbf16ps` rate times the threads).
+//! peak measured at start (one thread's `vfmadd231ps` / `vdpbf16ps` rate per CPU-second times
+//! the threads). The CPU-second figure is also the best of the 10 runs.
 //!
 //! `cargo run --release --example gemm_probe [rows]`
 
@@ -43,20 +44,19 @@ fn main() -> candle_core::Result<()> {
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
         let wt = w.t()?;
         a.matmul(&wt)?;
-        let mut best = f64::MAX;
-        let cpu0 = cpu_seconds();
+        let (mut best, mut cpu) = (f64::MAX, f64::MAX);
         for _ in 0..10 {
-            let t = Instant::now();
+            let (t, cpu0) = (Instant::now(), cpu_seconds());
             let y = a.matmul(&wt)?;
             std::hint::black_box(&y);
             best = best.min(t.elapsed().as_secs_f64());
+            cpu = cpu.min(cpu_seconds() - cpu0);
         }
-        let cpu = cpu_seconds() - cpu0;
         let gflop = 2.0 * (rows * k * n) as f64 / 1e9;
         println!(
             "candle {rows} {k} {n} {:.1} GFLOP/s wall, {:.1} GFLOP per CPU-s ({:.0}% of f32 peak)",
             gflop / best,
-            10.0 * gflop / cpu,
+            gflop / cpu,
             100.0 * gflop / best / peaks[0].unwrap_or(f64::NAN)
         );
         let av = a.flatten_all()?.to_vec1::<f32>()?;
@@ -68,21 +68,20 @@ fn main() -> candle_core::Result<()> {
             };
             let mut c = vec![0f32; rows * n];
             p.matmul(&av, rows, &mut c);
-            let mut best = f64::MAX;
-            let cpu0 = cpu_seconds();
+            let (mut best, mut cpu) = (f64::MAX, f64::MAX);
             for _ in 0..10 {
-                let t = Instant::now();
+                let (t, cpu0) = (Instant::now(), cpu_seconds());
                 p.matmul(&av, rows, &mut c);
                 std::hint::black_box(&c);
                 best = best.min(t.elapsed().as_secs_f64());
+                cpu = cpu.min(cpu_seconds() - cpu0);
             }
-            let cpu = cpu_seconds() - cpu0;
             println!(
                 "{}-{} {rows} {k} {n} {:.1} GFLOP/s wall, {:.1} GFLOP per CPU-s ({:.0}% of {} peak)",
                 dtype.kernel_name().unwrap_or("?"),
                 dtype.name(),
                 gflop / best,
-                10.0 * gflop / cpu,
+                gflop / cpu,
                 100.0 * gflop / best / peak.unwrap_or(f64::NAN),
                 dtype.name()
             );

@@ -3,7 +3,9 @@
 //! tile as [`super::avx512`]. The tile is computed as four 6 x 16 sub-tiles: a sub-tile holds
 //! 12 ymm accumulators, and per k value loads two B vectors and broadcasts six A values, which
 //! with the accumulators fills the 16 ymm registers (the 6 x 16 shape BLIS uses on Haswell
-//! and Zen). The B panel's k rows are 128 bytes (32 f32): a sub-tile reads one half of each.
+//! and Zen). The B panel's k rows are 128 bytes (32 f32): a call covers at most
+//! [`COLUMNS`] = 16 columns, one half of each row, so the driver runs every strip over one
+//! half (16 KiB at KC = 256, which stays in L1) before the other.
 
 use super::{Tile, KC, MR, NR};
 
@@ -11,6 +13,10 @@ use super::{Tile, KC, MR, NR};
 const SR: usize = 6;
 /// Columns of one sub-tile (two ymm of f32).
 const SC: usize = 16;
+
+/// Columns of C one kernel call covers at most: one sub-tile's width, so that the driver
+/// walks all strips over one 16-column half of a panel before the next (L1 reuse).
+pub const COLUMNS: usize = SC;
 
 /// Whether this CPU has AVX2 and FMA.
 pub fn supported() -> bool {
@@ -30,7 +36,7 @@ pub fn supported() -> bool {
 /// Runs one f32 tile. Only called when [`supported`] holds.
 pub fn kernel(mut t: Tile<'_>) {
     super::check_tile(&t);
-    assert!(t.b.len() >= t.kc * NR * 4);
+    assert!(t.cols <= COLUMNS && t.b.len() >= (t.kc - 1) * NR * 4 + SC * 4);
     #[cfg(target_arch = "x86_64")]
     {
         assert!(supported());
@@ -93,14 +99,13 @@ fn finish(t: &Tile<'_>, row: usize, col: usize, acc: f32) -> f32 {
     v
 }
 
-/// Stores a sub-tile at (`row0`, `col0`) of the tile through [`finish`], valid part only.
-fn store_edge(t: &mut Tile<'_>, row0: usize, col0: usize, acc: &Spill) {
+/// Stores the sub-tile at row `row0` of the tile through [`finish`], valid part only.
+fn store_edge(t: &mut Tile<'_>, row0: usize, acc: &Spill) {
     let rows = SR.min(t.rows.saturating_sub(row0));
-    let cols = SC.min(t.cols.saturating_sub(col0));
     for (r, acc_row) in acc.iter().enumerate().take(rows) {
-        for (j, &a) in acc_row.iter().enumerate().take(cols) {
-            let v = finish(t, row0 + r, col0 + j, a);
-            t.c[(row0 + r) * t.ldc + col0 + j] = v;
+        for (j, &a) in acc_row.iter().enumerate().take(t.cols) {
+            let v = finish(t, row0 + r, j, a);
+            t.c[(row0 + r) * t.ldc + j] = v;
         }
     }
 }
@@ -143,34 +148,32 @@ mod x86 {
         _mm256_mul_ps(p, scale)
     }
 
-    /// The four sub-tiles of one tile: full ones stored with vector epilogues, edge ones
-    /// (fewer valid rows or columns) through the scalar path.
+    /// The two 6-row sub-tiles of one call (at most 16 columns): full ones stored with vector
+    /// epilogues, edge ones (fewer valid rows or columns) through the scalar path.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn tile_f32(t: &mut Tile<'_>) {
         let (rows, cols) = (t.rows, t.cols);
         for row0 in (0..MR).step_by(SR).take_while(|&r| r < rows) {
-            for col0 in (0..NR).step_by(SC).take_while(|&c| c < cols) {
-                let acc = sub_tile(t, row0, col0);
-                if rows - row0 >= SR && cols - col0 >= SC {
-                    store_full(t, row0, col0, &acc);
-                } else {
-                    let mut spill: Spill = [[0.0; SC]; SR];
-                    for (s, a) in spill.iter_mut().zip(&acc) {
-                        _mm256_storeu_ps(s.as_mut_ptr(), a[0]);
-                        _mm256_storeu_ps(s.as_mut_ptr().add(8), a[1]);
-                    }
-                    super::store_edge(t, row0, col0, &spill);
+            let acc = sub_tile(t, row0);
+            if rows - row0 >= SR && cols == SC {
+                store_full(t, row0, &acc);
+            } else {
+                let mut spill: Spill = [[0.0; SC]; SR];
+                for (s, a) in spill.iter_mut().zip(&acc) {
+                    _mm256_storeu_ps(s.as_mut_ptr(), a[0]);
+                    _mm256_storeu_ps(s.as_mut_ptr().add(8), a[1]);
                 }
+                super::store_edge(t, row0, &spill);
             }
         }
     }
 
-    /// The k loop of the sub-tile at (`row0`, `col0`): 12 accumulators, 2 B loads and 6
+    /// The k loop of the sub-tile at row `row0`: 12 accumulators, 2 B loads and 6
     /// broadcasts per k value. Rows past the valid ones read the zero padding of the strip.
     #[inline(always)]
-    unsafe fn sub_tile(t: &Tile<'_>, row0: usize, col0: usize) -> [[__m256; 2]; SR] {
+    unsafe fn sub_tile(t: &Tile<'_>, row0: usize) -> [[__m256; 2]; SR] {
         let a = (t.a.as_ptr() as *const f32).add(row0 * KC);
-        let b = (t.b.as_ptr() as *const f32).add(col0);
+        let b = t.b.as_ptr() as *const f32;
         let mut c = [[_mm256_setzero_ps(); 2]; SR];
         for p in 0..t.kc {
             let b0 = _mm256_load_ps(b.add(p * NR));
@@ -186,12 +189,12 @@ mod x86 {
 
     /// Stores a full 6 x 16 sub-tile: add C (later k blocks), bias, residual, then GELU.
     #[inline(always)]
-    unsafe fn store_full(t: &mut Tile<'_>, row0: usize, col0: usize, acc: &[[__m256; 2]; SR]) {
+    unsafe fn store_full(t: &mut Tile<'_>, row0: usize, acc: &[[__m256; 2]; SR]) {
         let ldc = t.ldc;
         let c = t.c.as_mut_ptr();
         let epi = t.epi;
         for (r, pair) in acc.iter().enumerate() {
-            let at = (row0 + r) * ldc + col0;
+            let at = (row0 + r) * ldc;
             for (h, &v) in pair.iter().enumerate() {
                 let mut v = v;
                 let p = c.add(at + 8 * h);
@@ -199,7 +202,7 @@ mod x86 {
                     v = _mm256_add_ps(v, _mm256_loadu_ps(p));
                 }
                 if let Some(b) = epi.bias {
-                    v = _mm256_add_ps(v, _mm256_loadu_ps(b.as_ptr().add(col0 + 8 * h)));
+                    v = _mm256_add_ps(v, _mm256_loadu_ps(b.as_ptr().add(8 * h)));
                 }
                 if let Some(res) = epi.residual {
                     v = _mm256_add_ps(v, _mm256_loadu_ps(res.as_ptr().add(at + 8 * h)));

@@ -62,7 +62,8 @@ pub fn isa() -> Option<Isa> {
 pub(crate) struct Tile<'a> {
     /// [`MR`] packed rows of A, row stride [`KC`] u32 (f32 bits, or two bf16 per u32).
     pub a: &'a [u32],
-    /// The panel: `[kc][NR]` f32 or `[kc/2][NR][2]` bf16, 64-byte aligned.
+    /// The panel: `[kc][NR]` f32 or `[kc/2][NR][2]` bf16, 64-byte aligned; for a pass over
+    /// part of a panel's columns (AVX2), from its first column on, k rows still NR apart.
     pub b: &'a [u8],
     /// k values in this block.
     pub kc: usize,
@@ -401,32 +402,41 @@ impl PackedWeight {
                 }
             }
             let size = Self::panel_bytes(self.dtype, kc);
+            // The columns one pass over all strips covers: the whole panel, or (AVX2) its
+            // 16-column half, 16 KiB at KC = 256, which then stays in L1 across the strips.
+            let step = match (isa(), self.dtype) {
+                (Some(Isa::Avx2), GemmDtype::F32) => avx2::COLUMNS,
+                _ => NR,
+            };
             for jr in 0..panels {
                 let panel = &buf[at + jr * size..at + (jr + 1) * size];
-                let cols = NR.min(n - jr * NR);
                 let last = k0 + kc == k;
-                for s in 0..strips {
-                    let rows = MR.min(m - s * MR);
-                    let epi = match last {
-                        true => TileEpilogue {
-                            bias: bias.map(|b| &b[jr * NR..]),
-                            residual: residual.map(|r| &r[s * MR * n + jr * NR..]),
-                            gelu,
-                        },
-                        false => TileEpilogue::default(),
-                    };
-                    let tile = Tile {
-                        a: &pack[s * MR * KC..(s + 1) * MR * KC],
-                        b: panel,
-                        kc,
-                        c: &mut c[s * MR * n + jr * NR..],
-                        ldc: n,
-                        rows,
-                        cols,
-                        accumulate: k0 > 0,
-                        epi,
-                    };
-                    kernel(self.dtype, tile);
+                for c0 in (jr * NR..n.min((jr + 1) * NR)).step_by(step) {
+                    let cols = step.min(n - c0);
+                    // Within the panel's k rows (f32 only: bf16 passes take the whole panel).
+                    let b = &panel[4 * (c0 - jr * NR)..];
+                    for s in 0..strips {
+                        let epi = match last {
+                            true => TileEpilogue {
+                                bias: bias.map(|b| &b[c0..]),
+                                residual: residual.map(|r| &r[s * MR * n + c0..]),
+                                gelu,
+                            },
+                            false => TileEpilogue::default(),
+                        };
+                        let tile = Tile {
+                            a: &pack[s * MR * KC..(s + 1) * MR * KC],
+                            b,
+                            kc,
+                            c: &mut c[s * MR * n + c0..],
+                            ldc: n,
+                            rows: MR.min(m - s * MR),
+                            cols,
+                            accumulate: k0 > 0,
+                            epi,
+                        };
+                        kernel(self.dtype, tile);
+                    }
                 }
             }
             at += panels * size;
