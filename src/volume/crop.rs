@@ -8,10 +8,10 @@
 //!   before anything is allocated for it, and it reads into a flat `Vec` without an ndarray
 //!   round trip; `ndarray-npy`'s `read_npy` allocates the declared shape in the same call
 //!   that parses it. `npyz` 0.9 still trusts three things in the header, so
-//!   [`npy_header`] checks them first: the declared header length (it allocates it before
+//!   `npy_header` checks them first: the declared header length (it allocates it before
 //!   reading; capped at 64 KiB), bracket nesting (its Python-literal parser recurses per
 //!   level: 20000 levels overflowed the stack) and the digits of the shape (it multiplies
-//!   the sizes unchecked: an overflow panics in debug builds). [`write_npy`] is the writer
+//!   the sizes unchecked: an overflow panics in debug builds). `write_npy` is the writer
 //!   (synth's crops): in-house because `npyz`'s writer pads the header to 16 bytes where
 //!   NumPy pads to 64, and synth's crops keep NumPy's layout byte for byte.
 //! - `.pt`: the reference pipeline's crop, `torch.save` of a bare float32 tensor
@@ -20,11 +20,11 @@
 //!   candle's `PthTensors`: it lists only the tensors of a pickled dict (a state dict), so a
 //!   bare tensor gives none (test `pth_tensors_sees_no_bare_tensor`), and it opens files by
 //!   path, where a job's crop must be read from the file [`crate::confine`] opened. candle's
-//!   pickle reader trusts the pickle, so [`read_pickle`] drives it one op-code at a time
+//!   pickle reader trusts the pickle, so `read_pickle` drives it one op-code at a time
 //!   and refuses, before they happen: a string longer than the bytes left (it allocates the
 //!   declared length, up to 4 GiB), a `LONG1` over 8 bytes (shift overflow), a stack over
-//!   [`MAX_PICKLE_NODES`] values (memo gets clone deeply: doubling per op-code) and more
-//!   than [`MAX_PICKLE_PUTS`] memo puts; then [`check_bare_tensor`] checks the arity of the
+//!   `MAX_PICKLE_NODES` values (memo gets clone deeply: doubling per op-code) and more
+//!   than `MAX_PICKLE_PUTS` memo puts; then `check_bare_tensor` checks the arity of the
 //!   tuples candle's `into_tensor_info` indexes without checking (`Vec::remove` panics).
 //!
 //! Both are checked for size before reading and for finite values after.
@@ -172,7 +172,7 @@ fn read_npy_file(path: &Path, file: std::fs::File) -> Result<CropHu, CropError> 
     let mut file = std::io::BufReader::new(file);
     let head = npy_header(&mut file).map_err(fmt)?;
     let npy = npyz::NpyFile::new(std::io::Cursor::new(head).chain(file))
-        .map_err(|e| fmt(format!("bad header ({e})")))?;
+        .map_err(|e| fmt(format!("bad header ({})", one_line(e))))?;
     if npy.order() != npyz::Order::C {
         return Err(fmt("`fortran_order` True: only C order is supported".into()));
     }
@@ -202,10 +202,18 @@ fn npy_samples<T: npyz::Deserialize, R: Read>(
     to_f32: fn(T) -> f32,
 ) -> Result<Vec<f32>, String> {
     let n = CROP_SIDE.pow(3);
-    let samples = npy.data::<T>().map_err(|e| format!("`descr`: {e}"))?;
+    let samples = npy
+        .data::<T>()
+        .map_err(|e| format!("`descr`: {}", one_line(e)))?;
     let mut out = Vec::with_capacity(n);
     for v in samples {
-        let v = v.map_err(|e| format!("truncated data: {} of {n} samples ({e})", out.len()))?;
+        let v = v.map_err(|e| {
+            format!(
+                "truncated data: {} of {n} samples ({})",
+                out.len(),
+                one_line(e)
+            )
+        })?;
         out.push(to_f32(v));
     }
     Ok(out)
@@ -295,6 +303,21 @@ pub fn write_npy(path: &Path, crop: &CropHu) -> std::io::Result<()> {
     std::fs::write(path, bytes)
 }
 
+/// A crate's error message on one line: its first line, plus any `= ...` note lines (the
+/// header parser's multi-line syntax errors quote the whole header between them; candle
+/// appends a backtrace when `RUST_BACKTRACE` is set).
+fn one_line(e: impl std::fmt::Display) -> String {
+    let text = e.to_string();
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or_default().to_string();
+    let notes: Vec<&str> = lines.filter_map(|l| l.strip_prefix("= ")).collect();
+    if notes.is_empty() {
+        first
+    } else {
+        format!("{first} {}", notes.join("; "))
+    }
+}
+
 /// Reads the reference pipeline's `.pt` crop (a torch zip-pickle of one float tensor).
 pub fn read_pt(path: &Path) -> Result<CropHu, CropError> {
     read_pt_file(path, open_named(path)?)
@@ -307,14 +330,16 @@ fn read_pt_file(path: &Path, file: std::fs::File) -> Result<CropHu, CropError> {
         msg,
     };
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
-        .map_err(|e| fmt(format!("not a torch zip archive ({e})")))?;
+        .map_err(|e| fmt(format!("not a torch zip archive ({})", one_line(e))))?;
     let pkl: String = zip
         .file_names()
         .filter_map(|n| n.ok().map(|n| n.to_string()))
         .find(|n| n.ends_with("data.pkl"))
         .ok_or_else(|| fmt("archive has no data.pkl".into()))?;
     let pickle = {
-        let mut entry = zip.by_name(&pkl).map_err(|e| fmt(format!("{pkl}: {e}")))?;
+        let mut entry = zip
+            .by_name(&pkl)
+            .map_err(|e| fmt(format!("{pkl}: {}", one_line(e))))?;
         if entry.size() > MAX_PICKLE_BYTES {
             return Err(fmt(format!(
                 "{pkl}: the pickle is not a bare tensor ({} bytes; a bare tensor's is at most {MAX_PICKLE_BYTES})",
@@ -326,15 +351,15 @@ fn read_pt_file(path: &Path, file: std::fs::File) -> Result<CropHu, CropError> {
             .by_ref()
             .take(MAX_PICKLE_BYTES)
             .read_to_end(&mut buf)
-            .map_err(|e| fmt(format!("{pkl}: {e}")))?;
+            .map_err(|e| fmt(format!("{pkl}: {}", one_line(e))))?;
         buf
     };
     let obj = read_pickle(&pickle).map_err(|e| fmt(format!("{pkl}: bad pickle ({e})")))?;
-    check_bare_tensor(&obj).map_err(|e| fmt(format!("{pkl}: {e}")))?;
+    check_bare_tensor(&obj).map_err(|e| fmt(format!("{pkl}: {}", one_line(e))))?;
     let dir = std::path::PathBuf::from(pkl.strip_suffix(".pkl").unwrap_or(&pkl));
     let info = obj
         .into_tensor_info(Object::Unicode("crop".into()), &dir)
-        .map_err(|e| fmt(format!("{pkl}: not a tensor ({e})")))?
+        .map_err(|e| fmt(format!("{pkl}: not a tensor ({})", one_line(e))))?
         .ok_or_else(|| fmt(format!("{pkl}: the pickle is not a bare tensor")))?;
     crop_shape(info.layout.dims()).map_err(|m| fmt(format!("tensor {m}")))?;
     if !info.layout.is_contiguous() {
@@ -342,7 +367,7 @@ fn read_pt_file(path: &Path, file: std::fs::File) -> Result<CropHu, CropError> {
     }
     let entry = zip
         .by_name(&info.path)
-        .map_err(|e| fmt(format!("storage record {}: {e}", info.path)))?;
+        .map_err(|e| fmt(format!("storage record {}: {}", info.path, one_line(e))))?;
     let voxels = read_storage(entry, &info).map_err(|e| match e {
         StorageError::Io(err) => CropError::Io {
             path: p.clone(),
@@ -392,7 +417,7 @@ fn read_storage(
         candle_core::Tensor::from_raw_buffer(&raw, info.dtype, &[n], &candle_core::Device::Cpu)
             .and_then(|t| t.to_dtype(candle_core::DType::F32))
             .and_then(|t| t.to_vec1::<f32>())
-            .map_err(|e| StorageError::Format(e.to_string()))?;
+            .map_err(|e| StorageError::Format(one_line(e)))?;
     Ok(tensor)
 }
 
@@ -428,7 +453,7 @@ fn read_pickle(pickle: &[u8]) -> Result<Object, String> {
             }
             _ => {}
         }
-        let stop = stack.read(&mut r).map_err(|e| e.to_string())?;
+        let stop = stack.read(&mut r).map_err(one_line)?;
         let nodes = stack.stack().iter().try_fold(0, |n, o| count_nodes(o, n));
         if nodes.is_none() {
             return Err(format!(
@@ -436,12 +461,12 @@ fn read_pickle(pickle: &[u8]) -> Result<Object, String> {
             ));
         }
         if stop {
-            return stack.finalize().map_err(|e| e.to_string());
+            return stack.finalize().map_err(one_line);
         }
     }
 }
 
-/// `seen` plus the values in `obj` (itself and nested), or None past [`MAX_PICKLE_NODES`]
+/// `seen` plus the values in `obj` (itself and nested), or None past `MAX_PICKLE_NODES`
 /// (strings count one per 64 bytes).
 fn count_nodes(obj: &Object, seen: usize) -> Option<usize> {
     let seen = seen + 1;
@@ -534,7 +559,7 @@ mod tests {
             .collect()
     }
 
-    /// f4 (written by [`write_npy`]), f8 and i2 give the same voxels, leading 1s allowed.
+    /// f4 (written by `write_npy`), f8 and i2 give the same voxels, leading 1s allowed.
     #[test]
     fn npy_dtypes_and_shapes_read_the_same_voxels() {
         let v = values();
@@ -611,6 +636,10 @@ mod tests {
             (
                 b"\x93NUMPY\x01\x00\x10\x00{'descr'".to_vec(),
                 "truncated header",
+            ),
+            (
+                npy(&ok("(100, 100 100)"), &[]),
+                "bad header (could not parse Python expression",
             ),
             (
                 b"\x93NUMPX\x01\x00\x10\x00{'descr'".to_vec(),
