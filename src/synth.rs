@@ -58,6 +58,7 @@ use rayon::prelude::*;
 
 use crate::rng::SplitMix64;
 use crate::semantics::{self, Semantics, CONSISTENCY, CONSPICUITY, FEATURES, MARGIN, SHAPE};
+use crate::volume::crop::{self, CropHu};
 
 /// Volume size (x, y, z) in voxels.
 pub const VOLUME_DIMS: [usize; 3] = [120, 120, 60];
@@ -871,21 +872,11 @@ fn write_crop(case: &Case, path: &Path) -> Result<(), SynthError> {
         spacing: [1.0; 3],
         dims: [n; 3],
     };
-    let hu = add_noise(render(&case.scene, &grid), case.noise_seed);
-    let mut header =
-        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({n}, {n}, {n}), }}");
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut bytes = Vec::with_capacity(10 + header.len() + 4 * hu.len());
-    bytes.extend_from_slice(b"\x93NUMPY\x01\x00");
-    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    bytes.extend_from_slice(header.as_bytes());
-    for v in hu {
-        bytes.extend_from_slice(&v.to_le_bytes());
-    }
-    std::fs::write(path, bytes).map_err(io_err(path))
+    let crop = CropHu {
+        side: n,
+        voxels: add_noise(render(&case.scene, &grid), case.noise_seed),
+    };
+    crop::write_npy(path, &crop).map_err(io_err(path))
 }
 
 /// Summary of a generated set.

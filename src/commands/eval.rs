@@ -97,9 +97,10 @@ fn score_manifest(
 ) -> anyhow::Result<(Vec<crate::eval::EvalRecord>, ScoresCsv)> {
     use crate::eval::{EvalRecord, ZeroShotPrediction};
     use crate::semantics::{Semantics, FEATURES, SEMANTIC_COLUMNS};
-    let scorer = crate::engine::load(model)?;
-    // One reading of the manifest: nodule `row` is table row `row`.
+    // One reading of the manifest: nodule `row` is table row `row`. Read before the model
+    // is loaded, so a bad manifest fails at once.
     let (nodules, table) = crate::nodules::load_manifest_table(manifest)?;
+    let scorer = crate::engine::load(model)?;
     let has_semantics = SEMANTIC_COLUMNS.iter().any(|c| {
         table
             .header
