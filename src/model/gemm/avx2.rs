@@ -78,6 +78,18 @@ pub fn peak_gflops(ms: u64) -> Option<f64> {
     }
 }
 
+/// Writes row `r` of A's k block (`src`, at most [`KC`] values) into the strip buffer `pack`
+/// in this kernel's layout: strip `r / MR` holds two halves of [`SR`] rows, each k-major
+/// (`[KC][SR]`: the six values one k step broadcasts share a cache line, one stream instead
+/// of six 1 KiB-apart ones). The strip and half start where the row-major layout's would.
+pub fn pack_row(src: &[f32], r: usize, pack: &mut [u32]) {
+    let (strip, row) = (r / MR, r % MR);
+    let base = strip * MR * KC + (row / SR) * SR * KC + row % SR;
+    for (p, v) in src.iter().enumerate() {
+        pack[base + p * SR] = v.to_bits();
+    }
+}
+
 /// One sub-tile's outputs after the k loop, spilled for the scalar edge path.
 type Spill = [[f32; SC]; SR];
 
@@ -169,7 +181,8 @@ mod x86 {
     }
 
     /// The k loop of the sub-tile at row `row0`: 12 accumulators, 2 B loads and 6
-    /// broadcasts per k value. Rows past the valid ones read the zero padding of the strip.
+    /// broadcasts per k value (the half's `[KC][SR]` values, see [`super::pack_row`]). Rows
+    /// past the valid ones read the zero padding of the strip.
     #[inline(always)]
     unsafe fn sub_tile(t: &Tile<'_>, row0: usize) -> [[__m256; 2]; SR] {
         let a = (t.a.as_ptr() as *const f32).add(row0 * KC);
@@ -179,7 +192,7 @@ mod x86 {
             let b0 = _mm256_load_ps(b.add(p * NR));
             let b1 = _mm256_load_ps(b.add(p * NR + 8));
             for (r, acc) in c.iter_mut().enumerate() {
-                let av = _mm256_broadcast_ss(&*a.add(r * KC + p));
+                let av = _mm256_broadcast_ss(&*a.add(p * SR + r));
                 acc[0] = _mm256_fmadd_ps(av, b0, acc[0]);
                 acc[1] = _mm256_fmadd_ps(av, b1, acc[1]);
             }

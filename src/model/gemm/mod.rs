@@ -60,7 +60,8 @@ pub fn isa() -> Option<Isa> {
 
 /// One micro-kernel call: C[rows, cols] (+)= A-strip x B-panel over `kc` k values.
 pub(crate) struct Tile<'a> {
-    /// [`MR`] packed rows of A, row stride [`KC`] u32 (f32 bits, or two bf16 per u32).
+    /// [`MR`] packed rows of A, row stride [`KC`] u32 (f32 bits, or two bf16 per u32); for
+    /// the AVX2 kernel two k-major halves of 6 rows instead (`avx2::pack_row`).
     pub a: &'a [u32],
     /// The panel: `[kc][NR]` f32 or `[kc/2][NR][2]` bf16, 64-byte aligned; for a pass over
     /// part of a panel's columns (AVX2), from its first column on, k rows still NR apart.
@@ -384,13 +385,19 @@ impl PackedWeight {
         let strips = m.div_ceil(MR);
         let panels = n.div_ceil(NR);
         let buf = self.bytes_slice();
-        // Packed rows: f32 values, or bf16 pairs as u32, row stride KC values either way.
+        // Packed rows: f32 values, or bf16 pairs as u32, row stride KC values either way
+        // (the AVX2 kernel's strips are k-major instead, see `avx2::pack_row`).
         let mut pack = vec![0u32; strips * MR * KC];
+        let k_major = isa() == Some(Isa::Avx2) && self.dtype == GemmDtype::F32;
         let mut at = 0;
         for k0 in (0..k).step_by(KC) {
             let kc = block_len(k, k0);
             for r in 0..m {
                 let src = &a[r * k + k0..r * k + k0 + kc];
+                if k_major {
+                    avx2::pack_row(src, r, &mut pack);
+                    continue;
+                }
                 let dst = &mut pack[r * KC..r * KC + KC];
                 match self.dtype {
                     GemmDtype::F32 => {
