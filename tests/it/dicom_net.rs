@@ -38,8 +38,20 @@ pub(crate) fn port(d: &Daemon) -> String {
 
 /// Runs storescu (calling AE `aet`) on `files`; returns (success, output).
 pub(crate) fn storescu(port: &str, aet: &str, files: &[PathBuf]) -> (bool, String) {
+    storescu_with(port, aet, &[], files)
+}
+
+/// [`storescu`] with more storescu options (`args`, before the host).
+pub(crate) fn storescu_with(
+    port: &str,
+    aet: &str,
+    args: &[&str],
+    files: &[PathBuf],
+) -> (bool, String) {
     let out = Command::new("storescu")
-        .args(["-d", "-aet", aet, "-aec", "NODULED", "127.0.0.1", port])
+        .args(["-d", "-aet", aet, "-aec", "NODULED"])
+        .args(args)
+        .args(["127.0.0.1", port])
         .args(files)
         .output()
         .expect("storescu (dcmtk; scripts/test installs it)");
