@@ -221,3 +221,67 @@ fn max_pdu_bytes_is_announced_and_bounds_the_association_request() {
         Some(1.0)
     );
 }
+
+/// A transfer syntax this build has no decoder for: storescu (`-R -xt`) proposes a CT
+/// instance encoded JPEG-LS Lossless (dcmcjpls) in its own presentation context, beside an
+/// uncompressed one. The daemon accepts the association and rejects exactly that context,
+/// "transfer syntaxes not supported" in the A-ASSOCIATE-AC. (storescu then tries to convert
+/// the file for the uncompressed context, has no JPEG-LS decoder either, and aborts the
+/// association itself: its "Aborting Association", not the daemon's.) Nothing is stored.
+#[test]
+fn unsupported_transfer_syntax_is_rejected_per_presentation_context() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(tmp.path(), &dicom_config_with(tmp.path(), 1, 5, ""));
+    let port = port(&d);
+    let (_, dicom, _) = ct_case("lung1");
+    let jls = modified(
+        &series_files(&dicom)[..1],
+        &tmp.path().join("jls"),
+        "dcmcjpls",
+        &[],
+    );
+    let (_, out) = storescu_with(&port, "SCANNER", &["-R", "-xt"], &jls);
+    assert!(out.contains("Association Accepted"), "{out}");
+    let rq = section(&out, "BEGIN A-ASSOCIATE-RQ", "END A-ASSOCIATE-RQ");
+    let ac = section(&out, "BEGIN A-ASSOCIATE-AC", "END A-ASSOCIATE-AC");
+    let jls_ctx = context_ids(rq)
+        .into_iter()
+        .find(|(_, body)| body.contains("=JPEGLSLossless"))
+        .map(|(id, _)| id)
+        .expect("storescu proposed JPEG-LS Lossless");
+    let verdict = context_ids(ac)
+        .into_iter()
+        .find(|(id, _)| *id == jls_ctx)
+        .map(|(_, body)| body)
+        .expect("the context answered");
+    assert!(
+        verdict.starts_with(" (Transfer Syntaxes Not Supported)"),
+        "context {jls_ctx}: {verdict}\n{out}"
+    );
+    assert!(!out.contains("Peer Aborted"), "{out}");
+    assert!(stored(&d).is_empty(), "{:?}", stored(&d));
+    assert_eq!(d.metric("noduled_dicom_instances_stored_total"), Some(0.0));
+}
+
+/// The lines of storescu's debug output between two markers.
+fn section<'a>(out: &'a str, from: &str, to: &str) -> &'a str {
+    let start = out.find(from).unwrap_or_else(|| panic!("{from}: {out}"));
+    let end = start
+        + out[start..]
+            .find(to)
+            .unwrap_or_else(|| panic!("{to}: {out}"));
+    &out[start..end]
+}
+
+/// `(id, text up to the next context)` for each "Context ID:" in a storescu section.
+fn context_ids(section: &str) -> Vec<(u32, &str)> {
+    section
+        .split("Context ID:")
+        .skip(1)
+        .filter_map(|part| {
+            let t = part.trim_start();
+            let digits: String = t.chars().take_while(|c| c.is_ascii_digit()).collect();
+            Some((digits.parse().ok()?, &t[digits.len()..]))
+        })
+        .collect()
+}
