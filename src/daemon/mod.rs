@@ -2,12 +2,13 @@
 //! what it uses, joined by bounded channels:
 //!
 //! ```text
-//! inputs                      worker                    output stage
-//! inbox (notify) ──┐  Job    ┌─────────────┐ Finished  ┌──────────────────────────────┐
-//! MQTT job topic ──┼─> gate ─> │ claim, count │ ───────> │ outbox/<result_id>.json       │
-//! (any later one) ─┘ bounded │ attempt, run │  bounded │ done/ | failed/ (+.error.json)│
-//!                   channels │ with deadline│          │ publishers: MQTT result+alert │
-//!                            └─────────────┘          └──────────────────────────────┘
+//! inputs            series gate       worker                    output stage
+//! inbox (notify) ──┐  Job   ┌──────┐ Job  ┌─────────────┐ Finished ┌───────────────────────────────┐
+//! MQTT job topic ──┼──────> │ park │ ───> │ claim, count│ ───────> │ outbox/<result_id>.json        │
+//! (any later one) ─┘        │ until│      │ attempt, run│  bounded │ done/ | failed/ (+.error.json) │
+//!                   bounded │stable│ bnd. │ with        │          │ publishers: MQTT result+alert  │
+//!                           └──────┘      │ deadline    │          └───────────────────────────────┘
+//!                                         └─────────────┘
 //! ```
 //! The gate ([`dicom_glue::SeriesGate`]) holds a job naming a received DICOM series until
 //! the series is stable, so the worker never waits for one; other jobs pass straight on.
