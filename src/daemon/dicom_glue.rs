@@ -1,9 +1,11 @@
 //! The daemon's DICOM glue, kept in one place so it moves easily: [`DicomSide`] (the store
-//! of received series and the receiver, one more input), and the worker's calls
-//! [`resolve_series`] (a job naming a received series UID waits until it is stable),
+//! of received series and the receiver, one more input), [`SeriesGate`] (the stage between
+//! the inputs and the worker where a job naming a received series waits until it is stable),
+//! and the worker's calls [`resolve_series`] (the job pointed at the series' folder),
 //! [`check_series`] (series checks and the result's input fields, before loading) and
 //! [`write_sr`] (the job's SR beside its result JSON).
 
+use super::input::{Job, JobReceiver, JobSender, Next};
 use super::job::{CheckedJob, JobDoc, JobError, JobResult};
 use crate::config::Settings;
 use crate::dicom::receiver::{self, Receiver};
@@ -27,6 +29,8 @@ pub struct DicomSide {
     pub pacs: Option<Arc<PacsQueue>>,
     /// `[dicom]`.
     pub settings: DicomSettings,
+    /// Jobs the [`SeriesGate`] holds until their series is stable.
+    pub waiting_jobs: std::sync::atomic::AtomicU64,
     stop: Arc<AtomicBool>,
 }
 
@@ -70,6 +74,7 @@ impl DicomSide {
             receiver,
             pacs,
             settings: settings.dicom.clone(),
+            waiting_jobs: Default::default(),
             stop,
         })
     }
@@ -132,11 +137,18 @@ impl DicomSide {
                 get(q.map(|q| &q.stats.dropped)),
             ),
         ];
-        let gauges = vec![(
-            "noduled_pacs_queue_depth",
-            "SRs waiting for the PACS",
-            q.map(|q| q.pending().len() as u64).unwrap_or(0),
-        )];
+        let gauges = vec![
+            (
+                "noduled_pacs_queue_depth",
+                "SRs waiting for the PACS",
+                q.map(|q| q.pending().len() as u64).unwrap_or(0),
+            ),
+            (
+                "noduled_jobs_waiting_for_series",
+                "Jobs held until the received series they name is stable",
+                self.waiting_jobs.load(Ordering::Relaxed),
+            ),
+        ];
         (counters, gauges)
     }
 
@@ -147,46 +159,38 @@ impl DicomSide {
     }
 }
 
-/// For `"series": {"uid": ...}`: waits until the received series exists and is stable, at
-/// most `dicom.series_wait_secs` (and the job's own `jobs.timeout_secs`), then points the
-/// job at its folder. `Ok(None)`: the daemon is stopping (the job stays in `processing/`).
+/// For `"series": {"uid": ...}`: points the job at the received series' folder once it is
+/// stable. The [`SeriesGate`] holds such a job until then or until its wait bound
+/// (`noticed` + `dicom.series_wait_secs`), so this normally decides at once; only when an
+/// instance arrived between the gate's release and now does it wait, up to that same bound.
+/// Past the bound: an error naming `series.uid`. `Ok(None)`: the daemon is stopping (the
+/// job stays in `processing/`).
 pub fn resolve_series(
     side: &DicomSide,
     mut doc: JobDoc,
     stop: &AtomicBool,
+    noticed: Instant,
 ) -> Result<Option<JobDoc>, JobError> {
-    let Some(series) = doc.series.as_mut() else {
+    let Some(uid) = series_uid(&doc)? else {
         return Ok(Some(doc));
     };
-    let Some(uid) = series.uid.clone() else {
-        return Ok(Some(doc));
-    };
-    if series.path.is_some() || series.series_uid.is_some() {
-        return Err(JobError::Field {
-            field: "series.uid".into(),
-            msg: "give `uid` alone, or `path` (with `series_uid`)".into(),
-        });
-    }
     let s = &side.settings;
-    let store = &side.store;
-    let started = Instant::now();
+    let until = noticed + s.series_wait;
     loop {
-        let found = store.find(&uid).map_err(|e| JobError::Field {
-            field: "series.uid".into(),
-            msg: e.to_string(),
-        })?;
-        match found {
-            Some(dir) if Store::is_stable(&dir, s.stable) => {
-                series.path = Some(dir);
-                series.series_uid = Some(uid);
-                series.uid = None;
+        match side.series_state(&uid)? {
+            SeriesState::Stable(dir) => {
+                if let Some(series) = doc.series.as_mut() {
+                    series.path = Some(dir);
+                    series.series_uid = Some(uid);
+                    series.uid = None;
+                }
                 return Ok(Some(doc));
             }
-            _ if started.elapsed() >= s.series_wait => {
-                let what = if found.is_some() {
-                    "not stable"
-                } else {
+            state if Instant::now() >= until => {
+                let what = if state == SeriesState::Missing {
                     "not received"
+                } else {
+                    "not stable"
                 };
                 return Err(JobError::Field {
                     field: "series.uid".into(),
@@ -202,6 +206,137 @@ pub fn resolve_series(
             return Ok(None);
         }
         std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The received-series UID a job names (`"series": {"uid": ...}` alone), if any.
+fn series_uid(doc: &JobDoc) -> Result<Option<String>, JobError> {
+    let Some(series) = &doc.series else {
+        return Ok(None);
+    };
+    let Some(uid) = series.uid.clone() else {
+        return Ok(None);
+    };
+    if series.path.is_some() || series.series_uid.is_some() {
+        return Err(JobError::Field {
+            field: "series.uid".into(),
+            msg: "give `uid` alone, or `path` (with `series_uid`)".into(),
+        });
+    }
+    Ok(Some(uid))
+}
+
+/// Where a received series stands.
+#[derive(Debug, PartialEq)]
+enum SeriesState {
+    /// No instance of it arrived.
+    Missing,
+    /// Instances are still arriving (one came within `dicom.stable_secs`).
+    Arriving,
+    /// Complete: its folder.
+    Stable(std::path::PathBuf),
+}
+
+impl DicomSide {
+    fn series_state(&self, uid: &str) -> Result<SeriesState, JobError> {
+        let found = self.store.find(uid).map_err(|e| JobError::Field {
+            field: "series.uid".into(),
+            msg: e.to_string(),
+        })?;
+        Ok(match found {
+            None => SeriesState::Missing,
+            Some(dir) if Store::is_stable(&dir, self.settings.stable) => SeriesState::Stable(dir),
+            Some(_) => SeriesState::Arriving,
+        })
+    }
+}
+
+/// The waiting stage between the inputs and the worker: a job naming a received series
+/// (`"series": {"uid": ...}`) that is not yet stable is parked here, in memory, until the
+/// series is stable or the job's wait bound passes (when it was noticed +
+/// `dicom.series_wait_secs`), then goes on to the worker, which resolves it at once
+/// ([`resolve_series`]). Every other job (and one whose file cannot be read or parsed here:
+/// the worker gives it its error result) passes straight through, so a waiting job never
+/// holds the worker. A parked job is still a file in the inbox or `mqtt-jobs/`; on a
+/// restart it is sent again and parked again (its wait bound restarts).
+pub struct SeriesGate {
+    /// Jobs from the inputs.
+    pub jobs: JobReceiver,
+    /// Jobs to the worker.
+    pub worker: JobSender,
+    /// The received series.
+    pub side: Arc<DicomSide>,
+    /// `jobs.max_job_bytes`: a larger file is not read here.
+    pub max_job_bytes: u64,
+    /// Set when the daemon stops.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// A job waiting in the [`SeriesGate`].
+struct Parked {
+    job: Job,
+    uid: String,
+    until: Instant,
+}
+
+impl SeriesGate {
+    /// The stage loop: until the daemon stops or every input is gone (parked jobs stay
+    /// files for the next start).
+    pub fn run(self) {
+        let mut parked: Vec<Parked> = Vec::new();
+        while !self.stop.load(Ordering::SeqCst) {
+            match self.jobs.recv_timeout(Duration::from_millis(250)) {
+                Next::Closed => return,
+                Next::Idle => {}
+                Next::Job(job) => match self.waits_for(&job) {
+                    Some(uid) if !parked.iter().any(|p| p.job.file == job.file) => {
+                        tracing::info!(file = %job.file.display(), series = %uid, "job waits for its series to be stable");
+                        let until = job.noticed + self.side.settings.series_wait;
+                        parked.push(Parked { job, uid, until });
+                    }
+                    Some(_) => {} // the same file again (an inbox rescan): parked already
+                    None => {
+                        if !self.worker.send(job) {
+                            return;
+                        }
+                    }
+                },
+            }
+            let now = Instant::now();
+            let (go, wait): (Vec<Parked>, Vec<Parked>) = parked.into_iter().partition(|p| {
+                now >= p.until
+                    || matches!(self.side.series_state(&p.uid), Ok(SeriesState::Stable(_)))
+            });
+            parked = wait;
+            self.side
+                .waiting_jobs
+                .store(parked.len() as u64, Ordering::Relaxed);
+            for p in go {
+                if !self.worker.send(p.job) {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The series UID the job waits for: `Some` only for a job naming a valid received
+    /// series UID that is not stable yet.
+    fn waits_for(&self, job: &Job) -> Option<String> {
+        use std::io::Read;
+        let f = std::fs::File::open(&job.file).ok()?;
+        let mut bytes = Vec::new();
+        f.take(self.max_job_bytes + 1)
+            .read_to_end(&mut bytes)
+            .ok()?;
+        if bytes.len() as u64 > self.max_job_bytes {
+            return None;
+        }
+        let doc = super::job::parse(&bytes).ok()?;
+        let uid = series_uid(&doc).ok()??;
+        match self.side.series_state(&uid) {
+            Ok(SeriesState::Missing | SeriesState::Arriving) => Some(uid),
+            _ => None,
+        }
     }
 }
 

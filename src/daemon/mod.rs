@@ -2,13 +2,16 @@
 //! what it uses, joined by bounded channels:
 //!
 //! ```text
-//! inputs                      worker                    output stage
-//! inbox (notify) ──┐  Job    ┌─────────────┐ Finished  ┌──────────────────────────────┐
-//! MQTT job topic ──┼───────> │ claim, count │ ───────> │ outbox/<result_id>.json       │
-//! (any later one) ─┘ bounded │ attempt, run │  bounded │ done/ | failed/ (+.error.json)│
-//!                    channel │ with deadline│          │ publishers: MQTT result+alert │
-//!                            └─────────────┘          └──────────────────────────────┘
+//! inputs            series gate       worker                    output stage
+//! inbox (notify) ──┐  Job   ┌──────┐ Job  ┌─────────────┐ Finished ┌───────────────────────────────┐
+//! MQTT job topic ──┼──────> │ park │ ───> │ claim, count│ ───────> │ outbox/<result_id>.json        │
+//! (any later one) ─┘        │ until│      │ attempt, run│  bounded │ done/ | failed/ (+.error.json) │
+//!                   bounded │stable│ bnd. │ with        │          │ publishers: MQTT result+alert  │
+//!                           └──────┘      │ deadline    │          └───────────────────────────────┘
+//!                                         └─────────────┘
 //! ```
+//! The gate ([`dicom_glue::SeriesGate`]) holds a job naming a received DICOM series until
+//! the series is stable, so the worker never waits for one; other jobs pass straight on.
 //! [`input`]: the typed [`input::Job`] and channel; [`inbox`], [`mqtt`]: the inputs (MQTT
 //! also publishes); [`worker`]: claims, [`ledger`] attempts, runs each job on its own thread
 //! within `jobs.timeout_secs`, one batched pass per job; [`output`]: the outbox, job moves,
@@ -415,6 +418,7 @@ pub async fn run_with(
     let stop = Shutdown::default();
     let (guard, drain) = shutdown::drain();
     let (jobs_tx, jobs_rx) = input::channel(JOB_CHANNEL_CAPACITY, telemetry.clone());
+    let (gated_tx, gated_rx) = input::channel(JOB_CHANNEL_CAPACITY, telemetry.clone());
     let (models_tx, models_rx) = std::sync::mpsc::channel();
     let written = Arc::new(tokio::sync::Notify::new());
     let (drained_tx, drained_rx) = tokio::sync::watch::channel(false);
@@ -453,11 +457,19 @@ pub async fn run_with(
         job_threads: Arc::default(),
     };
     spawn_stage("worker", guard.clone(), move || w.run())?;
+    let gate = dicom_glue::SeriesGate {
+        jobs: gated_rx,
+        worker: jobs_tx,
+        side: dicom.clone(),
+        max_job_bytes: settings.max_job_bytes,
+        stop: stop.flag(),
+    };
+    spawn_stage("series-gate", guard.clone(), move || gate.run())?;
 
     let watcher = start_inputs(
-        &settings, &st, &jobs_tx, &telemetry, &written, &stop, drained_rx, &guard,
+        &settings, &st, &gated_tx, &telemetry, &written, &stop, drained_rx, &guard,
     )?;
-    scan_at_start(&st, jobs_tx, settings.inbox.is_some());
+    scan_at_start(&st, gated_tx, settings.inbox.is_some());
     let health = start_health(&settings, &telemetry).await?;
 
     telemetry.set_state(State::Ready);

@@ -116,6 +116,7 @@ struct Runner {
 /// One job for the runner.
 struct Task {
     file: PathBuf,
+    noticed: Instant,
     ids_only: bool,
     scorer: Arc<dyn Scorer>,
 }
@@ -191,7 +192,7 @@ impl Worker {
             }
         };
         let abandoned = rec.attempts > self.limits.max_attempts;
-        let (ids, ran) = self.run_with_deadline(runner, &claimed, abandoned);
+        let (ids, ran) = self.run_with_deadline(runner, &claimed, job.noticed, abandoned);
         let series = ran.as_ref().and_then(|r| r.series.clone());
         let spooled = self.limits.policy.for_job(&name).own_spool_files();
         let (input, outcome) = match ran {
@@ -297,6 +298,7 @@ impl Worker {
                 for t in task_rx {
                     run_job(
                         &t.file,
+                        t.noticed,
                         &limits,
                         t.scorer.as_ref(),
                         &stop,
@@ -323,6 +325,7 @@ impl Worker {
         &self,
         runner: &mut Option<Runner>,
         claimed: &Path,
+        noticed: Instant,
         ids_only: bool,
     ) -> (Ids, Option<Ran>) {
         let died = || Ran {
@@ -338,6 +341,7 @@ impl Worker {
         };
         let task = Task {
             file: claimed.to_path_buf(),
+            noticed,
             ids_only,
             scorer: self.scorer.clone(),
         };
@@ -454,6 +458,7 @@ impl Worker {
 /// `ids_only`) load every nodule and score them in one batched pass.
 fn run_job(
     file: &Path,
+    noticed: Instant,
     limits: &Limits,
     scorer: &dyn Scorer,
     stop: &AtomicBool,
@@ -488,7 +493,8 @@ fn run_job(
         if ids_only {
             return Ok(None);
         }
-        let Some(doc) = super::dicom_glue::resolve_series(&limits.dicom, doc, stop)? else {
+        let Some(doc) = super::dicom_glue::resolve_series(&limits.dicom, doc, stop, noticed)?
+        else {
             return Ok(None);
         };
         let policy = limits.policy.for_job(&file_name(file));

@@ -6,6 +6,16 @@ use serde::Deserialize;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+/// The smallest `dicom.max_pdu_bytes`. DICOM bounds only P-DATA PDUs by the announced
+/// maximum (PS3.8 D.1), but dicom-ul 0.10 reads the scanner's A-ASSOCIATE-RQ under the same
+/// bound, and a scanner proposing every storage SOP class sends a large one: dcmtk 3.6.7's
+/// `storescu` sends 9,609 bytes (128 presentation contexts, 3 transfer syntaxes each) and
+/// 11,273 with `-xs`. 16384 holds both, and is dcmtk's own default.
+pub const MIN_PDU_BYTES: u32 = 16384;
+
+/// The largest `dicom.max_pdu_bytes` (16 MiB).
+pub const MAX_PDU_BYTES: u32 = 16 << 20;
+
 /// `[dicom]`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -20,7 +30,8 @@ pub struct DicomConfig {
     pub allowed_calling_aes: Vec<String>,
     /// Associations served at once; more are rejected (transient).
     pub max_associations: usize,
-    /// Largest PDU we accept, in bytes (announced in the association).
+    /// Largest PDU we accept, in bytes (announced in the association); at least
+    /// [`MIN_PDU_BYTES`], since dicom-ul bounds the scanner's association request by it too.
     pub max_pdu_bytes: u32,
     /// Most bytes stored per series; instances past it are refused.
     pub max_series_bytes: u64,
@@ -186,10 +197,13 @@ impl DicomConfig {
         if let Some((k, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err((k, "must be > 0".into()));
         }
-        if !(4096..=(16 << 20)).contains(&self.max_pdu_bytes) {
+        if !(MIN_PDU_BYTES..=MAX_PDU_BYTES).contains(&self.max_pdu_bytes) {
             return Err((
                 "dicom.max_pdu_bytes",
-                format!("{} is not in 4096..=16777216", self.max_pdu_bytes),
+                format!(
+                    "{} is not in {MIN_PDU_BYTES}..={MAX_PDU_BYTES} (the scanner's association request must fit too)",
+                    self.max_pdu_bytes
+                ),
             ));
         }
         if let Some(p) = &self.pacs {
@@ -223,5 +237,26 @@ impl DicomConfig {
             write_sr: self.write_sr,
             pacs: self.pacs.clone(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_pdu_bytes_must_hold_an_association_request() {
+        let with = |n| DicomConfig {
+            max_pdu_bytes: n,
+            ..DicomConfig::default()
+        };
+        for bad in [0, 4096, MIN_PDU_BYTES - 1, MAX_PDU_BYTES + 1] {
+            let (key, msg) = with(bad).validate().unwrap_err();
+            assert_eq!(key, "dicom.max_pdu_bytes");
+            assert!(msg.contains("association request"), "{msg}");
+        }
+        for good in [MIN_PDU_BYTES, 65536, MAX_PDU_BYTES] {
+            assert_eq!(with(good).validate().unwrap().max_pdu_bytes, good);
+        }
     }
 }

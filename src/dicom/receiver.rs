@@ -1,11 +1,14 @@
 //! The C-STORE receiver (storage SCP) on dicom-ul: one thread accepts, one thread per
-//! association (at most `dicom.max_associations`; more are rejected at association time).
+//! association (at most `dicom.max_associations`; more get A-ASSOCIATE-RJ transient, "local
+//! limit exceeded").
 //!
 //! Association: the called AE must be `dicom.ae_title` and the calling AE one of
 //! `dicom.allowed_calling_aes` (empty refuses all); any storage SOP class may be proposed
 //! (so a non-CT instance gets a C-STORE failure status naming its modality rather than a
 //! silent negotiation failure); transfer syntaxes are those the volume reader decodes
-//! (others are rejected per presentation context). PDUs are bounded by `dicom.max_pdu_bytes`.
+//! (others are rejected per presentation context). PDUs are bounded by `dicom.max_pdu_bytes`,
+//! the association request too (dicom-ul reads it under the same bound): a longer request
+//! gets A-ASSOCIATE-RJ permanent "local limit exceeded", a longer P-DATA an A-ABORT.
 //!
 //! Each instance is held in memory (bounded by what its series may still take), parsed,
 //! checked, and only then written atomically ([`super::store`]). Failure statuses (PS3.4
@@ -23,7 +26,10 @@ use dicom_encoding::TransferSyntaxIndex;
 use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use dicom_ul::association::server::{AccessControl, ServerAssociationOptions};
-use dicom_ul::pdu::{AssociationRJServiceUserReason, PDataValue, PDataValueType, UserIdentity};
+use dicom_ul::pdu::{
+    AssociationRJ, AssociationRJResult, AssociationRJServiceProviderPresentationReason,
+    AssociationRJServiceUserReason, AssociationRJSource, PDataValue, PDataValueType, UserIdentity,
+};
 use dicom_ul::Pdu;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -93,7 +99,7 @@ pub fn start(settings: &DicomSettings, store: Arc<Store>) -> std::io::Result<Rec
 }
 
 /// Allows only the listed calling AEs, and only for our called AE.
-struct AllowList(Vec<String>, bool);
+struct AllowList(Vec<String>);
 
 impl AccessControl for AllowList {
     fn check_access(
@@ -103,9 +109,6 @@ impl AccessControl for AllowList {
         called: &str,
         _user: Option<&UserIdentity>,
     ) -> Result<(), AssociationRJServiceUserReason> {
-        if self.1 {
-            return Err(AssociationRJServiceUserReason::NoReasonGiven);
-        }
         if called.trim() != this_ae.trim() {
             return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
         }
@@ -156,8 +159,14 @@ fn serve(
     busy: bool,
 ) {
     let peer = socket.peer_addr().ok();
+    if busy {
+        stats.rejected_associations.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(peer = ?peer, reason = "too many associations at once (dicom.max_associations)", "DICOM association rejected");
+        reject_local_limit(socket, AssociationRJResult::Transient);
+        return;
+    }
     let mut o = ServerAssociationOptions::new()
-        .ae_access_control(AllowList(settings.allowed_calling_aes.clone(), busy))
+        .ae_access_control(AllowList(settings.allowed_calling_aes.clone()))
         .ae_title(settings.ae_title.clone())
         .max_pdu_length(settings.max_pdu_bytes)
         .promiscuous(true)
@@ -167,12 +176,19 @@ fn serve(
     for ts in TRANSFER_SYNTAXES {
         o = o.with_transfer_syntax(ts);
     }
+    let raw = socket.try_clone().ok();
     let mut assoc = match o.establish(socket) {
         Ok(a) => a,
         Err(e) => {
             stats.rejected_associations.fetch_add(1, Ordering::Relaxed);
-            let why = if busy {
-                "too many associations at once (dicom.max_associations)".to_string()
+            let why = if let Some(len) = too_large(&e) {
+                if let Some(s) = raw {
+                    reject_local_limit(s, AssociationRJResult::Permanent);
+                }
+                format!(
+                    "association request of {len} bytes exceeds dicom.max_pdu_bytes = {}",
+                    settings.max_pdu_bytes
+                )
             } else {
                 e.to_string()
             };
@@ -189,6 +205,11 @@ fn serve(
         let pdu = match assoc.receive() {
             Ok(p) => p,
             Err(e) => {
+                if let Some(len) = too_large(&e) {
+                    tracing::warn!(calling_ae = %calling, bytes = len, max = settings.max_pdu_bytes, "a PDU over dicom.max_pdu_bytes: association aborted");
+                    let _ = assoc.abort();
+                    return;
+                }
                 tracing::info!(calling_ae = %calling, reason = %e, "DICOM association ended");
                 return;
             }
@@ -269,6 +290,38 @@ fn serve(
             _ => {}
         }
     }
+}
+
+/// The length of a PDU that dicom-ul refused as longer than `dicom.max_pdu_bytes`.
+fn too_large(e: &dicom_ul::association::Error) -> Option<u32> {
+    match e {
+        dicom_ul::association::Error::ReceivePdu {
+            source: dicom_ul::pdu::ReadError::PduTooLarge { pdu_length, .. },
+        } => Some(*pdu_length),
+        _ => None,
+    }
+}
+
+/// Answers an association request with A-ASSOCIATE-RJ, service provider (presentation),
+/// "local limit exceeded" (too many associations: transient; a request longer than
+/// `dicom.max_pdu_bytes`, which dicom-ul stopped reading: permanent), then reads what the
+/// scanner still sends (bounded in bytes and time) so the close does not reset the
+/// connection before the scanner reads the rejection.
+fn reject_local_limit(mut socket: TcpStream, result: AssociationRJResult) {
+    use std::io::{Read, Write};
+    let rj = Pdu::AssociationRJ(AssociationRJ {
+        result,
+        source: AssociationRJSource::ServiceProviderPresentation(
+            AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
+        ),
+    });
+    let mut bytes = Vec::new();
+    if dicom_ul::pdu::write_pdu(&mut bytes, &rj).is_err() || socket.write_all(&bytes).is_err() {
+        return;
+    }
+    let _ = socket.shutdown(std::net::Shutdown::Write);
+    let _ = socket.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = std::io::copy(&mut (&socket).take(16 << 20), &mut std::io::sink());
 }
 
 /// Parses, checks and stores one instance; the error is (status, comment).

@@ -9,7 +9,9 @@
 //!   this SR; it stays, and the sender backs off (1 s doubling up to `retry_max_secs`);
 //! - a transient refusal of the SR (0xA7xx out of resources, 0x0110 processing failure,
 //!   any status not listed below): retried with the backoff; after `max_attempts` of them
-//!   (counted since start) it is refused for good;
+//!   it is refused for good. The count is durable: `<result_id>.attempts` beside the SR
+//!   (decimal text, written atomically after each refusal, deleted with the SR), so a
+//!   restart does not grant an SR `max_attempts` more;
 //! - a permanent refusal (PS3.4 C.4.2.1.4 / PS3.7 C: 0xA9xx data set does not match the SOP
 //!   class, 0xCxxx cannot understand, 0x0122 SOP class not supported, 0x0124 not authorized,
 //!   0x0117 invalid SOP instance, 0x0211 unrecognized operation; or no presentation context
@@ -29,7 +31,6 @@ use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use dicom_ul::pdu::{PDataValue, PDataValueType};
 use dicom_ul::{ClientAssociationOptions, Pdu};
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -102,8 +103,6 @@ pub struct PacsQueue {
     /// Counters.
     pub stats: PacsStats,
     wake: (Mutex<bool>, Condvar),
-    /// Transient refusals per queued SR since start.
-    attempts: Mutex<HashMap<PathBuf, u32>>,
     limits: QueueLimits,
 }
 
@@ -142,7 +141,6 @@ impl PacsQueue {
             refused_dir,
             stats: PacsStats::default(),
             wake: (Mutex::new(false), Condvar::new()),
-            attempts: Mutex::new(HashMap::new()),
             limits,
         })
     }
@@ -224,6 +222,7 @@ impl PacsQueue {
             }
         }
         self.stats.dropped.fetch_add(dropped, Ordering::Relaxed);
+        self.remove_orphan_counts();
         dropped
     }
 
@@ -255,6 +254,7 @@ impl PacsQueue {
         .and_then(|()| crate::fsutil::move_durable(file, &self.refused_dir.join(name)));
         match moved {
             Ok(()) => {
+                let _ = std::fs::remove_file(attempts_path(file));
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(file = %file.display(), reason = %failure, attempts, "the PACS refused the SR: moved to pacs/refused/");
             }
@@ -264,19 +264,36 @@ impl PacsQueue {
         }
     }
 
-    /// Notes one failure of `file`; `Some(attempts)` once it is refused for good.
+    /// Notes one failure of `file` in its `.attempts` file; `Some(attempts)` once it is
+    /// refused for good. (A count that cannot be written is logged: the SR is then retried
+    /// like one refused fewer times, still bounded by the queue's age and size.)
     fn note_refusal(&self, file: &Path, failure: &Failure) -> Option<u32> {
         let Failure::Refused { permanent, .. } = failure else {
             return None;
         };
-        let mut map = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
-        let n = map.entry(file.to_path_buf()).or_insert(0);
-        *n += 1;
-        let n = *n;
-        (*permanent || n >= self.limits.max_attempts).then(|| {
-            map.remove(file);
-            n
-        })
+        let n = attempts_of(file) + 1;
+        if *permanent || n >= self.limits.max_attempts {
+            return Some(n);
+        }
+        if let Err(e) = crate::fsutil::write_atomic(&attempts_path(file), n.to_string().as_bytes())
+        {
+            tracing::warn!(file = %file.display(), error = %e, "could not record the SR's attempt count");
+        }
+        None
+    }
+
+    /// Deletes `.attempts` files whose SR is gone (sent, refused, dropped, or a crash
+    /// between deleting the SR and its count).
+    fn remove_orphan_counts(&self) {
+        for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "attempts")
+                && !e.file_name().to_string_lossy().starts_with('.')
+                && !p.with_extension("dcm").exists()
+            {
+                let _ = std::fs::remove_file(&p);
+            }
+        }
     }
 
     /// Sends until `stop` is set; waits on new SRs or the backoff in between.
@@ -293,10 +310,7 @@ impl PacsQueue {
                 match send(pacs, our_ae, &file) {
                     Ok(()) => {
                         let _ = std::fs::remove_file(&file);
-                        self.attempts
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .remove(&file);
+                        let _ = std::fs::remove_file(attempts_path(&file));
                         self.stats.sent.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(file = %file.display(), pacs = %pacs.ae_title, "SR sent to the PACS");
                         backoff = Duration::from_secs(1);
@@ -327,6 +341,19 @@ impl PacsQueue {
             *woken = false;
         }
     }
+}
+
+/// `<result_id>.attempts` beside a queued `<result_id>.dcm`.
+fn attempts_path(sr: &Path) -> PathBuf {
+    sr.with_extension("attempts")
+}
+
+/// Transient refusals recorded for a queued SR (0 when none, or unreadable).
+fn attempts_of(sr: &Path) -> u32 {
+    std::fs::read_to_string(attempts_path(sr))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn sleep_unless(stop: &AtomicBool, d: Duration) {
@@ -547,9 +574,15 @@ mod tests {
             status: Some(0xA700),
             permanent: false,
         };
-        let f = tmp.path().join("a.dcm");
+        let f = tmp.path().join("b.dcm");
         assert_eq!(q.note_refusal(&f, &t), None);
-        assert_eq!(q.note_refusal(&f, &t), Some(2));
+        // The count is on disk: a queue opened again (a restart) goes on from it.
+        let again = PacsQueue::open(tmp.path(), limits).unwrap();
+        assert_eq!(again.note_refusal(&f, &t), Some(2));
+        // A count whose SR is gone is deleted by the next prune.
+        assert!(tmp.path().join("b.attempts").is_file());
+        q.prune();
+        assert!(!tmp.path().join("b.attempts").exists());
         assert_eq!(q.note_refusal(&f, &Failure::Away("down".into())), None);
         let p = Failure::Refused {
             reason: "x".into(),

@@ -38,8 +38,20 @@ pub(crate) fn port(d: &Daemon) -> String {
 
 /// Runs storescu (calling AE `aet`) on `files`; returns (success, output).
 pub(crate) fn storescu(port: &str, aet: &str, files: &[PathBuf]) -> (bool, String) {
+    storescu_with(port, aet, &[], files)
+}
+
+/// [`storescu`] with more storescu options (`args`, before the host).
+pub(crate) fn storescu_with(
+    port: &str,
+    aet: &str,
+    args: &[&str],
+    files: &[PathBuf],
+) -> (bool, String) {
     let out = Command::new("storescu")
-        .args(["-d", "-aet", aet, "-aec", "NODULED", "127.0.0.1", port])
+        .args(["-d", "-aet", aet, "-aec", "NODULED"])
+        .args(args)
+        .args(["127.0.0.1", port])
         .args(files)
         .output()
         .expect("storescu (dcmtk; scripts/test installs it)");
@@ -241,6 +253,9 @@ fn refused_ae_mr_and_truncated_instances_leave_nothing() {
     );
 }
 
+/// The series-UID job comes first and waits for its series, which arrives slowly; an
+/// ordinary job dropped after it must not wait behind it (the waiting job is parked before
+/// the worker, in the daemon's series gate): its result comes first.
 #[test]
 fn series_sent_slice_by_slice_is_scored_once_after_it_is_stable() {
     let tmp = tempfile::tempdir().unwrap();
@@ -248,12 +263,19 @@ fn series_sent_slice_by_slice_is_scored_once_after_it_is_stable() {
     let d = Daemon::start(tmp.path(), &dicom_config(tmp.path(), stable, 120));
     let port = port(&d);
     let (_, dicom, coord) = ct_case("lung1");
+    let (_, other_dicom, other_coord) = ct_case("lung2");
     let files = series_files(&dicom);
     let (_, series) = uids(&files[0]);
     // The job comes first: it waits for the series.
     let job = serde_json::json!({"job_id": "slow", "patient_id": "P1", "series": {"uid": series},
         "nodules": [{"nodule_id": "n0", "coord_lps_mm": coord}]});
     d.drop_job("slow.json", &job.to_string());
+    wait_for(10, "the job parked", || {
+        (d.metric("noduled_jobs_waiting_for_series") == Some(1.0)).then_some(())
+    });
+    let other = serde_json::json!({"job_id": "other", "patient_id": "P2",
+        "series": {"path": other_dicom}, "nodules": [{"nodule_id": "n0", "coord_lps_mm": other_coord}]});
+    d.drop_job("other.json", &other.to_string());
     // Six bursts of 8 slices, 1.5 s apart (well under the 4 s quiet time): about 8 s.
     let mut last_sent = std::time::Instant::now();
     for chunk in files.chunks(8) {
@@ -266,10 +288,23 @@ fn series_sent_slice_by_slice_is_scored_once_after_it_is_stable() {
             "scored before the series was stable"
         );
     }
+    // The first result to appear is the ordinary job's.
+    let first = wait_for(180, "a result", || {
+        let other = d.result_for("other").map(|_| "other");
+        let slow = d.result_for("slow").map(|_| "slow");
+        other.or(slow).map(|f| (f, slow.is_some()))
+    });
+    assert_eq!(
+        first,
+        ("other", false),
+        "the ordinary job waited behind the series job"
+    );
+    assert_eq!(d.result_for("other").unwrap()["status"], "ok");
     let r = wait_for(120, "the result", || d.result_for("slow"));
     assert_eq!(r["status"], "ok", "{r:#}");
     assert_eq!(r["input"]["slices"], 48, "{r:#}");
     assert!(last_sent.elapsed().as_secs() >= stable - 1);
+    assert_eq!(d.metric("noduled_jobs_waiting_for_series"), Some(0.0));
     std::thread::sleep(std::time::Duration::from_secs(3));
     let n = d.results().iter().filter(|x| x["job_id"] == "slow").count();
     assert_eq!(n, 1);

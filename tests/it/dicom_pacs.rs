@@ -181,3 +181,53 @@ fn pacs_refusals_move_the_sr_to_refused_permanent_at_once_transient_after_max_at
         assert!(d.dir.join(format!("outbox/{id}.dcm")).is_file());
     }
 }
+
+/// `max_attempts` holds across restarts: the daemon is killed (SIGKILL) after the PACS
+/// refused the SR transiently n times (0xA700, its output folder gone), n read from the
+/// durable `<result_id>.attempts`; after the restart the SR is refused for good after the
+/// remaining max_attempts - n attempts, not max_attempts more.
+#[test]
+fn pacs_attempt_counts_survive_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pacs_port = free_port();
+    let out = tmp.path().join("pacs");
+    let _pacs = start_pacs(pacs_port, &out);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    std::fs::remove_dir_all(&out).unwrap();
+    let max = 4;
+    let extra = format!(
+        "[dicom]\n[dicom.pacs]\nhost = \"127.0.0.1\"\nport = {pacs_port}\nae_title = \"PACS\"\nretry_max_secs = 1\nmax_attempts = {max}\n"
+    );
+    let mut d = Daemon::start(tmp.path(), &config_text(tmp.path(), &model(), "", &extra));
+    let (_, dicom, coord) = ct_case("lung1");
+    let job = serde_json::json!({"job_id": "a", "patient_id": "P1",
+        "series": {"path": dicom}, "nodules": [{"nodule_id": "n0", "coord_lps_mm": coord}]});
+    d.drop_job("a.json", &job.to_string());
+    let r = wait_for(180, "a result", || d.result_for("a"));
+    let id = r["result_id"].as_str().unwrap().to_string();
+    let count = d.dir.join(format!("state/pacs/{id}.attempts"));
+    wait_for(60, "a first refusal counted", || {
+        count.is_file().then_some(())
+    });
+    d.kill9();
+    let n: u32 = std::fs::read_to_string(&count)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!((1..max).contains(&n), "{n} attempts before the restart");
+
+    d.restart();
+    let why = reason(&d, &id);
+    assert_eq!(why["attempts"], max, "{why:#}");
+    assert_eq!(why["status"], "0xa700", "{why:#}");
+    assert_eq!(
+        d.metric("noduled_pacs_failed_attempts_total"),
+        Some(f64::from(max - n)),
+        "attempts after the restart"
+    );
+    // The reason file is written first, then the SR moved and its count deleted.
+    wait_for(10, "the SR and its count gone from the queue", || {
+        d.files("state/pacs").is_empty().then_some(())
+    });
+}

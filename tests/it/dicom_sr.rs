@@ -81,6 +81,82 @@ pub fn check_sr(sr: &Path, result: &serde_json::Value) {
     assert!(dump.contains("SCOORD3D"), "{dump}");
     let errors = dciodvfy_errors(sr);
     assert!(errors.is_empty(), "dciodvfy errors:\n{}", errors.join("\n"));
+    check_provenance_and_references(sr, result);
+}
+
+/// The SR read with dicom-rs: IHE AIR provenance (Contributing Equipment with the model's
+/// Device UID, UNVERIFIED, "NOT FOR DIAGNOSTIC USE"), every source instance referenced, and
+/// the SCOORD3D point at the job's LPS coordinate.
+fn check_provenance_and_references(sr: &Path, result: &serde_json::Value) {
+    use dicom_dictionary_std::tags;
+    use dicom_object::InMemDicomObject;
+    let obj = dicom_object::open_file(sr).unwrap();
+    let text = |o: &InMemDicomObject, t| {
+        o.element(t)
+            .unwrap_or_else(|_| panic!("{t} missing"))
+            .to_str()
+            .unwrap()
+            .trim_end_matches(['\0', ' '])
+            .to_string()
+    };
+    let items = |o: &InMemDicomObject, t| -> Vec<InMemDicomObject> {
+        o.element(t)
+            .ok()
+            .and_then(|e| e.items())
+            .map(|i| i.to_vec())
+            .unwrap_or_default()
+    };
+    let model: noduled::report::ModelInfo =
+        serde_json::from_value(result["model"].clone()).unwrap();
+    let eq = items(&obj, tags::CONTRIBUTING_EQUIPMENT_SEQUENCE);
+    assert_eq!(eq.len(), 1);
+    assert_eq!(
+        text(&eq[0], tags::DEVICE_UID),
+        noduled::dicom::sr::device_uid(&model)
+    );
+    assert_eq!(text(&eq[0], tags::MANUFACTURER_MODEL_NAME), model.id);
+    assert_eq!(
+        text(&eq[0], tags::MANUFACTURER),
+        noduled::dicom::sr::MANUFACTURER
+    );
+    assert_eq!(text(&obj, tags::VERIFICATION_FLAG), "UNVERIFIED");
+    assert!(text(&obj, tags::SERIES_DESCRIPTION).contains("NOT FOR DIAGNOSTIC USE"));
+    let mut referenced = 0;
+    for study in items(&obj, tags::CURRENT_REQUESTED_PROCEDURE_EVIDENCE_SEQUENCE) {
+        for series in items(&study, tags::REFERENCED_SERIES_SEQUENCE) {
+            referenced += items(&series, tags::REFERENCED_SOP_SEQUENCE).len();
+        }
+    }
+    assert_eq!(
+        referenced as u64,
+        result["input"]["slices"].as_u64().unwrap()
+    );
+    fn points(o: &InMemDicomObject, out: &mut Vec<Vec<f64>>) {
+        if let Ok(g) = o.element(dicom_dictionary_std::tags::GRAPHIC_DATA) {
+            out.push(g.to_multi_float64().unwrap());
+        }
+        if let Some(children) = o
+            .element(dicom_dictionary_std::tags::CONTENT_SEQUENCE)
+            .ok()
+            .and_then(|e| e.items())
+        {
+            for c in children {
+                points(c, out);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    points(&obj, &mut found);
+    let coord: Vec<f64> = result["nodules"][0]["source"]["coord_lps_mm"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(found.len(), 1, "{found:?}");
+    for (a, b) in found[0].iter().zip(&coord) {
+        assert!((a - b).abs() < 1e-3, "SCOORD3D {found:?} vs {coord:?}");
+    }
 }
 
 #[test]
