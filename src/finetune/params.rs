@@ -11,6 +11,7 @@
 use crate::model::checkpoint::{specs, Role};
 use crate::model::config::ModelConfig;
 use crate::model::fold::FoldModel;
+use crate::model::vb::Vb;
 use crate::model::weights::Weights;
 use crate::rng::SplitMix64;
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -248,7 +249,7 @@ impl Params {
         if let Some(rng) = dropout {
             w = w.with_dropout(rng);
         }
-        FoldModel::new(&self.cfg, &w)
+        FoldModel::new(&self.cfg, Vb::new(w, &self.device))
     }
 
     /// Data-dependent initialisation for training from random weights: rescales the first
@@ -290,7 +291,6 @@ impl Params {
 mod tests {
     use super::*;
     use crate::nodule::N_PLANES;
-    use candle_core::Module;
 
     /// A tiny model config with `layers` vision blocks.
     fn tiny_config(layers: usize) -> ModelConfig {
@@ -326,10 +326,7 @@ mod tests {
     fn image_loss(params: &Params, pixels: &Tensor, square: bool) -> Tensor {
         crate::model::kernels::differentiable(|| {
             let m = params.model(None).unwrap();
-            let logits = m
-                .classifier_image
-                .forward(&m.image(pixels).unwrap())
-                .unwrap();
+            let logits = m.classify_image(&m.image(pixels).unwrap()).unwrap();
             if square {
                 logits.sqr().unwrap().sum_all().unwrap()
             } else {

@@ -20,7 +20,7 @@ use crate::model::tokenizer::PromptTokenizer;
 use crate::model::vision::clip_pixels;
 use crate::nodule::Planes01;
 use crate::rng::SplitMix64;
-use candle_core::{Device, Module, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -199,9 +199,9 @@ fn batch_loss(
     ids: Option<&[Vec<u32>]>,
     weights: [f64; 2],
 ) -> Result<(Tensor, Vec<f64>), FinetuneError> {
-    let pixels = clip_pixels(planes, model.logit_scale.device())?;
+    let pixels = clip_pixels(planes, model.heads.logit_scale.device())?;
     let img = model.image(&pixels)?;
-    let logits = model.classifier_image.forward(&img)?;
+    let logits = model.classify_image(&img)?;
     let ce_img = weighted_ce(&logits, labels, weights)?;
     let probs = candle_nn::ops::softmax_last_dim(&logits)?
         .narrow(1, 1, 1)?
@@ -213,7 +213,7 @@ fn batch_loss(
     let loss = match ids {
         Some(ids) => {
             let txt = model.text(ids)?;
-            let ce_txt = weighted_ce(&model.classifier_text.forward(&txt)?, labels, weights)?;
+            let ce_txt = weighted_ce(&model.classify_text(&txt)?, labels, weights)?;
             let clip = clip_loss(&img, &txt, &model.scale()?)?;
             (clip + ((ce_img + ce_txt)? / 2.0)?)?
         }

@@ -438,22 +438,16 @@ impl NoduleModel {
             fold_dirs.push(path);
         }
         let weights = Weights::new(base_tensors, folds, cfg.lora_scale()).with_special(special);
-        let vision = super::vision::VisionTower::new(cfg, &weights)?;
-        let heads = (0..weights.n_folds())
-            .map(|k| FoldHeads::new(&weights, k))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let model = NoduleModel {
-            config: cfg.clone(),
-            layout: LoraLayout::Unmerged,
+        let vb = super::vb::Vb::new(weights, &Device::Cpu);
+        let model = NoduleModel::new(
+            cfg.clone(),
+            LoraLayout::Unmerged,
             fold_dirs,
-            vision,
-            heads,
-            calibrations: info.manifest.folds.iter().map(|f| f.calibration).collect(),
+            NoduleModel::assemble(cfg, &vb)?,
+            info.manifest.folds.iter().map(|f| f.calibration).collect(),
             zero_shot,
             text_embeds,
-            device: Device::Cpu,
-            dtype: candle_core::DType::F32,
-        };
+        )?;
         Ok((model, info))
     }
 }
@@ -486,10 +480,10 @@ impl NoduleModel {
             }
             folds.push(own);
         }
-        let weights = Weights::new(base, folds, cfg.lora_scale());
-        let tower = super::text::TextTower::new(cfg, &weights)?;
-        let heads = (0..weights.n_folds())
-            .map(|k| FoldHeads::new(&weights, k))
+        let vb = super::vb::Vb::new(Weights::new(base, folds, cfg.lora_scale()), &Device::Cpu);
+        let tower = super::text::TextTower::new(cfg, vb.clone())?;
+        let heads = (0..vb.n_folds())
+            .map(|k| FoldHeads::new(cfg, vb.fold(k)))
             .collect::<candle_core::Result<Vec<_>>>()?;
         super::prompt_embeddings(&tower, &heads, spec, cfg.context, &Device::Cpu)
     }

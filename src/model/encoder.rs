@@ -19,10 +19,11 @@
 //! (squared deviations of a residual stream overflow f16 past 256) and casts back; candle's
 //! softmax accumulates f16 rows in f32 after subtracting the row maximum.
 
+use super::config::ModelConfig;
 use super::kernels;
-use super::linear::{Fused, Linear, LoraLinear};
+use super::linear::{Fused, Linear, LoraConfig, LoraLinear};
 use super::profile::timed;
-use super::weights::Weights;
+use super::vb::Vb;
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
@@ -38,11 +39,11 @@ impl LayerNorm {
     /// LayerNorm eps used throughout CLIP and the heads.
     pub const EPS: f64 = 1e-5;
 
-    /// Reads `{prefix}.weight` and `{prefix}.bias`.
-    pub fn new(w: &Weights, prefix: &str) -> Result<Self> {
+    /// Reads `weight` and `bias`, both [width], under `vb`.
+    pub fn new(width: usize, vb: Vb) -> Result<Self> {
         Ok(Self {
-            weight: w.base(&format!("{prefix}.weight"))?,
-            bias: w.base(&format!("{prefix}.bias"))?,
+            weight: vb.get(width, "weight")?,
+            bias: vb.get(width, "bias")?,
             eps: Self::EPS,
         })
     }
@@ -116,13 +117,19 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(w: &Weights, prefix: &str, heads: usize) -> Result<Self> {
+    fn new(cfg: &EncoderConfig, vb: Vb) -> Result<Self> {
+        let lora = LoraConfig {
+            in_dim: cfg.width,
+            out_dim: cfg.width,
+            rank: cfg.lora_rank,
+            scale: cfg.lora_scale,
+        };
         Ok(Self {
-            q_proj: w.lora_linear(&format!("{prefix}.q_proj"))?,
-            k_proj: w.lora_linear(&format!("{prefix}.k_proj"))?,
-            v_proj: w.lora_linear(&format!("{prefix}.v_proj"))?,
-            proj: w.linear(&format!("{prefix}.proj"))?,
-            heads,
+            q_proj: LoraLinear::new(&lora, vb.pp("q_proj"))?,
+            k_proj: LoraLinear::new(&lora, vb.pp("k_proj"))?,
+            v_proj: LoraLinear::new(&lora, vb.pp("v_proj"))?,
+            proj: Linear::new((cfg.width, cfg.width), vb.pp("proj"))?,
+            heads: cfg.heads,
         })
     }
 
@@ -237,13 +244,14 @@ impl Block {
         })
     }
 
-    fn new(w: &Weights, prefix: &str, heads: usize) -> Result<Self> {
+    fn new(cfg: &EncoderConfig, vb: Vb) -> Result<Self> {
+        let (d, mlp) = (cfg.width, vb.pp("mlp"));
         Ok(Self {
-            ln_1: LayerNorm::new(w, &format!("{prefix}.ln_1"))?,
-            attn: Attention::new(w, &format!("{prefix}.attn"), heads)?,
-            ln_2: LayerNorm::new(w, &format!("{prefix}.ln_2"))?,
-            c_fc: w.linear(&format!("{prefix}.mlp.c_fc"))?,
-            c_proj: w.linear(&format!("{prefix}.mlp.c_proj"))?,
+            ln_1: LayerNorm::new(d, vb.pp("ln_1"))?,
+            attn: Attention::new(cfg, vb.pp("attn"))?,
+            ln_2: LayerNorm::new(d, vb.pp("ln_2"))?,
+            c_fc: Linear::new((d, 4 * d), mlp.pp("c_fc"))?,
+            c_proj: Linear::new((4 * d, d), mlp.pp("c_proj"))?,
         })
     }
 
@@ -301,17 +309,57 @@ impl Block {
     }
 }
 
-/// A stack of residual blocks, `{prefix}.resblocks.{i}`.
+/// Sizes of an [`Encoder`].
+#[derive(Debug, Clone, Copy)]
+pub struct EncoderConfig {
+    /// Residual stream width d (the MLP is 4d wide).
+    pub width: usize,
+    /// Number of blocks.
+    pub layers: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// LoRA rank on q/k/v.
+    pub lora_rank: usize,
+    /// LoRA scaling s = alpha / sqrt(r).
+    pub lora_scale: f64,
+}
+
+impl EncoderConfig {
+    /// The vision tower's encoder.
+    pub fn vision(cfg: &ModelConfig) -> Self {
+        Self {
+            width: cfg.vision_width,
+            layers: cfg.vision_layers,
+            heads: cfg.vision_heads,
+            lora_rank: cfg.lora_r,
+            lora_scale: cfg.lora_scale(),
+        }
+    }
+
+    /// The text tower's encoder.
+    pub fn text(cfg: &ModelConfig) -> Self {
+        Self {
+            width: cfg.text_width,
+            layers: cfg.text_layers,
+            heads: cfg.text_heads,
+            lora_rank: cfg.lora_r,
+            lora_scale: cfg.lora_scale(),
+        }
+    }
+}
+
+/// A stack of residual blocks, `resblocks.{i}` (the checkpoint's `transformer`).
 #[derive(Debug, Clone)]
 pub struct Encoder {
     blocks: Vec<Block>,
 }
 
 impl Encoder {
-    /// Reads `layers` blocks under `{prefix}.resblocks`.
-    pub fn new(w: &Weights, prefix: &str, layers: usize, heads: usize) -> Result<Self> {
-        let blocks = (0..layers)
-            .map(|i| Block::new(w, &format!("{prefix}.resblocks.{i}"), heads))
+    /// Reads `cfg.layers` blocks under `vb.pp("resblocks")`.
+    pub fn new(cfg: &EncoderConfig, vb: Vb) -> Result<Self> {
+        let vb = vb.pp("resblocks");
+        let blocks = (0..cfg.layers)
+            .map(|i| Block::new(cfg, vb.pp(i)))
             .collect::<Result<_>>()?;
         Ok(Self { blocks })
     }

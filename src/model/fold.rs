@@ -1,76 +1,78 @@
-//! One fold's whole model, as fine-tuning trains it: the scoring components ([`VisionTower`],
-//! [`TextTower`], [`Mil`], [`ProjectionHead`], [`Linear`] classifiers) built from one
-//! fold's [`Weights`] plus the text classifier (`classifier_text.*`, trained, unused at
-//! inference) and the logit scale as a tensor.
+//! One fold's whole model, as fine-tuning trains it: the towers over a one-fold store plus
+//! that fold's [`FoldHeads`] (with the text classifier and the logit scale as a tensor).
 //!
-//! Training builds it at each step from weights whose trained tensors are candle `Var`s
-//! (with [`Weights::with_dropout`] for the step's dropout masks) and runs its forwards inside
-//! [`super::kernels::differentiable`], so the fused CPU kernels, which have no backward, are
-//! off there; scoring builds the same components into [`super::NoduleModel`].
+//! There is one assembly of the components, [`super::NoduleModel::assemble`]: the vision
+//! tower (batched over the store's folds) and one [`FoldHeads`] per fold. Scoring's
+//! [`super::NoduleModel`] is that assembly over all folds (the text tower runs once at load
+//! to cache the prompt embeddings); a `FoldModel` is it over a one-fold store, with the text
+//! tower kept for the contrastive loss. Both are built by `new(cfg, vb)` from a [`Vb`].
+//!
+//! Training builds it at each step from a store whose trained tensors are candle `Var`s
+//! (with [`super::weights::Weights::with_dropout`] for the step's dropout masks) and runs its
+//! forwards inside [`super::kernels::differentiable`], so the fused CPU kernels, which have
+//! no backward, are off there.
 //! Shapes: pixels `[nodules * 9, 3, image, image]` (plane order of [`crate::nodule::Planes01`]),
 //! token ids `[reports][context]`, embeddings `[nodules or reports, out_dim]`.
 
 use super::config::ModelConfig;
-use super::heads::{l2_normalize, ProjectionHead};
-use super::linear::Linear;
-use super::mil::Mil;
+use super::heads::{l2_normalize, FoldHeads};
 use super::text::TextTower;
+use super::vb::Vb;
 use super::vision::VisionTower;
-use super::weights::Weights;
 use candle_core::{Module, Result, Tensor};
 
-/// Upper clamp of the log logit scale (scale <= 100).
-pub const LOGIT_SCALE_MAX: f64 = 4.6052;
-
-/// Fold 0 of `Weights` as one trainable model.
+/// One fold as one trainable model.
 pub struct FoldModel {
-    /// The vision tower (one fold's LoRA).
+    /// The vision tower (the fold's LoRA).
     pub vision: VisionTower,
-    /// The text tower (one fold's LoRA).
+    /// The text tower (the fold's LoRA).
     pub text: TextTower,
-    /// MIL pooling over the nine planes.
-    pub mil: Mil,
-    /// The text projection head.
-    pub text_head: ProjectionHead,
-    /// Image classifier on the L2-normalised MIL embedding.
-    pub classifier_image: Linear,
-    /// Text classifier on the L2-normalised text embedding.
-    pub classifier_text: Linear,
-    /// Log logit scale, [1].
-    pub logit_scale: Tensor,
+    /// The fold's heads.
+    pub heads: FoldHeads,
 }
 
 impl FoldModel {
-    /// Builds the model of fold 0 of `w` (which must hold exactly one fold).
-    pub fn new(cfg: &ModelConfig, w: &Weights) -> Result<Self> {
-        if w.n_folds() != 1 {
-            candle_core::bail!("a fold model needs one fold, got {}", w.n_folds());
+    /// Builds the model of a store holding exactly one fold.
+    pub fn new(cfg: &ModelConfig, vb: Vb) -> Result<Self> {
+        if vb.n_folds() != 1 {
+            candle_core::bail!("a fold model needs one fold, got {}", vb.n_folds());
         }
+        let (vision, mut heads) = super::NoduleModel::assemble(cfg, &vb)?;
         Ok(Self {
-            vision: VisionTower::new(cfg, w)?,
-            text: TextTower::new(cfg, w)?,
-            mil: Mil::new(w, 0)?,
-            text_head: ProjectionHead::new(w, 0)?,
-            classifier_image: w.fold_linear(0, "classifier_image")?,
-            classifier_text: w.fold_linear(0, "classifier_text")?,
-            logit_scale: w.fold(0, "logit_scale")?.reshape(1)?,
+            vision,
+            text: TextTower::new(cfg, vb)?,
+            heads: heads.remove(0),
         })
     }
 
     /// Pixels `[nodules * 9, 3, image, image]` -> unit image embeddings `[nodules, out_dim]`.
     pub fn image(&self, pixels: &Tensor) -> Result<Tensor> {
-        let (pooled, _attention) = self.mil.forward(&self.vision.forward(pixels)?)?;
+        let (pooled, _attention) = self.heads.mil.forward(&self.vision.forward(pixels)?)?;
         l2_normalize(&pooled)
     }
 
     /// Token ids -> unit text embeddings `[reports, out_dim]`.
     pub fn text(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
-        let device = self.logit_scale.device();
-        l2_normalize(&self.text_head.forward(&self.text.forward(ids, device)?)?)
+        let device = self.heads.logit_scale.device();
+        let pooled = self.text.forward(ids, device)?;
+        l2_normalize(&self.heads.text_head.forward(&pooled)?)
+    }
+
+    /// Image logits `[nodules, 2]` of unit image embeddings.
+    pub fn classify_image(&self, unit: &Tensor) -> Result<Tensor> {
+        self.heads.classifier_image.forward(unit)
+    }
+
+    /// Text logits `[reports, 2]` of unit text embeddings.
+    pub fn classify_text(&self, unit: &Tensor) -> Result<Tensor> {
+        match &self.heads.classifier_text {
+            Some(c) => c.forward(unit),
+            None => candle_core::bail!("the store has no `classifier_text`"),
+        }
     }
 
     /// exp(clamp(logit_scale, 0, ln 100)), [1].
     pub fn scale(&self) -> Result<Tensor> {
-        self.logit_scale.clamp(0.0, LOGIT_SCALE_MAX)?.exp()
+        self.heads.scale()
     }
 }

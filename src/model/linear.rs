@@ -8,6 +8,7 @@
 
 use super::gemm::{Epilogue, GemmDtype, PackedWeight};
 use super::profile::{timed, timed_flops};
+use super::vb::Vb;
 use crate::rng::SplitMix64;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor, D};
@@ -71,8 +72,19 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// The layer `(in_dim, out_dim)` under `vb`: `weight` [out, in] in its stored form (see
+    /// [`Vb::base_weight`]) and `bias` [out].
+    pub fn new((in_dim, out_dim): (usize, usize), vb: Vb) -> Result<Self> {
+        Ok(Self {
+            weight: vb.base_weight(out_dim, in_dim)?,
+            bias: Some(vb.get(out_dim, "bias")?),
+            in_dim,
+            out_dim,
+        })
+    }
+
     /// A float layer from `weight` [out, in] and an optional `bias` [out].
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+    pub fn from_tensors(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_dim, in_dim) = weight.dims2()?;
         Ok(Self {
             weight: BaseWeight::Float(weight),
@@ -95,6 +107,11 @@ impl Linear {
             in_dim,
             out_dim,
         }
+    }
+
+    /// Input width.
+    pub fn in_dim(&self) -> usize {
+        self.in_dim
     }
 
     /// Output width.
@@ -342,6 +359,19 @@ impl Module for Dropout {
     }
 }
 
+/// Sizes of a [`LoraLinear`].
+#[derive(Debug, Clone, Copy)]
+pub struct LoraConfig {
+    /// Input width.
+    pub in_dim: usize,
+    /// Output width.
+    pub out_dim: usize,
+    /// LoRA rank r.
+    pub rank: usize,
+    /// LoRA scaling s = alpha / sqrt(r).
+    pub scale: f64,
+}
+
 /// A base linear layer plus one unmerged LoRA path per fold.
 #[derive(Debug, Clone)]
 pub struct LoraLinear {
@@ -355,8 +385,32 @@ pub struct LoraLinear {
 }
 
 impl LoraLinear {
+    /// The base layer under `vb` and every fold's `w_lora_A` [r, in] and `w_lora_B`
+    /// [out, r] (fold k's under `vb.fold(k)`), with training's dropout when the store has it.
+    pub fn new(cfg: &LoraConfig, vb: Vb) -> Result<Self> {
+        let (a, b): (Vec<_>, Vec<_>) = (0..vb.n_folds())
+            .map(|k| {
+                let own = vb.fold(k);
+                Ok((
+                    own.get((cfg.rank, cfg.in_dim), "w_lora_A")?,
+                    own.get((cfg.out_dim, cfg.rank), "w_lora_B")?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .unzip();
+        let base = Linear::new((cfg.in_dim, cfg.out_dim), vb.clone())?;
+        Ok(Self::from_parts(
+            base,
+            &Tensor::stack(&a, 0)?,
+            &Tensor::stack(&b, 0)?,
+            cfg.scale,
+        )?
+        .with_dropout(vb.dropout(LORA_DROPOUT)))
+    }
+
     /// Wraps `base` with per-fold factors `a` [folds, r, in] and `b` [folds, out, r].
-    pub fn new(base: Linear, a: &Tensor, b: &Tensor, scale: f64) -> Result<Self> {
+    pub fn from_parts(base: Linear, a: &Tensor, b: &Tensor, scale: f64) -> Result<Self> {
         let a_t = a.transpose(1, 2)?.contiguous()?;
         let b_t_scaled = (b.transpose(1, 2)? * scale)?.contiguous()?;
         Ok(Self {
@@ -454,8 +508,8 @@ mod tests {
         let a = Tensor::randn(0f64, 1.0, (folds, r, d_in), &dev).unwrap();
         let b = Tensor::randn(0f64, 1.0, (folds, d_out, r), &dev).unwrap();
         let x = Tensor::randn(0f64, 1.0, (folds * n, 2, d_in), &dev).unwrap();
-        let lora = LoraLinear::new(
-            Linear::new(w.clone(), Some(bias.clone())).unwrap(),
+        let lora = LoraLinear::from_parts(
+            Linear::from_tensors(w.clone(), Some(bias.clone())).unwrap(),
             &a,
             &b,
             s,
@@ -465,7 +519,7 @@ mod tests {
         assert_eq!(y.dims(), &[folds * n, 2, d_out]);
         for k in 0..folds {
             let delta = (b.get(k).unwrap().matmul(&a.get(k).unwrap()).unwrap() * s).unwrap();
-            let merged = Linear::new((&w + delta).unwrap(), Some(bias.clone())).unwrap();
+            let merged = Linear::from_tensors((&w + delta).unwrap(), Some(bias.clone())).unwrap();
             let want = merged.forward(&x.narrow(0, k * n, n).unwrap()).unwrap();
             let got = y.narrow(0, k * n, n).unwrap();
             let err = (got - want)

@@ -1,9 +1,10 @@
 //! Attention-MIL pooling over the nine planes of a nodule (Ilse et al., non-gated):
 //! `h = ReLU(projector.0(x))`, `a = softmax over planes of attention.2(tanh(attention.0(h)))`,
-//! output `sum_i a_i h_i`. One per fold.
+//! output `sum_i a_i h_i`. One per fold (its `image_projection.*`).
 
+use super::config::ModelConfig;
 use super::linear::Linear;
-use super::weights::Weights;
+use super::vb::Vb;
 use crate::nodule::N_PLANES;
 use candle_core::{Module, Result, Tensor};
 
@@ -16,12 +17,15 @@ pub struct Mil {
 }
 
 impl Mil {
-    /// Reads fold `k`'s `image_projection.{projector.0, attention.0, attention.2}`.
-    pub fn new(w: &Weights, k: usize) -> Result<Self> {
+    /// Reads `projector.0` (embed -> out_dim), `attention.0` (out_dim -> out_dim / 2) and
+    /// `attention.2` (out_dim / 2 -> 1) under `vb` (a fold's `image_projection`).
+    pub fn new(cfg: &ModelConfig, vb: Vb) -> Result<Self> {
+        let (e, o) = (cfg.embed, cfg.out_dim);
+        let attention = vb.pp("attention");
         Ok(Self {
-            projector: w.fold_linear(k, "image_projection.projector.0")?,
-            attention_hidden: w.fold_linear(k, "image_projection.attention.0")?,
-            attention_out: w.fold_linear(k, "image_projection.attention.2")?,
+            projector: Linear::new((e, o), vb.pp("projector").pp(0))?,
+            attention_hidden: Linear::new((o, o / 2), attention.pp(0))?,
+            attention_out: Linear::new((o / 2, 1), attention.pp(2))?,
         })
     }
 

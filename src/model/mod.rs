@@ -16,6 +16,26 @@
 //! [`config`] sizes, [`linear`] base/LoRA layers, [`encoder`] transformer blocks,
 //! [`vision`] and [`text`] towers, [`mil`] and [`heads`], [`checkpoint`] reading,
 //! [`tokenizer`] and [`prompts`] for zero-shot.
+//!
+//! # Construction: `new(cfg, vb)`
+//! Every component is built by `new(cfg, vb)` from a [`vb::Vb`], candle's `VarBuilder` over a
+//! [`weights::Weights`] store keyed by the checkpoint keys (`vb.pp("vision_model")`,
+//! `.pp("transformer").pp("resblocks").pp(i)`, ...; fold k's own tensors through
+//! `vb.fold(k)`). Base layers ask the same store for their stored form
+//! ([`vb::Vb::base_weight`]: a mapped q8_0 matrix stays in the mapping). Every source fills a
+//! store and goes through this one path: a checkpoint folder ([`checkpoint`], used by
+//! `convert`), a bundle ([`bundle`]: mapped f32/f16/bf16/q8_0 base + per-fold adapters),
+//! random weights ([`random`], `bench --random`) and fine-tuning's parameters, whose trained
+//! tensors are candle `Var`s (`crate::finetune::params::Params`).
+//!
+//! # One assembly
+//! The model is the towers (batched over the store's folds) plus one [`heads::FoldHeads`] per
+//! fold: [`NoduleModel::assemble`]. Scoring's [`NoduleModel`] is it over every fold (text
+//! tower run once at load for the prompt embeddings); fine-tuning's [`fold::FoldModel`] is it
+//! over a one-fold store, keeping the text tower for the contrastive loss. The fused CPU
+//! kernels are the inference-time choice inside the same `forward`s; training turns them off
+//! with [`kernels::differentiable`]. The zero-shot logit scale is applied as
+//! `exp(clamp(logit_scale, 0, ln 100))` in both, as the published model's forward does.
 
 pub mod bundle;
 pub mod checkpoint;
@@ -33,6 +53,7 @@ pub mod prompts;
 pub mod random;
 pub mod text;
 pub mod tokenizer;
+pub mod vb;
 pub mod vision;
 pub mod weights;
 
@@ -172,6 +193,8 @@ pub struct NoduleModel {
     fold_dirs: Vec<PathBuf>,
     vision: vision::VisionTower,
     heads: Vec<FoldHeads>,
+    /// Per fold, the stored log logit scale (unclamped).
+    log_scales: Vec<f64>,
     calibrations: Vec<BetaCalibration>,
     zero_shot: ZeroShotSpec,
     /// Per fold, the prompts' L2-normalised embeddings [prompts, out_dim], f64.
@@ -200,29 +223,72 @@ impl NoduleModel {
         zero_shot: ZeroShotSpec,
     ) -> Result<Self, ModelError> {
         let device = Device::Cpu;
-        let w = &ckpt.weights;
-        let vision = vision::VisionTower::new(&ckpt.config, w)?;
-        let heads = (0..w.n_folds())
-            .map(|k| FoldHeads::new(w, k))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let text = text::TextTower::new(&ckpt.config, w)?;
+        let cfg = &ckpt.config;
+        let vb = vb::Vb::new(ckpt.weights, &device);
+        let (vision, heads) = Self::assemble(cfg, &vb)?;
+        let text = text::TextTower::new(cfg, vb)?;
         let started = std::time::Instant::now();
-        let text_embeds =
-            prompt_embeddings(&text, &heads, &zero_shot, ckpt.config.context, &device)?;
+        let text_embeds = prompt_embeddings(&text, &heads, &zero_shot, cfg.context, &device)?;
         tracing::debug!(
             ms = started.elapsed().as_millis() as u64,
             "prompt embeddings computed"
         );
-        Ok(Self {
-            config: ckpt.config,
-            layout: ckpt.layout,
-            fold_dirs: ckpt.fold_dirs,
-            vision,
-            heads,
-            calibrations: ckpt.calibrations,
+        Self::new(
+            cfg.clone(),
+            ckpt.layout,
+            ckpt.fold_dirs,
+            (vision, heads),
+            ckpt.calibrations,
             zero_shot,
             text_embeds,
-            device,
+        )
+    }
+
+    /// The assembly of the components over every fold of `vb`'s store: the vision tower
+    /// (all folds batched) and each fold's heads. Scoring's model is it over all folds;
+    /// fine-tuning's [`fold::FoldModel`] is it over a one-fold store, plus the text tower.
+    pub fn assemble(
+        cfg: &ModelConfig,
+        vb: &vb::Vb,
+    ) -> candle_core::Result<(vision::VisionTower, Vec<FoldHeads>)> {
+        let vision = vision::VisionTower::new(cfg, vb.pp("vision_model"))?;
+        let heads = (0..vb.n_folds())
+            .map(|k| FoldHeads::new(cfg, vb.fold(k)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok((vision, heads))
+    }
+
+    /// A model on the CPU in f32 from its assembled parts ([`Self::assemble`]; the image
+    /// classifiers are cast to f64 here), calibrators, prompt set and per-fold prompt
+    /// embeddings ([prompts, out_dim] f64, L2-normalised).
+    pub fn new(
+        config: ModelConfig,
+        layout: LoraLayout,
+        fold_dirs: Vec<PathBuf>,
+        (vision, heads): (vision::VisionTower, Vec<FoldHeads>),
+        calibrations: Vec<BetaCalibration>,
+        zero_shot: ZeroShotSpec,
+        text_embeds: Vec<Tensor>,
+    ) -> Result<Self, ModelError> {
+        let heads = heads
+            .into_iter()
+            .map(FoldHeads::in_f64)
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let log_scales = heads
+            .iter()
+            .map(FoldHeads::log_scale)
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            config,
+            layout,
+            fold_dirs,
+            vision,
+            heads,
+            log_scales,
+            calibrations,
+            zero_shot,
+            text_embeds,
+            device: Device::Cpu,
             dtype: DType::F32,
         })
     }
@@ -279,9 +345,9 @@ impl NoduleModel {
         &self.zero_shot
     }
 
-    /// Fold `k`'s zero-shot logit scale (log space).
+    /// Fold `k`'s stored zero-shot logit scale (log space; applied clamped, see [`heads`]).
     pub fn logit_scale(&self, k: usize) -> f64 {
-        self.heads[k].logit_scale
+        self.log_scales[k]
     }
 
     /// Fold `k`'s L2-normalised prompt embeddings, [prompts, out_dim] f64, prompt order.
@@ -325,9 +391,9 @@ impl NoduleModel {
             let feats_k = features.narrow(0, k * rows, rows)?;
             let (emb, att) = heads.mil.forward(&feats_k)?;
             let unit = l2_normalize(&emb.to_dtype(DType::F64)?)?;
-            let logits = heads.classifier.forward(&unit)?.to_vec2::<f64>()?;
-            let sims = (unit.matmul(&self.text_embeds[k].t()?)? * heads.logit_scale.exp())?
-                .to_vec2::<f64>()?;
+            let logits = heads.classifier_image.forward(&unit)?.to_vec2::<f64>()?;
+            let sims =
+                (unit.matmul(&self.text_embeds[k].t()?)? * heads.scale_f64()?)?.to_vec2::<f64>()?;
             let feats_v = feats_k.to_vec2::<f32>()?;
             let emb_v = emb.to_vec2::<f32>()?;
             let att_v = att.to_dtype(DType::F64)?.to_vec2::<f64>()?;

@@ -10,10 +10,11 @@
 
 use super::checkpoint::{specs, Role};
 use super::config::{LoraLayout, ModelConfig};
-use super::heads::{l2_normalize, FoldHeads};
+use super::heads::l2_normalize;
 use super::prompts::ZeroShotSpec;
+use super::vb::Vb;
 use super::weights::Weights;
-use super::{vision, ModelError, NoduleModel};
+use super::{ModelError, NoduleModel};
 use crate::calibration::BetaCalibration;
 use crate::rng::SplitMix64;
 use candle_core::quantized::GgmlDType;
@@ -105,14 +106,11 @@ pub fn model_with_base(
         msg,
     })?;
     let device = Device::Cpu;
-    let w = vision_weights(cfg, folds, seed)?;
-    let mut vision = vision::VisionTower::new(cfg, &w)?;
+    let vb = Vb::new(vision_weights(cfg, folds, seed)?, &device);
+    let (mut vision, heads) = NoduleModel::assemble(cfg, &vb)?;
     if let Some(dtype) = base {
         vision.quantize_encoder(dtype)?;
     }
-    let heads = (0..folds)
-        .map(|k| FoldHeads::new(&w, k))
-        .collect::<candle_core::Result<Vec<_>>>()?;
     let zero_shot = ZeroShotSpec::builtin();
     let n_prompts = zero_shot.prompts().len();
     let mut rng = SplitMix64::new(seed ^ 0x5EED);
@@ -133,20 +131,17 @@ pub fn model_with_base(
         c: 0.0,
         clip_eps: 1e-12,
     };
-    Ok(NoduleModel {
-        config: cfg.clone(),
-        layout: LoraLayout::Unmerged,
-        fold_dirs: (0..folds)
+    NoduleModel::new(
+        cfg.clone(),
+        LoraLayout::Unmerged,
+        (0..folds)
             .map(|k| PathBuf::from(format!("random/fold_{k}")))
             .collect(),
-        vision,
-        heads,
-        calibrations: vec![identity; folds],
+        (vision, heads),
+        vec![identity; folds],
         zero_shot,
         text_embeds,
-        device,
-        dtype: candle_core::DType::F32,
-    })
+    )
 }
 
 #[cfg(test)]
@@ -270,5 +265,40 @@ mod tests {
                 assert!((f.prob - g.prob).abs() < 1e-2, "{} vs {}", f.prob, g.prob);
             }
         }
+    }
+
+    /// Scoring applies the logit scale as training does, exp(clamp(s, 0, ln 100)): a stored
+    /// log scale above the clamp scores as the clamp, one below it as itself.
+    #[test]
+    fn zero_shot_applies_the_clamped_logit_scale() {
+        let cfg = small_config();
+        let planes = crate::nodule::Planes01(vec![0.5; 9 * 224 * 224]);
+        let reference = model(&cfg, 1, 5).unwrap();
+        let zero_shot = |log_scale: f32| {
+            let w = vision_weights(&cfg, 1, 5).unwrap();
+            let mut fold = w.fold_tensors(0).unwrap().clone();
+            fold.insert(
+                "logit_scale".into(),
+                Tensor::new(log_scale, &Device::Cpu).unwrap(),
+            );
+            let w = Weights::new(w.base_tensors().clone(), vec![fold], cfg.lora_scale());
+            let vb = Vb::new(w, &Device::Cpu);
+            let m = NoduleModel::new(
+                cfg.clone(),
+                LoraLayout::Unmerged,
+                vec![PathBuf::from("random/fold_0")],
+                NoduleModel::assemble(&cfg, &vb).unwrap(),
+                vec![*reference.calibration(0)],
+                ZeroShotSpec::builtin(),
+                vec![reference.text_embeddings(0).clone()],
+            )
+            .unwrap();
+            assert_eq!(m.logit_scale(0), log_scale as f64);
+            m.forward(&[&planes]).unwrap()[0].folds[0].zero_shot.clone()
+        };
+        // Both above ln 100 = 4.6052: the same scale 100; below it the scale is exp(s).
+        assert_eq!(zero_shot(6.0), zero_shot(5.0));
+        assert_ne!(zero_shot(4.5), zero_shot(5.0));
+        assert_eq!(zero_shot(-1.0), zero_shot(-2.0));
     }
 }

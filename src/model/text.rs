@@ -7,8 +7,8 @@
 //! the full context for a fraction of the work.
 
 use super::config::ModelConfig;
-use super::encoder::{Encoder, LayerNorm};
-use super::weights::Weights;
+use super::encoder::{Encoder, EncoderConfig, LayerNorm};
+use super::vb::Vb;
 use candle_core::{Device, Module, Result, Tensor};
 
 /// The text tower.
@@ -26,18 +26,20 @@ pub struct TextTower {
 }
 
 impl TextTower {
-    /// Reads the text tensors (top-level `token_embedding`, `transformer`, ...).
-    pub fn new(cfg: &ModelConfig, w: &Weights) -> Result<Self> {
+    /// Reads the tower under `vb` (the checkpoints' top level: `token_embedding`,
+    /// `transformer`, ...) with every fold of the store's LoRA.
+    pub fn new(cfg: &ModelConfig, vb: Vb) -> Result<Self> {
+        let width = cfg.text_width;
         Ok(Self {
-            token_embedding: w.base("token_embedding.weight")?,
-            positional_embedding: w.base("positional_embedding")?,
-            encoder: Encoder::new(w, "transformer", cfg.text_layers, cfg.text_heads)?,
-            ln_final: LayerNorm::new(w, "ln_final")?,
-            text_projection: w.base("text_projection")?,
+            token_embedding: vb.pp("token_embedding").get((cfg.vocab, width), "weight")?,
+            positional_embedding: vb.get((cfg.context, width), "positional_embedding")?,
+            encoder: Encoder::new(&EncoderConfig::text(cfg), vb.pp("transformer"))?,
+            ln_final: LayerNorm::new(width, vb.pp("ln_final"))?,
+            text_projection: vb.get((width, cfg.embed), "text_projection")?,
             vocab: cfg.vocab,
             context: cfg.context,
-            width: cfg.text_width,
-            folds: w.n_folds(),
+            width,
+            folds: vb.n_folds(),
         })
     }
 

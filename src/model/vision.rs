@@ -9,9 +9,9 @@
 //! pixels are cast to the tower's dtype on the way in and the output is f32.
 
 use super::config::ModelConfig;
-use super::encoder::{Encoder, LayerNorm};
+use super::encoder::{Encoder, EncoderConfig, LayerNorm};
 use super::profile::timed;
-use super::weights::Weights;
+use super::vb::Vb;
 use crate::nodule::{Planes01, N_PLANES, PLANE_SIDE};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
@@ -38,28 +38,22 @@ pub struct VisionTower {
 }
 
 impl VisionTower {
-    /// Reads the `vision_model.*` tensors.
-    pub fn new(cfg: &ModelConfig, w: &Weights) -> Result<Self> {
-        let conv = w.base("vision_model.conv1.weight")?;
-        let width = cfg.vision_width;
+    /// Reads the tower under `vb` (the checkpoints' `vision_model`) with every fold of the
+    /// store's LoRA.
+    pub fn new(cfg: &ModelConfig, vb: Vb) -> Result<Self> {
+        let (width, p, g) = (cfg.vision_width, cfg.patch, cfg.grid());
+        let conv = vb.pp("conv1").get((width, 3, p, p), "weight")?;
         Ok(Self {
-            patch_weight: conv.reshape((width, 3 * cfg.patch * cfg.patch))?,
-            class_embedding: w
-                .base("vision_model.class_embedding")?
-                .reshape((1, 1, width))?,
-            positional_embedding: w.base("vision_model.positional_embedding")?,
-            ln_pre: LayerNorm::new(w, "vision_model.ln_pre")?,
-            encoder: Encoder::new(
-                w,
-                "vision_model.transformer",
-                cfg.vision_layers,
-                cfg.vision_heads,
-            )?,
-            ln_post: LayerNorm::new(w, "vision_model.ln_post")?,
-            proj: w.base("vision_model.proj")?,
-            patch: cfg.patch,
+            patch_weight: conv.reshape((width, 3 * p * p))?,
+            class_embedding: vb.get(width, "class_embedding")?.reshape((1, 1, width))?,
+            positional_embedding: vb.get((g * g + 1, width), "positional_embedding")?,
+            ln_pre: LayerNorm::new(width, vb.pp("ln_pre"))?,
+            encoder: Encoder::new(&EncoderConfig::vision(cfg), vb.pp("transformer"))?,
+            ln_post: LayerNorm::new(width, vb.pp("ln_post"))?,
+            proj: vb.get((width, cfg.embed), "proj")?,
+            patch: p,
             width,
-            folds: w.n_folds(),
+            folds: vb.n_folds(),
         })
     }
 

@@ -1,11 +1,12 @@
 //! The tensors of a loaded checkpoint set, by checkpoint key: one frozen base shared by all
 //! folds (q/k/v already reduced to W0), and per fold only its LoRA factors and heads.
 //! A bundle may also hold base layer weights in another form than a float tensor (a q8_0
-//! matrix read from a mapped file): [`Weights::linear`] prefers those when present.
+//! matrix read from a mapped file): [`super::vb::Vb::base_weight`] prefers those when present.
+//! Components read a store through [`super::vb::Vb`] (candle's `VarBuilder` over it).
 //! Training builds the same components from `Weights` whose trained tensors are candle
 //! `Var`s, with a dropout generator set ([`Weights::with_dropout`]).
 
-use super::linear::{BaseWeight, Dropout, Linear, LoraLinear, LORA_DROPOUT};
+use super::linear::{BaseWeight, Dropout};
 use crate::rng::SplitMix64;
 use candle_core::{Result, Tensor};
 use std::collections::HashMap;
@@ -56,7 +57,7 @@ impl Weights {
     }
 
     /// Adds base layer weights held in another form than a float tensor, keyed
-    /// `{prefix}.weight` with their [out, in] sizes; they take precedence in [`Self::linear`].
+    /// `{prefix}.weight` with their [out, in] sizes; they take precedence in [`super::vb::Vb::base_weight`].
     pub fn with_special(mut self, special: HashMap<String, (BaseWeight, usize, usize)>) -> Self {
         self.special_dims = special
             .iter()
@@ -103,44 +104,18 @@ impl Weights {
             .ok_or_else(|| candle_core::Error::Msg(format!("missing tensor `{key}` of fold {k}")))
     }
 
-    /// A per-fold tensor stacked over folds on a new leading axis.
-    pub fn stacked(&self, key: &str) -> Result<Tensor> {
-        let parts = (0..self.n_folds())
-            .map(|k| self.fold(k, key))
-            .collect::<Result<Vec<_>>>()?;
-        Tensor::stack(&parts, 0)
+    /// A base layer weight held in another form than a float tensor, by key
+    /// (`{prefix}.weight`), with its [out, in] sizes.
+    pub fn special(&self, key: &str) -> Option<(&BaseWeight, (usize, usize))> {
+        Some((self.special.get(key)?, *self.special_dims.get(key)?))
     }
 
-    /// The base layer `{prefix}.weight` [out, in] + `{prefix}.bias`.
-    pub fn linear(&self, prefix: &str) -> Result<Linear> {
-        let key = format!("{prefix}.weight");
-        if let (Some(w), Some(&(out_dim, in_dim))) =
-            (self.special.get(&key), self.special_dims.get(&key))
-        {
-            let bias = self.base(&format!("{prefix}.bias"))?;
-            return Ok(Linear::from_base(w.clone(), Some(bias), in_dim, out_dim));
+    /// The tensor at a builder path (see [`super::vb`]): `fold{k}.{key}` is fold k's own
+    /// tensor, anything else a base tensor.
+    pub fn by_path(&self, path: &str) -> Result<Tensor> {
+        match super::vb::split_fold(path) {
+            (Some(k), key) => self.fold(k, key),
+            (None, key) => self.base(key),
         }
-        Linear::new(
-            self.base(&format!("{prefix}.weight"))?,
-            Some(self.base(&format!("{prefix}.bias"))?),
-        )
-    }
-
-    /// Fold `k`'s own layer `{prefix}.weight` + `{prefix}.bias`.
-    pub fn fold_linear(&self, k: usize, prefix: &str) -> Result<Linear> {
-        Linear::new(
-            self.fold(k, &format!("{prefix}.weight"))?,
-            Some(self.fold(k, &format!("{prefix}.bias"))?),
-        )
-    }
-
-    /// The base layer under `prefix` with every fold's `w_lora_A` / `w_lora_B`.
-    pub fn lora_linear(&self, prefix: &str) -> Result<LoraLinear> {
-        let a = self.stacked(&format!("{prefix}.w_lora_A"))?;
-        let b = self.stacked(&format!("{prefix}.w_lora_B"))?;
-        Ok(
-            LoraLinear::new(self.linear(prefix)?, &a, &b, self.lora_scale)?
-                .with_dropout(self.dropout(LORA_DROPOUT)),
-        )
     }
 }

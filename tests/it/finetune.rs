@@ -396,7 +396,6 @@ fn finetune_device_cuda_in_a_cpu_build_is_one_line() {
 /// The training forward (eval mode) gives the inference model's fold probabilities.
 #[test]
 fn training_forward_equals_inference() {
-    use candle_core::Module;
     use noduled::finetune::params::{self, Params, Tuning};
     let dir = reference().join("model");
     let ck = noduled::model::checkpoint::load(&dir).unwrap();
@@ -435,7 +434,7 @@ fn training_forward_equals_inference() {
         // As training computes it: the plain differentiable ops, no dropout.
         let logits = noduled::model::kernels::differentiable(|| {
             let m = p.model(None).unwrap();
-            m.classifier_image.forward(&m.image(&pixels).unwrap())
+            m.classify_image(&m.image(&pixels).unwrap())
         })
         .unwrap()
         .to_vec2::<f32>()
