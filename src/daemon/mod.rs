@@ -2,19 +2,26 @@
 //! what it uses, joined by bounded channels:
 //!
 //! ```text
-//! inputs                      worker                    output stage
+//! inputs                      worker                    output stage (owns the outbox)
 //! inbox (notify) ──┐  Job    ┌─────────────┐ Finished  ┌──────────────────────────────┐
 //! MQTT job topic ──┼───────> │ claim, count │ ───────> │ outbox/<result_id>.json       │
 //! (any later one) ─┘ bounded │ attempt, run │  bounded │ done/ | failed/ (+.error.json)│
-//!                    channel │ with deadline│          │ publishers: MQTT result+alert │
-//!                            └─────────────┘          └──────────────────────────────┘
+//!                    channel │ with deadline│          │ sent/ | refused/ on reports   │
+//!                            └─────────────┘          └──────┬───────────────▲───────┘
+//!                                                  ToPublish │  Published    │ (acked,
+//!                                                            ▼  (same channel│  refused)
+//!                                                   MQTT publisher: result + alert
 //! ```
-//! [`input`]: the typed [`input::Job`] and channel; [`inbox`], [`mqtt`]: the inputs (MQTT
-//! also publishes); [`worker`]: claims, [`ledger`] attempts, runs each job on its own thread
-//! within `jobs.timeout_secs`, one batched pass per job; [`output`]: the outbox, job moves,
-//! retention; [`disk`]: full-disk retries; [`telemetry`]: the [`telemetry::State`] enum and
-//! counters for [`health`], the MQTT status and [`systemd`]; [`shutdown`]: one signal and
-//! the drain.
+//! [`input`]: the typed [`input::Job`] and channel; [`inbox`], [`mqtt`]: the inputs (the
+//! MQTT task is also the publisher: one broker session); [`worker`]: claims, [`ledger`]
+//! attempts, runs each job on a job thread within `jobs.timeout_secs`, one batched pass per
+//! job; [`output`]: the outbox, job moves, retention, and the publisher's reports;
+//! [`disk`]: full-disk retries; [`shutdown`]: one signal and the drain.
+//!
+//! Shared: only [`telemetry::Telemetry`], one `Arc` of counters and gauges (atomics, like
+//! the metric handles of vector or a prometheus-client registry) into which each stage
+//! writes the values it owns and which `/metrics`, `/readyz` and the MQTT status read; no
+//! stage decides anything from another stage's values (readiness is derived there).
 //!
 //! Durability: a job is a file from the moment it is accepted (inbox rename, or MQTT payload
 //! written before its PUBACK); a result is a file before it is published and leaves the
@@ -22,9 +29,10 @@
 //! again (at most `jobs.max_attempts` attempts) and produce the same `result_id`.
 //!
 //! Shutdown (the injected future, SIGTERM in `noduled run`): inputs stop taking jobs, the
-//! worker stops at the job's next stage boundary (the job stays in `processing/`), the
-//! output stage writes what it holds, then the MQTT client publishes a `stopped` status and
-//! disconnects; `shutdown_timeout_secs` bounds the wait.
+//! worker stops at the job's next stage boundary (the job stays in `processing/`; a job
+//! stuck in a read is left after `shutdown_timeout_secs / 2`), the output stage writes what
+//! it holds, then the MQTT client reports its last acknowledgements, publishes a `stopped`
+//! status and disconnects; `shutdown_timeout_secs` bounds the wait.
 
 pub mod dicom_glue;
 pub mod disk;
@@ -58,6 +66,9 @@ use telemetry::{State, Telemetry};
 
 /// Jobs the channel between the inputs and the worker holds.
 pub const JOB_CHANNEL_CAPACITY: usize = 64;
+
+/// Messages (finished jobs, publisher reports) the channel into the output stage holds.
+pub const OUTPUT_CHANNEL_CAPACITY: usize = 16;
 
 /// Errors that stop the daemon (startup and configuration); a failing job never does.
 #[derive(Debug, thiserror::Error)]
@@ -227,11 +238,11 @@ pub async fn run(
     run_with(settings, crate::engine::load_verified, shutdown).await
 }
 
-/// The folders every stage works in, opened (created) once at start.
+/// The folders the stages work in, opened (created) once at start (the outbox is the
+/// output stage's own: [`open_stores`] returns it beside).
 struct Stores {
     intake: Inbox,
     ledger: Ledger,
-    outbox: Arc<Outbox>,
     spool: PathBuf,
     inbox_dir: PathBuf,
 }
@@ -243,7 +254,7 @@ fn folder_err(p: &Path) -> impl FnOnce(std::io::Error) -> DaemonError + '_ {
     }
 }
 
-fn open_stores(settings: &Settings) -> Result<Stores, DaemonError> {
+fn open_stores(settings: &Settings) -> Result<(Stores, Outbox), DaemonError> {
     let spool = settings.state_dir.join("spool");
     std::fs::create_dir_all(&spool).map_err(folder_err(&spool))?;
     let inbox_dir = settings
@@ -259,13 +270,13 @@ fn open_stores(settings: &Settings) -> Result<Stores, DaemonError> {
     )
     .map_err(folder_err(&settings.outbox))?;
     let spool = spool.canonicalize().unwrap_or(spool);
-    Ok(Stores {
+    let stores = Stores {
         intake,
         ledger,
-        outbox: Arc::new(outbox),
         spool,
         inbox_dir,
-    })
+    };
+    Ok((stores, outbox))
 }
 
 /// Opens the device, loads and self-tests the model (off the async threads).
@@ -327,6 +338,7 @@ fn worker_limits(
         alert_threshold: settings.alert_threshold,
         timeout: settings.job_timeout,
         max_attempts: settings.max_attempts,
+        stop_grace: settings.shutdown_timeout / 2,
         dicom: dicom.clone(),
     })
 }
@@ -382,7 +394,7 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
     std::fs::create_dir_all(&settings.state_dir).map_err(folder_err(&settings.state_dir))?;
-    let st = open_stores(&settings)?;
+    let (st, outbox) = open_stores(&settings)?;
     let dicom = dicom_glue::DicomSide::start(&settings).map_err(|source| DaemonError::Listen {
         addr: format!("dicom.listen {:?}", settings.dicom.listen),
         source,
@@ -397,7 +409,7 @@ pub async fn run_with(
             settings.outbox_max_age.as_secs() / 3600,
         ),
     ));
-    let mut tmp_dirs: Vec<&Path> = st.outbox.dirs().to_vec();
+    let mut tmp_dirs: Vec<&Path> = outbox.dirs().to_vec();
     let i = &st.intake;
     tmp_dirs.extend([
         settings.state_dir.as_path(),
@@ -416,13 +428,13 @@ pub async fn run_with(
     let (guard, drain) = shutdown::drain();
     let (jobs_tx, jobs_rx) = input::channel(JOB_CHANNEL_CAPACITY, telemetry.clone());
     let (models_tx, models_rx) = std::sync::mpsc::channel();
-    let written = Arc::new(tokio::sync::Notify::new());
-    let (drained_tx, drained_rx) = tokio::sync::watch::channel(false);
-    let (out_tx, out_rx) = std::sync::mpsc::sync_channel(4);
+    let (out_tx, out_rx) = std::sync::mpsc::sync_channel(OUTPUT_CHANNEL_CAPACITY);
+    let (publisher, mqtt_link) = publisher_link(&settings, &out_tx);
 
     let out = output::Output {
         rx: out_rx,
-        outbox: st.outbox.clone(),
+        outbox,
+        publisher,
         intake: st.intake.clone(),
         ledger: st.ledger.clone(),
         retention: output::Retention {
@@ -430,15 +442,10 @@ pub async fn run_with(
             max_bytes: settings.retention_max_bytes,
         },
         telemetry: telemetry.clone(),
-        written: written.clone(),
         stop: stop.flag(),
         dicom: dicom.clone(),
     };
-    let set_drained = shutdown::SetOnDrop(drained_tx);
-    spawn_stage("output", guard.clone(), move || {
-        out.run();
-        drop(set_drained);
-    })?;
+    spawn_stage("output", guard.clone(), move || out.run())?;
     let w = worker::Worker {
         jobs: jobs_rx,
         out: out_tx,
@@ -455,7 +462,7 @@ pub async fn run_with(
     spawn_stage("worker", guard.clone(), move || w.run())?;
 
     let watcher = start_inputs(
-        &settings, &st, &jobs_tx, &telemetry, &written, &stop, drained_rx, &guard,
+        &settings, &st, &jobs_tx, &telemetry, &stop, mqtt_link, &guard,
     )?;
     scan_at_start(&st, jobs_tx, settings.inbox.is_some());
     let health = start_health(&settings, &telemetry).await?;
@@ -492,16 +499,43 @@ pub async fn run_with(
     Ok(())
 }
 
+/// The MQTT publisher's ends of its links with the output stage.
+struct MqttLink {
+    results: tokio::sync::mpsc::UnboundedReceiver<output::ToPublish>,
+    out: std::sync::mpsc::SyncSender<output::ToOutput>,
+    drained: tokio::sync::watch::Receiver<bool>,
+}
+
+/// The links between the output stage and the MQTT publisher, when MQTT is on.
+fn publisher_link(
+    settings: &Settings,
+    out: &std::sync::mpsc::SyncSender<output::ToOutput>,
+) -> (Option<output::PublisherLink>, Option<MqttLink>) {
+    if settings.mqtt.is_none() {
+        return (None, None);
+    }
+    let (results_tx, results) = tokio::sync::mpsc::unbounded_channel();
+    let (drained_tx, drained) = tokio::sync::watch::channel(false);
+    let link = output::PublisherLink {
+        results: results_tx,
+        drained: shutdown::SetOnDrop(drained_tx),
+    };
+    let mqtt = MqttLink {
+        results,
+        out: out.clone(),
+        drained,
+    };
+    (Some(link), Some(mqtt))
+}
+
 /// Starts the inbox watcher (returned: keep it alive) and the MQTT client.
-#[allow(clippy::too_many_arguments)]
 fn start_inputs(
     settings: &Settings,
     st: &Stores,
     jobs: &JobSender,
     telemetry: &Arc<Telemetry>,
-    written: &Arc<tokio::sync::Notify>,
     stop: &Shutdown,
-    drained: tokio::sync::watch::Receiver<bool>,
+    link: Option<MqttLink>,
     guard: &DoneGuard,
 ) -> Result<Option<notify::RecommendedWatcher>, DaemonError> {
     let watcher = match &settings.inbox {
@@ -515,12 +549,13 @@ fn start_inputs(
         ),
         None => None,
     };
-    if let Some(m) = settings.mqtt.clone() {
+    if let (Some(m), Some(link)) = (settings.mqtt.clone(), link) {
         let i = &st.intake;
         let client = mqtt::Mqtt {
             settings: m,
             max_publish_attempts: settings.max_publish_attempts,
-            outbox: st.outbox.clone(),
+            results: Some(link.results),
+            out: link.out,
             store: mqtt::JobStore {
                 dir: i.mqtt_jobs.clone(),
                 seen_in: vec![i.processing.clone(), i.done.clone(), i.failed.clone()],
@@ -528,9 +563,8 @@ fn start_inputs(
             },
             jobs: jobs.clone(),
             telemetry: telemetry.clone(),
-            written: written.clone(),
             shutdown: stop.subscribe(),
-            drained,
+            drained: link.drained,
         };
         let guard = guard.clone();
         tokio::spawn(async move {

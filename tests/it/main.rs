@@ -8,6 +8,7 @@ mod confine;
 mod daemon;
 mod daemon_ct;
 mod daemon_faults;
+mod daemon_stuck;
 mod daemon_support;
 mod device;
 mod dicom_limits;
