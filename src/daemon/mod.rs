@@ -409,58 +409,22 @@ pub async fn run_with(
             settings.outbox_max_age.as_secs() / 3600,
         ),
     ));
-    let mut tmp_dirs: Vec<&Path> = outbox.dirs().to_vec();
-    let i = &st.intake;
-    tmp_dirs.extend([
-        settings.state_dir.as_path(),
-        &st.spool,
-        &i.processing,
-        &i.done,
-        &i.failed,
-        &i.mqtt_jobs,
-    ]);
-    tmp_dirs.extend(st.ledger.dirs());
     let _ = telemetry.dicom.set(dicom.clone());
-    let stale = disk::remove_stale_tmp(&tmp_dirs);
-    telemetry.stale_tmp_removed.store(stale, Ordering::Relaxed);
+    remove_stale_tmp(&settings, &st, &outbox, &telemetry);
 
     let stop = Shutdown::default();
     let (guard, drain) = shutdown::drain();
     let (jobs_tx, jobs_rx) = input::channel(JOB_CHANNEL_CAPACITY, telemetry.clone());
     let (models_tx, models_rx) = std::sync::mpsc::channel();
-    let (out_tx, out_rx) = std::sync::mpsc::sync_channel(OUTPUT_CHANNEL_CAPACITY);
-    let (publisher, mqtt_link) = publisher_link(&settings, &out_tx);
-
-    let out = output::Output {
-        rx: out_rx,
-        outbox,
-        publisher,
-        intake: st.intake.clone(),
-        ledger: st.ledger.clone(),
-        retention: output::Retention {
-            max_age: settings.retention_max_age,
-            max_bytes: settings.retention_max_bytes,
-        },
-        telemetry: telemetry.clone(),
-        stop: stop.flag(),
-        dicom: dicom.clone(),
+    let stage = Stage {
+        settings: &settings,
+        st: &st,
+        telemetry: &telemetry,
+        dicom: &dicom,
+        stop: &stop,
+        guard: &guard,
     };
-    spawn_stage("output", guard.clone(), move || out.run())?;
-    let w = worker::Worker {
-        jobs: jobs_rx,
-        out: out_tx,
-        models: models_rx,
-        scorer,
-        intake: st.intake.clone(),
-        ledger: st.ledger.clone(),
-        limits: Arc::new(worker_limits(&settings, &st, &dicom)?),
-        telemetry: telemetry.clone(),
-        watchdog: Arc::new(systemd::Watchdog::from_env()),
-        stop: stop.flag(),
-        job_threads: Arc::default(),
-    };
-    spawn_stage("worker", guard.clone(), move || w.run())?;
-
+    let mqtt_link = stage.start_pipeline(outbox, scorer, jobs_rx, models_rx)?;
     let watcher = start_inputs(
         &settings, &st, &jobs_tx, &telemetry, &stop, mqtt_link, &guard,
     )?;
@@ -491,12 +455,90 @@ pub async fn run_with(
         );
     }
     drop(watcher);
-    if let Some((tx, task)) = health {
-        let _ = tx.send(true);
-        let _ = task.await;
-    }
+    stop_health(health).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Removes the temporary files a crash left in the daemon's folders, counted.
+fn remove_stale_tmp(settings: &Settings, st: &Stores, outbox: &Outbox, telemetry: &Telemetry) {
+    let mut tmp_dirs: Vec<&Path> = outbox.dirs().to_vec();
+    let i = &st.intake;
+    tmp_dirs.extend([
+        settings.state_dir.as_path(),
+        &st.spool,
+        &i.processing,
+        &i.done,
+        &i.failed,
+        &i.mqtt_jobs,
+    ]);
+    tmp_dirs.extend(st.ledger.dirs());
+    let stale = disk::remove_stale_tmp(&tmp_dirs);
+    telemetry.stale_tmp_removed.store(stale, Ordering::Relaxed);
+}
+
+/// What starting a stage needs (borrowed from [`run_with`]).
+struct Stage<'a> {
+    settings: &'a Settings,
+    st: &'a Stores,
+    telemetry: &'a Arc<Telemetry>,
+    dicom: &'a Arc<dicom_glue::DicomSide>,
+    stop: &'a Shutdown,
+    guard: &'a DoneGuard,
+}
+
+impl Stage<'_> {
+    /// Starts the output stage (owning the outbox) and the worker; returns the MQTT
+    /// publisher's links to the output stage, when MQTT is on.
+    fn start_pipeline(
+        &self,
+        outbox: Outbox,
+        scorer: Arc<dyn Scorer>,
+        jobs_rx: input::JobReceiver,
+        models_rx: std::sync::mpsc::Receiver<Arc<dyn Scorer>>,
+    ) -> Result<Option<MqttLink>, DaemonError> {
+        let (settings, st, telemetry, dicom, stop, guard) = (
+            self.settings,
+            self.st,
+            self.telemetry,
+            self.dicom,
+            self.stop,
+            self.guard,
+        );
+        let (out_tx, out_rx) = std::sync::mpsc::sync_channel(OUTPUT_CHANNEL_CAPACITY);
+        let (publisher, mqtt_link) = publisher_link(settings, &out_tx);
+        let out = output::Output {
+            rx: out_rx,
+            outbox,
+            publisher,
+            intake: st.intake.clone(),
+            ledger: st.ledger.clone(),
+            retention: output::Retention {
+                max_age: settings.retention_max_age,
+                max_bytes: settings.retention_max_bytes,
+            },
+            telemetry: telemetry.clone(),
+            stop: stop.flag(),
+            dicom: dicom.clone(),
+        };
+        spawn_stage("output", guard.clone(), move || out.run())?;
+        let w = worker::Worker {
+            jobs: jobs_rx,
+            out: out_tx,
+            models: models_rx,
+            scorer,
+            intake: st.intake.clone(),
+            ledger: st.ledger.clone(),
+            limits: Arc::new(worker_limits(settings, st, dicom)?),
+            telemetry: telemetry.clone(),
+            watchdog: Arc::new(systemd::Watchdog::from_env()),
+            stop: stop.flag(),
+            job_threads: Arc::default(),
+        };
+        spawn_stage("worker", guard.clone(), move || w.run())?;
+
+        Ok(mqtt_link)
+    }
 }
 
 /// The MQTT publisher's ends of its links with the output stage.
@@ -579,6 +621,13 @@ type HealthTask = (
     tokio::sync::watch::Sender<bool>,
     tokio::task::JoinHandle<()>,
 );
+
+async fn stop_health(health: Option<HealthTask>) {
+    if let Some((tx, task)) = health {
+        let _ = tx.send(true);
+        let _ = task.await;
+    }
+}
 
 async fn start_health(
     settings: &Settings,

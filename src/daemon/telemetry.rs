@@ -17,6 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// One metric sample: (name, help, value).
+type Sample = (&'static str, &'static str, u64);
+
 /// Upper bounds (seconds) of the latency histogram buckets.
 pub const LATENCY_BUCKETS_S: [f64; 10] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
 
@@ -264,11 +267,10 @@ impl Telemetry {
         })
     }
 
-    /// The metrics as OpenMetrics text (prometheus-client), sampled now.
-    pub fn render(&self) -> String {
+    /// The counters: (name, help, value).
+    fn counters(&self) -> [Sample; 13] {
         let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let b = |a: &AtomicBool| a.load(Ordering::Relaxed) as u64;
-        let counters = [
+        [
             (
                 "noduled_jobs_done",
                 "Jobs that produced a score",
@@ -334,9 +336,15 @@ impl Telemetry {
                 "Failed MQTT connection attempts (TLS, authentication, network); see /healthz",
                 c(&self.mqtt_connect_failures),
             ),
-        ];
+        ]
+    }
+
+    /// The gauges: (name, help, value).
+    fn gauges(&self) -> [Sample; 8] {
+        let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let b = |a: &AtomicBool| a.load(Ordering::Relaxed) as u64;
         let last_ok = self.last_reload().map(|r| (r.outcome == "ok") as u64);
-        let gauges = [
+        [
             (
                 "noduled_queue_depth",
                 "Jobs waiting for the worker",
@@ -377,7 +385,12 @@ impl Telemetry {
                 "1 when the last reload succeeded (1 before any)",
                 last_ok.unwrap_or(1),
             ),
-        ];
+        ]
+    }
+
+    /// The metrics as OpenMetrics text (prometheus-client), sampled now.
+    pub fn render(&self) -> String {
+        let (counters, gauges) = (self.counters(), self.gauges());
         let mut reg = Registry::default();
         for (name, help, v) in counters {
             reg.register(name, help, ConstCounter::new(v));

@@ -358,7 +358,9 @@ fn reads_stuck_in_the_kernel_time_out_and_the_stuck_thread_cap_shows_in_readyz()
     wait_for(10, "ready again", || {
         (d.get("/readyz").map(|r| r.0) == Some(200)).then_some(())
     });
-    assert!(d.files("state/processing").is_empty());
+    wait_for(10, "processing/ empty", || {
+        d.files("state/processing").is_empty().then_some(())
+    });
 }
 
 /// SIGTERM with a read stuck in the kernel: the daemon finishes its shutdown within the
@@ -448,7 +450,12 @@ fn sigterm_ends_a_stuck_read_and_restarts_fail_it_after_max_attempts() {
             .contains("jobs.max_attempts = 2"),
         "{r:#}"
     );
-    assert!(d.files("state/failed").contains(&"stuck.json".to_string()));
+    // The result is written before the job file moves.
+    wait_for(10, "stuck.json in failed/", || {
+        d.files("state/failed")
+            .contains(&"stuck.json".to_string())
+            .then_some(())
+    });
     let blocked = blocked_in_fuse(d.pid());
     assert!(blocked.is_empty(), "{blocked:?}");
     d.drop_job(
