@@ -1,8 +1,15 @@
 //! What the daemon reports about itself: the [`State`] enum, counters and gauges that each
-//! stage updates for what it owns (worker: jobs and heartbeat; output: outbox, disk;
-//! publisher: broker, refusals; main loop: state, reloads), read by the retained MQTT
-//! status, `/healthz`, `/readyz` and `/metrics`. Values only flow in; no stage reads
-//! another's counters to decide anything, except readiness, which is derived here.
+//! stage updates for what it owns (worker: jobs, stuck threads and heartbeat; output:
+//! outbox, refused results, retention, disk; publisher: broker, publishes and refusals;
+//! main loop: state, reloads), read by the retained MQTT status, `/healthz`, `/readyz` and
+//! `/metrics`. Values only flow in; no stage reads another's counters to decide anything,
+//! except readiness, which is derived here.
+//!
+//! It is the one value the stages share (an `Arc` of atomics, as vector's internal metrics
+//! or prometheus-client's metric handles are shared): routing every counter update through
+//! a channel to one owner would add a hop per event and a stage to keep alive for the
+//! health endpoint, for values that are only ever written by one stage and read for
+//! display.
 //!
 //! Latency is per job, seconds, from the worker taking the job to its result being handed
 //! to the output stage.

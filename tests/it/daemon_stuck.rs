@@ -285,6 +285,22 @@ fn blocked_in_fuse(pid: u32) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A systemd notify socket: counts the `WATCHDOG=1` pings it receives.
+fn watchdog_socket(path: &Path) -> Arc<AtomicUsize> {
+    let sock = std::os::unix::net::UnixDatagram::bind(path).unwrap();
+    let pings = Arc::new(AtomicUsize::new(0));
+    let p = pings.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = sock.recv(&mut buf) {
+            if String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1") {
+                p.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    pings
+}
+
 /// A job whose one nodule's planes file is the stuck file.
 fn stuck_job(fs: &StuckFs, job_id: &str) -> String {
     serde_json::json!({"job_id": job_id, "patient_id": "P-stuck",
@@ -294,8 +310,9 @@ fn stuck_job(fs: &StuckFs, job_id: &str) -> String {
 
 /// Stuck reads past `jobs.timeout_secs` get their error results and the pipeline moves on
 /// while threads are left behind; at [`MAX_JOB_THREADS`] of them the next job waits,
-/// `/readyz` says why; once the reads fail (connection aborted) it runs and readiness
-/// returns.
+/// `/readyz` says why and the systemd watchdog pings stop (they come from the worker, which
+/// is wedged); once the reads fail (connection aborted) it runs, and readiness and the
+/// pings return.
 #[test]
 fn reads_stuck_in_the_kernel_time_out_and_the_stuck_thread_cap_shows_in_readyz() {
     let tmp = tempfile::tempdir().unwrap();
@@ -303,7 +320,13 @@ fn reads_stuck_in_the_kernel_time_out_and_the_stuck_thread_cap_shows_in_readyz()
         return;
     };
     let cfg = config_text(tmp.path(), &model(), "timeout_secs = 2", "");
-    let d = Daemon::start(tmp.path(), &cfg);
+    let sock = tmp.path().join("notify.sock");
+    let pings = watchdog_socket(&sock);
+    let env = [
+        ("NOTIFY_SOCKET", sock.to_str().unwrap()),
+        ("WATCHDOG_USEC", "1000000"),
+    ];
+    let d = Daemon::start_env(tmp.path(), &cfg, &env);
     d.drop_job("first.json", &stuck_job(&fs, "first"));
     d.drop_job(
         "behind.json",
@@ -346,8 +369,14 @@ fn reads_stuck_in_the_kernel_time_out_and_the_stuck_thread_cap_shows_in_readyz()
         d.metric("noduled_job_threads_busy"),
         Some(MAX_JOB_THREADS as f64)
     );
-    std::thread::sleep(Duration::from_secs(2));
+    let before = pings.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_secs(3));
     assert!(d.result_for("waits").is_none(), "ran past the cap");
+    assert_eq!(
+        pings.load(Ordering::SeqCst),
+        before,
+        "watchdog pinged while wedged"
+    );
 
     // The share comes back failing: the stuck threads end, the waiting job runs.
     fs.abort();
@@ -357,6 +386,10 @@ fn reads_stuck_in_the_kernel_time_out_and_the_stuck_thread_cap_shows_in_readyz()
     );
     wait_for(10, "ready again", || {
         (d.get("/readyz").map(|r| r.0) == Some(200)).then_some(())
+    });
+    let after = pings.load(Ordering::SeqCst);
+    wait_for(5, "watchdog pings again", || {
+        (pings.load(Ordering::SeqCst) > after).then_some(())
     });
     wait_for(10, "processing/ empty", || {
         d.files("state/processing").is_empty().then_some(())
