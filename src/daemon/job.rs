@@ -353,64 +353,81 @@ pub fn check(
             input,
         )
     } else if let Some(crop) = &doc.crop {
-        if doc.nodules.len() != 1 {
-            return Err(field("nodules", "a crop job names exactly one nodule"));
-        }
-        let path = match (&crop.path, &crop.base64) {
-            // A spool path (a binary MQTT crop) must be the job's own (see `check`).
-            (Some(p), None) => policy.check("crop.path", p)?,
-            (None, Some(b64)) => {
-                let format = crop.format.as_deref().unwrap_or("npy");
-                if !matches!(format, "npy" | "pt") {
-                    return Err(field(
-                        "crop.format",
-                        format!("`{format}`: expected npy or pt"),
-                    ));
-                }
-                let bytes = base64::engine::general_purpose::STANDARD
-                    .decode(b64.as_bytes())
-                    .map_err(|e| field("crop.base64", e.to_string()))?;
-                let path = policy.spool_path(key, format);
-                super::outbox::write_atomic(&path, &bytes).map_err(|source| JobError::Spool {
-                    path: path.display().to_string(),
-                    source,
-                })?;
-                path
-            }
-            _ => return Err(field("crop", "give `path` or `base64`")),
-        };
-        let input = serde_json::json!({"kind": "crop", "path": path});
-        (
-            vec![NoduleRequest::Crop {
-                path,
-                patient_id: pid,
-                nodule_id: doc.nodules[0].nodule_id.clone(),
-            }],
-            input,
-        )
+        crop_request(&doc, crop, key, policy)?
     } else {
-        let mut requests = Vec::new();
-        for (i, n) in doc.nodules.iter().enumerate() {
-            let Some(p) = &n.planes else {
-                return Err(field(
-                    "series",
-                    "give one of `series`, `volume`, `crop`, or `planes` per nodule",
-                ));
-            };
-            let path = policy.check(&format!("nodules[{i}].planes"), p)?;
-            requests.push(NoduleRequest::Planes {
-                path,
-                patient_id: pid.clone(),
-                nodule_id: n.nodule_id.clone(),
-            });
-        }
-        (requests, serde_json::json!({"kind": "planes"}))
+        planes_requests(&doc, policy)?
     };
     Ok(CheckedJob {
         doc,
         requests,
         input,
     })
+}
+
+/// The request of a crop job (one nodule): a crop file, or an inline crop decoded into
+/// the job's spool file.
+fn crop_request(
+    doc: &JobDoc,
+    crop: &CropRef,
+    key: &str,
+    policy: &PathPolicy,
+) -> Result<(Vec<NoduleRequest>, serde_json::Value), JobError> {
+    if doc.nodules.len() != 1 {
+        return Err(field("nodules", "a crop job names exactly one nodule"));
+    }
+    let path = match (&crop.path, &crop.base64) {
+        // A spool path (a binary MQTT crop) must be the job's own (see `check`).
+        (Some(p), None) => policy.check("crop.path", p)?,
+        (None, Some(b64)) => {
+            let format = crop.format.as_deref().unwrap_or("npy");
+            if !matches!(format, "npy" | "pt") {
+                return Err(field(
+                    "crop.format",
+                    format!("`{format}`: expected npy or pt"),
+                ));
+            }
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64.as_bytes())
+                .map_err(|e| field("crop.base64", e.to_string()))?;
+            let path = policy.spool_path(key, format);
+            super::outbox::write_atomic(&path, &bytes).map_err(|source| JobError::Spool {
+                path: path.display().to_string(),
+                source,
+            })?;
+            path
+        }
+        _ => return Err(field("crop", "give `path` or `base64`")),
+    };
+    let input = serde_json::json!({"kind": "crop", "path": path});
+    let request = NoduleRequest::Crop {
+        path,
+        patient_id: doc.patient_id.clone(),
+        nodule_id: doc.nodules[0].nodule_id.clone(),
+    };
+    Ok((vec![request], input))
+}
+
+/// The requests of a job whose nodules each name a planes file.
+fn planes_requests(
+    doc: &JobDoc,
+    policy: &PathPolicy,
+) -> Result<(Vec<NoduleRequest>, serde_json::Value), JobError> {
+    let mut requests = Vec::new();
+    for (i, n) in doc.nodules.iter().enumerate() {
+        let Some(p) = &n.planes else {
+            return Err(field(
+                "series",
+                "give one of `series`, `volume`, `crop`, or `planes` per nodule",
+            ));
+        };
+        let path = policy.check(&format!("nodules[{i}].planes"), p)?;
+        requests.push(NoduleRequest::Planes {
+            path,
+            patient_id: doc.patient_id.clone(),
+            nodule_id: n.nodule_id.clone(),
+        });
+    }
+    Ok((requests, serde_json::json!({"kind": "planes"})))
 }
 
 fn coords(doc: &JobDoc) -> Result<Vec<(String, [f64; 3])>, JobError> {

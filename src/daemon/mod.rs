@@ -2,22 +2,28 @@
 //! what it uses, joined by bounded channels:
 //!
 //! ```text
-//! inputs            series gate       worker                    output stage
-//! inbox (notify) ──┐  Job   ┌──────┐ Job  ┌─────────────┐ Finished ┌───────────────────────────────┐
-//! MQTT job topic ──┼──────> │ park │ ───> │ claim, count│ ───────> │ outbox/<result_id>.json        │
-//! (any later one) ─┘        │ until│      │ attempt, run│  bounded │ done/ | failed/ (+.error.json) │
-//!                   bounded │stable│ bnd. │ with        │          │ publishers: MQTT result+alert  │
-//!                           └──────┘      │ deadline    │          └───────────────────────────────┘
-//!                                         └─────────────┘
+//! inputs            series gate      worker                output stage (owns the outbox)
+//! inbox (notify) ──┐  Job  ┌──────┐ Job ┌─────────────┐Finished┌──────────────────────────────┐
+//! MQTT job topic ──┼─────> │ park │ ──> │ claim, count│ ─────> │ outbox/<result_id>.json       │
+//! (any later one) ─┘       │ until│     │ attempt, run│bounded │ done/ | failed/ (+.error.json)│
+//!                  bounded │stable│bnd. │ with        │        │ sent/ | refused/ on reports   │
+//!                          └──────┘     │ deadline    │        └──────┬───────────────▲───────┘
+//!                                       └─────────────┘     ToPublish │  Published    │ (acked,
+//!                                                                     ▼  (same channel│  refused)
+//!                                                            MQTT publisher: result + alert
 //! ```
 //! The gate ([`dicom_glue::SeriesGate`]) holds a job naming a received DICOM series until
 //! the series is stable, so the worker never waits for one; other jobs pass straight on.
-//! [`input`]: the typed [`input::Job`] and channel; [`inbox`], [`mqtt`]: the inputs (MQTT
-//! also publishes); [`worker`]: claims, [`ledger`] attempts, runs each job on its own thread
-//! within `jobs.timeout_secs`, one batched pass per job; [`output`]: the outbox, job moves,
-//! retention; [`disk`]: full-disk retries; [`telemetry`]: the [`telemetry::State`] enum and
-//! counters for [`health`], the MQTT status and [`systemd`]; [`shutdown`]: one signal and
-//! the drain.
+//! [`input`]: the typed [`input::Job`] and channel; [`inbox`], [`mqtt`]: the inputs (the
+//! MQTT task is also the publisher: one broker session); [`worker`]: claims, [`ledger`]
+//! attempts, runs each job on a job thread within `jobs.timeout_secs`, one batched pass per
+//! job; [`output`]: the outbox, job moves, retention, and the publisher's reports;
+//! [`disk`]: full-disk retries; [`shutdown`]: one signal and the drain.
+//!
+//! Shared: only [`telemetry::Telemetry`], one `Arc` of counters and gauges (atomics, like
+//! the metric handles of vector or a prometheus-client registry) into which each stage
+//! writes the values it owns and which `/metrics`, `/readyz` and the MQTT status read; no
+//! stage decides anything from another stage's values (readiness is derived there).
 //!
 //! Durability: a job is a file from the moment it is accepted (inbox rename, or MQTT payload
 //! written before its PUBACK); a result is a file before it is published and leaves the
@@ -25,9 +31,10 @@
 //! again (at most `jobs.max_attempts` attempts) and produce the same `result_id`.
 //!
 //! Shutdown (the injected future, SIGTERM in `noduled run`): inputs stop taking jobs, the
-//! worker stops at the job's next stage boundary (the job stays in `processing/`), the
-//! output stage writes what it holds, then the MQTT client publishes a `stopped` status and
-//! disconnects; `shutdown_timeout_secs` bounds the wait.
+//! worker stops at the job's next stage boundary (the job stays in `processing/`; a job
+//! stuck in a read is left after `shutdown_timeout_secs / 2`), the output stage writes what
+//! it holds, then the MQTT client reports its last acknowledgements, publishes a `stopped`
+//! status and disconnects; `shutdown_timeout_secs` bounds the wait.
 
 pub mod dicom_glue;
 pub mod disk;
@@ -61,6 +68,9 @@ use telemetry::{State, Telemetry};
 
 /// Jobs the channel between the inputs and the worker holds.
 pub const JOB_CHANNEL_CAPACITY: usize = 64;
+
+/// Messages (finished jobs, publisher reports) the channel into the output stage holds.
+pub const OUTPUT_CHANNEL_CAPACITY: usize = 16;
 
 /// Errors that stop the daemon (startup and configuration); a failing job never does.
 #[derive(Debug, thiserror::Error)]
@@ -230,11 +240,11 @@ pub async fn run(
     run_with(settings, crate::engine::load_verified, shutdown).await
 }
 
-/// The folders every stage works in, opened (created) once at start.
+/// The folders the stages work in, opened (created) once at start (the outbox is the
+/// output stage's own: [`open_stores`] returns it beside).
 struct Stores {
     intake: Inbox,
     ledger: Ledger,
-    outbox: Arc<Outbox>,
     spool: PathBuf,
     inbox_dir: PathBuf,
 }
@@ -246,7 +256,7 @@ fn folder_err(p: &Path) -> impl FnOnce(std::io::Error) -> DaemonError + '_ {
     }
 }
 
-fn open_stores(settings: &Settings) -> Result<Stores, DaemonError> {
+fn open_stores(settings: &Settings) -> Result<(Stores, Outbox), DaemonError> {
     let spool = settings.state_dir.join("spool");
     std::fs::create_dir_all(&spool).map_err(folder_err(&spool))?;
     let inbox_dir = settings
@@ -262,13 +272,13 @@ fn open_stores(settings: &Settings) -> Result<Stores, DaemonError> {
     )
     .map_err(folder_err(&settings.outbox))?;
     let spool = spool.canonicalize().unwrap_or(spool);
-    Ok(Stores {
+    let stores = Stores {
         intake,
         ledger,
-        outbox: Arc::new(outbox),
         spool,
         inbox_dir,
-    })
+    };
+    Ok((stores, outbox))
 }
 
 /// Opens the device, loads and self-tests the model (off the async threads).
@@ -330,6 +340,7 @@ fn worker_limits(
         alert_threshold: settings.alert_threshold,
         timeout: settings.job_timeout,
         max_attempts: settings.max_attempts,
+        stop_grace: settings.shutdown_timeout / 2,
         dicom: dicom.clone(),
     })
 }
@@ -385,7 +396,7 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
     std::fs::create_dir_all(&settings.state_dir).map_err(folder_err(&settings.state_dir))?;
-    let st = open_stores(&settings)?;
+    let (st, outbox) = open_stores(&settings)?;
     let dicom = dicom_glue::DicomSide::start(&settings).map_err(|source| DaemonError::Listen {
         addr: format!("dicom.listen {:?}", settings.dicom.listen),
         source,
@@ -400,74 +411,26 @@ pub async fn run_with(
             settings.outbox_max_age.as_secs() / 3600,
         ),
     ));
-    let mut tmp_dirs: Vec<&Path> = st.outbox.dirs().to_vec();
-    let i = &st.intake;
-    tmp_dirs.extend([
-        settings.state_dir.as_path(),
-        &st.spool,
-        &i.processing,
-        &i.done,
-        &i.failed,
-        &i.mqtt_jobs,
-    ]);
-    tmp_dirs.extend(st.ledger.dirs());
     let _ = telemetry.dicom.set(dicom.clone());
-    let stale = disk::remove_stale_tmp(&tmp_dirs);
-    telemetry.stale_tmp_removed.store(stale, Ordering::Relaxed);
+    remove_stale_tmp(&settings, &st, &outbox, &telemetry);
 
     let stop = Shutdown::default();
     let (guard, drain) = shutdown::drain();
     let (jobs_tx, jobs_rx) = input::channel(JOB_CHANNEL_CAPACITY, telemetry.clone());
     let (gated_tx, gated_rx) = input::channel(JOB_CHANNEL_CAPACITY, telemetry.clone());
     let (models_tx, models_rx) = std::sync::mpsc::channel();
-    let written = Arc::new(tokio::sync::Notify::new());
-    let (drained_tx, drained_rx) = tokio::sync::watch::channel(false);
-    let (out_tx, out_rx) = std::sync::mpsc::sync_channel(4);
-
-    let out = output::Output {
-        rx: out_rx,
-        outbox: st.outbox.clone(),
-        intake: st.intake.clone(),
-        ledger: st.ledger.clone(),
-        retention: output::Retention {
-            max_age: settings.retention_max_age,
-            max_bytes: settings.retention_max_bytes,
-        },
-        telemetry: telemetry.clone(),
-        written: written.clone(),
-        stop: stop.flag(),
-        dicom: dicom.clone(),
+    let stage = Stage {
+        settings: &settings,
+        st: &st,
+        telemetry: &telemetry,
+        dicom: &dicom,
+        stop: &stop,
+        guard: &guard,
     };
-    let set_drained = shutdown::SetOnDrop(drained_tx);
-    spawn_stage("output", guard.clone(), move || {
-        out.run();
-        drop(set_drained);
-    })?;
-    let w = worker::Worker {
-        jobs: jobs_rx,
-        out: out_tx,
-        models: models_rx,
-        scorer,
-        intake: st.intake.clone(),
-        ledger: st.ledger.clone(),
-        limits: Arc::new(worker_limits(&settings, &st, &dicom)?),
-        telemetry: telemetry.clone(),
-        watchdog: Arc::new(systemd::Watchdog::from_env()),
-        stop: stop.flag(),
-        job_threads: Arc::default(),
-    };
-    spawn_stage("worker", guard.clone(), move || w.run())?;
-    let gate = dicom_glue::SeriesGate {
-        jobs: gated_rx,
-        worker: jobs_tx,
-        side: dicom.clone(),
-        max_job_bytes: settings.max_job_bytes,
-        stop: stop.flag(),
-    };
-    spawn_stage("series-gate", guard.clone(), move || gate.run())?;
-
+    let mqtt_link = stage.start_pipeline(outbox, scorer, jobs_rx, models_rx)?;
+    stage.start_series_gate(gated_rx, jobs_tx)?;
     let watcher = start_inputs(
-        &settings, &st, &gated_tx, &telemetry, &written, &stop, drained_rx, &guard,
+        &settings, &st, &gated_tx, &telemetry, &stop, mqtt_link, &guard,
     )?;
     scan_at_start(&st, gated_tx, settings.inbox.is_some());
     let health = start_health(&settings, &telemetry).await?;
@@ -496,24 +459,146 @@ pub async fn run_with(
         );
     }
     drop(watcher);
-    if let Some((tx, task)) = health {
-        let _ = tx.send(true);
-        let _ = task.await;
-    }
+    stop_health(health).await;
     tracing::info!("stopped");
     Ok(())
 }
 
+/// Removes the temporary files a crash left in the daemon's folders, counted.
+fn remove_stale_tmp(settings: &Settings, st: &Stores, outbox: &Outbox, telemetry: &Telemetry) {
+    let mut tmp_dirs: Vec<&Path> = outbox.dirs().to_vec();
+    let i = &st.intake;
+    tmp_dirs.extend([
+        settings.state_dir.as_path(),
+        &st.spool,
+        &i.processing,
+        &i.done,
+        &i.failed,
+        &i.mqtt_jobs,
+    ]);
+    tmp_dirs.extend(st.ledger.dirs());
+    let stale = disk::remove_stale_tmp(&tmp_dirs);
+    telemetry.stale_tmp_removed.store(stale, Ordering::Relaxed);
+}
+
+/// What starting a stage needs (borrowed from [`run_with`]).
+struct Stage<'a> {
+    settings: &'a Settings,
+    st: &'a Stores,
+    telemetry: &'a Arc<Telemetry>,
+    dicom: &'a Arc<dicom_glue::DicomSide>,
+    stop: &'a Shutdown,
+    guard: &'a DoneGuard,
+}
+
+impl Stage<'_> {
+    /// Starts the output stage (owning the outbox) and the worker; returns the MQTT
+    /// publisher's links to the output stage, when MQTT is on.
+    fn start_pipeline(
+        &self,
+        outbox: Outbox,
+        scorer: Arc<dyn Scorer>,
+        jobs_rx: input::JobReceiver,
+        models_rx: std::sync::mpsc::Receiver<Arc<dyn Scorer>>,
+    ) -> Result<Option<MqttLink>, DaemonError> {
+        let (settings, st, telemetry, dicom, stop, guard) = (
+            self.settings,
+            self.st,
+            self.telemetry,
+            self.dicom,
+            self.stop,
+            self.guard,
+        );
+        let (out_tx, out_rx) = std::sync::mpsc::sync_channel(OUTPUT_CHANNEL_CAPACITY);
+        let (publisher, mqtt_link) = publisher_link(settings, &out_tx);
+        let out = output::Output {
+            rx: out_rx,
+            outbox,
+            publisher,
+            intake: st.intake.clone(),
+            ledger: st.ledger.clone(),
+            retention: output::Retention {
+                max_age: settings.retention_max_age,
+                max_bytes: settings.retention_max_bytes,
+            },
+            telemetry: telemetry.clone(),
+            stop: stop.flag(),
+            dicom: dicom.clone(),
+        };
+        spawn_stage("output", guard.clone(), move || out.run())?;
+        let w = worker::Worker {
+            jobs: jobs_rx,
+            out: out_tx,
+            models: models_rx,
+            scorer,
+            intake: st.intake.clone(),
+            ledger: st.ledger.clone(),
+            limits: Arc::new(worker_limits(settings, st, dicom)?),
+            telemetry: telemetry.clone(),
+            watchdog: Arc::new(systemd::Watchdog::from_env()),
+            stop: stop.flag(),
+            job_threads: Arc::default(),
+        };
+        spawn_stage("worker", guard.clone(), move || w.run())?;
+
+        Ok(mqtt_link)
+    }
+
+    /// Starts the series gate between the inputs (`gated_rx`) and the worker (`worker`): it
+    /// holds a job naming a received DICOM series until the series is stable.
+    fn start_series_gate(
+        &self,
+        gated_rx: input::JobReceiver,
+        worker: JobSender,
+    ) -> Result<(), DaemonError> {
+        let gate = dicom_glue::SeriesGate {
+            jobs: gated_rx,
+            worker,
+            side: self.dicom.clone(),
+            max_job_bytes: self.settings.max_job_bytes,
+            stop: self.stop.flag(),
+        };
+        spawn_stage("series-gate", self.guard.clone(), move || gate.run())
+    }
+}
+
+/// The MQTT publisher's ends of its links with the output stage.
+struct MqttLink {
+    results: tokio::sync::mpsc::UnboundedReceiver<output::ToPublish>,
+    out: std::sync::mpsc::SyncSender<output::ToOutput>,
+    drained: tokio::sync::watch::Receiver<bool>,
+}
+
+/// The links between the output stage and the MQTT publisher, when MQTT is on.
+fn publisher_link(
+    settings: &Settings,
+    out: &std::sync::mpsc::SyncSender<output::ToOutput>,
+) -> (Option<output::PublisherLink>, Option<MqttLink>) {
+    if settings.mqtt.is_none() {
+        return (None, None);
+    }
+    let (results_tx, results) = tokio::sync::mpsc::unbounded_channel();
+    let (drained_tx, drained) = tokio::sync::watch::channel(false);
+    let link = output::PublisherLink {
+        results: results_tx,
+        drained: shutdown::SetOnDrop(drained_tx),
+    };
+    let mqtt = MqttLink {
+        results,
+        out: out.clone(),
+        drained,
+    };
+    (Some(link), Some(mqtt))
+}
+
 /// Starts the inbox watcher (returned: keep it alive) and the MQTT client.
-#[allow(clippy::too_many_arguments)]
 fn start_inputs(
     settings: &Settings,
     st: &Stores,
     jobs: &JobSender,
     telemetry: &Arc<Telemetry>,
-    written: &Arc<tokio::sync::Notify>,
     stop: &Shutdown,
-    drained: tokio::sync::watch::Receiver<bool>,
+    link: Option<MqttLink>,
     guard: &DoneGuard,
 ) -> Result<Option<notify::RecommendedWatcher>, DaemonError> {
     let watcher = match &settings.inbox {
@@ -527,12 +612,13 @@ fn start_inputs(
         ),
         None => None,
     };
-    if let Some(m) = settings.mqtt.clone() {
+    if let (Some(m), Some(link)) = (settings.mqtt.clone(), link) {
         let i = &st.intake;
         let client = mqtt::Mqtt {
             settings: m,
             max_publish_attempts: settings.max_publish_attempts,
-            outbox: st.outbox.clone(),
+            results: Some(link.results),
+            out: link.out,
             store: mqtt::JobStore {
                 dir: i.mqtt_jobs.clone(),
                 seen_in: vec![i.processing.clone(), i.done.clone(), i.failed.clone()],
@@ -540,9 +626,8 @@ fn start_inputs(
             },
             jobs: jobs.clone(),
             telemetry: telemetry.clone(),
-            written: written.clone(),
             shutdown: stop.subscribe(),
-            drained,
+            drained: link.drained,
         };
         let guard = guard.clone();
         tokio::spawn(async move {
@@ -557,6 +642,13 @@ type HealthTask = (
     tokio::sync::watch::Sender<bool>,
     tokio::task::JoinHandle<()>,
 );
+
+async fn stop_health(health: Option<HealthTask>) {
+    if let Some((tx, task)) = health {
+        let _ = tx.send(true);
+        let _ = task.await;
+    }
+}
 
 async fn start_health(
     settings: &Settings,

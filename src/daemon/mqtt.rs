@@ -10,14 +10,21 @@
 //! broker redelivers the rest). The largest packet is announced to the broker (MQTT 5
 //! Maximum Packet Size).
 //!
-//! Out (a publisher of the output stage): results are read (typed, [`JobResult`]) from the
-//! on-disk outbox, oldest first, at most `mqtt.max_inflight` at a time, and published to
-//! `mqtt.result_topic` (default `<prefix>/result`; no patient id in topic names), their
-//! alert to `<prefix>/alert`; a result moves to `outbox/sent/` only once every PUBACK for
-//! it (result and alert) arrived on the same attempt. A PUBACK with a failure reason code
-//! (an ACL, a quota) frees the slot at once; the result waits a backoff (1 s doubling to
-//! 5 min) while the others go on, and after `outbox.max_publish_attempts` refusals it moves
-//! to `outbox/refused/` with the reason code. An unreadable result goes there at once.
+//! Out (the publisher of the output stage): the output stage, which owns the outbox, hands
+//! over result files ([`ToPublish`], oldest first); they are read (typed, [`JobResult`]) and
+//! published, at most `mqtt.max_inflight` at a time, to `mqtt.result_topic` (default
+//! `<prefix>/result`; no patient id in topic names), their alert to `<prefix>/alert`. A
+//! result is reported sent ([`Published::Sent`]: the output stage moves it to
+//! `outbox/sent/`) only once every PUBACK for it (result and alert) arrived on the same
+//! attempt, and its parts are queued whole or not at all ([`MAX_QUEUED_PUBLISHES`]). A
+//! PUBACK with a failure reason code (an ACL, a quota) frees the slot at once; the result
+//! waits a backoff (1 s doubling to 5 min) while the others go on, and after
+//! `outbox.max_publish_attempts` refusals it is reported refused ([`Published::Refused`],
+//! to `outbox/refused/` with the reason code). An unreadable result is refused at once.
+//!
+//! Input and publisher share one task and one connection: one client session with the
+//! broker (one Last Will, one status), and the job acknowledgements and the results'
+//! publishes go through the same request queue, which [`MAX_QUEUED_PUBLISHES`] shares out.
 //! rumqttc keeps unacknowledged messages in memory only, so each connection gets a fresh
 //! client and whatever was in flight is published again from the outbox (same
 //! `result_id`; at least once). The retained `<prefix>/status` is refreshed on change and
@@ -28,7 +35,8 @@
 
 use super::input::{Job, JobSender, Origin};
 use super::job::{file_safe, JobResult};
-use super::outbox::{write_atomic, Outbox};
+use super::outbox::write_atomic;
+use super::output::{Published, ToOutput, ToPublish};
 use super::telemetry::Telemetry;
 use crate::config::MqttSettings;
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, PubAck, PubAckReason, Publish};
@@ -39,11 +47,22 @@ use sha2::Digest;
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Most job payloads held in memory while the disk is full.
 pub const MAX_UNSTORED: usize = 16;
+
+/// Capacity of the client's request channel (rumqttc's queue between `AsyncClient` and its
+/// event loop).
+const REQUEST_CAPACITY: usize = 256;
+
+/// Most of our publishes queued in that channel at once (not yet written to the socket):
+/// a result is queued only when all its parts (result and alert) fit under this, so the
+/// channel never fills between a result and its alert; the other half of the capacity is
+/// left for acknowledgements and subscriptions.
+const MAX_QUEUED_PUBLISHES: usize = REQUEST_CAPACITY / 2;
 
 /// Where stored MQTT jobs go and what they may hold.
 #[derive(Debug, Clone)]
@@ -62,16 +81,16 @@ pub struct Mqtt {
     pub settings: MqttSettings,
     /// Attempts before a refused result moves to `refused/`.
     pub max_publish_attempts: u32,
-    /// Results to publish.
-    pub outbox: Arc<Outbox>,
+    /// Result files to publish, from the output stage (taken by [`Mqtt::run`]).
+    pub results: Option<tokio::sync::mpsc::UnboundedReceiver<ToPublish>>,
+    /// Reports to the output stage.
+    pub out: SyncSender<ToOutput>,
     /// Where jobs are stored.
     pub store: JobStore,
     /// Jobs to the worker.
     pub jobs: JobSender,
     /// Counters.
     pub telemetry: Arc<Telemetry>,
-    /// Woken when a result was written.
-    pub written: Arc<tokio::sync::Notify>,
     /// Turns true on shutdown: take no more jobs.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// Turns true once the output stage finished: final status, disconnect.
@@ -113,6 +132,10 @@ struct Conn {
 /// State kept across connections.
 #[derive(Default)]
 struct Held {
+    /// Result files not yet sent or refused, oldest first.
+    queue: VecDeque<PathBuf>,
+    /// Reports the output stage has not taken yet (its channel was full).
+    outcomes: VecDeque<Published>,
     backoff: HashMap<PathBuf, Backoff>,
     unstored: VecDeque<Publish>,
     lost_unstored: bool,
@@ -123,17 +146,33 @@ impl Mqtt {
     /// Runs the client until the output stage drained (after shutdown); then publishes a
     /// final `stopped` status, waits briefly for acknowledgements and disconnects cleanly.
     pub async fn run(mut self) {
-        let mut backoff = Duration::from_millis(500);
         let mut held = Held::default();
+        let mut results = self.results.take();
+        self.serve(&mut held, &mut results).await;
+        // The last reports (acknowledgements during the final wait) to the output stage.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !held.outcomes.is_empty() && Instant::now() < deadline {
+            self.flush_outcomes(&mut held);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Connects, and reconnects with backoff, until the output stage drained.
+    async fn serve(
+        &mut self,
+        held: &mut Held,
+        results: &mut Option<tokio::sync::mpsc::UnboundedReceiver<ToPublish>>,
+    ) {
+        let mut backoff = Duration::from_millis(500);
         loop {
             if *self.drained.borrow() {
                 return;
             }
-            let (client, el) = AsyncClient::new(self.options(), 256);
+            let (client, el) = AsyncClient::new(self.options(), REQUEST_CAPACITY);
             let mut events = spawn_poller(el);
             let mut conn = Conn::default();
             let finished = self
-                .connection(&client, &mut events, &mut conn, &mut held)
+                .connection(&client, &mut events, &mut conn, held, results)
                 .await;
             let was_connected = conn.connected;
             self.telemetry
@@ -141,8 +180,7 @@ impl Mqtt {
                 .store(false, Ordering::Relaxed);
             if finished {
                 if was_connected {
-                    self.finish(&client, &mut events, &mut conn, &mut held)
-                        .await;
+                    self.finish(&client, &mut events, &mut conn, held).await;
                 }
                 return;
             }
@@ -164,8 +202,9 @@ impl Mqtt {
         events: &mut Events,
         conn: &mut Conn,
         held: &mut Held,
+        results: &mut Option<tokio::sync::mpsc::UnboundedReceiver<ToPublish>>,
     ) -> bool {
-        let (written, mut drained) = (self.written.clone(), self.drained.clone());
+        let mut drained = self.drained.clone();
         let mut status_tick = tokio::time::interval(self.settings.status_interval);
         let mut second = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -176,9 +215,18 @@ impl Mqtt {
                         return false;
                     }
                 }
-                _ = written.notified() => if conn.connected { self.fill(client, conn, held) },
+                msg = recv_result(results) => match msg {
+                    Some(m) => {
+                        take(held, m);
+                        if conn.connected {
+                            self.fill(client, conn, held);
+                        }
+                    }
+                    None => *results = None,
+                },
                 _ = second.tick() => {
                     self.forward_backlog(held);
+                    self.flush_outcomes(held);
                     if conn.connected {
                         if !self.store_unstored(client, held) {
                             tracing::info!("space is back: reconnecting so the broker redelivers the jobs not held");
@@ -338,19 +386,40 @@ impl Mqtt {
             return false;
         }
         conn.files.remove(&file);
+        self.telemetry
+            .results_published
+            .fetch_add(1, Ordering::Relaxed);
+        self.report(held, Published::Sent(file));
+        true
+    }
+
+    /// Reports what became of a result to the output stage; it leaves the queue.
+    fn report(&self, held: &mut Held, p: Published) {
+        let file = match &p {
+            Published::Sent(f) | Published::Refused { file: f, .. } => f.clone(),
+        };
         held.backoff.remove(&file);
-        match self.outbox.mark_sent(&file) {
-            Ok(()) => {
-                self.telemetry
-                    .results_published
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => {
-                tracing::error!(file = %file.display(), error = %e, "could not move a sent result")
+        held.queue.retain(|q| *q != file);
+        held.outcomes.push_back(p);
+        self.flush_outcomes(held);
+    }
+
+    /// Hands the reports to the output stage without blocking (the rest wait for the next
+    /// second).
+    fn flush_outcomes(&self, held: &mut Held) {
+        while let Some(p) = held.outcomes.pop_front() {
+            match self.out.try_send(ToOutput::Published(p)) {
+                Ok(()) => {}
+                Err(TrySendError::Full(ToOutput::Published(p))) => {
+                    held.outcomes.push_front(p);
+                    return;
+                }
+                Err(_) => {
+                    held.outcomes.clear();
+                    return;
+                }
             }
         }
-        super::output::refresh_outbox_stats(&self.outbox, &self.telemetry);
-        true
     }
 
     /// A refused publish: back off, or give up after `max_publish_attempts`.
@@ -367,24 +436,14 @@ impl Mqtt {
             tracing::warn!(file = %file.display(), reason, refusals = b.refusals, wait_s = wait.as_secs(), "broker refused a result; retrying after a backoff");
             return;
         }
-        held.backoff.remove(file);
         let why = serde_json::json!({"reason": reason, "attempts": self.max_publish_attempts, "at": super::job::now_rfc3339()});
-        self.give_up(file, &why);
-    }
-
-    fn give_up(&self, file: &Path, why: &serde_json::Value) {
-        match self.outbox.refuse(file, why) {
-            Ok(()) => {
-                self.telemetry
-                    .results_refused
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::error!(file = %file.display(), reason = %why["reason"], "result moved to outbox/refused/");
-            }
-            Err(e) => {
-                tracing::error!(file = %file.display(), error = %e, "could not move a refused result")
-            }
-        }
-        super::output::refresh_outbox_stats(&self.outbox, &self.telemetry);
+        self.report(
+            held,
+            Published::Refused {
+                file: file.to_path_buf(),
+                reason: why,
+            },
+        );
     }
 
     fn options(&self) -> MqttOptions {
@@ -431,32 +490,42 @@ impl Mqtt {
         }
     }
 
-    /// Publishes outbox results (oldest first, skipping those backing off) until
+    /// Publishes queued results (oldest first, skipping those backing off) until
     /// `max_inflight` are in flight.
     fn fill(&self, client: &AsyncClient, conn: &mut Conn, held: &mut Held) {
         let now = Instant::now();
-        for file in self.outbox.pending() {
-            if conn.files.len() >= self.settings.max_inflight {
-                return;
-            }
-            let waiting = held
-                .backoff
-                .get(&file)
-                .and_then(|b| b.next)
-                .is_some_and(|t| t > now);
-            if conn.files.contains_key(&file) || waiting {
-                continue;
-            }
+        let free = self.settings.max_inflight.saturating_sub(conn.files.len());
+        let ready: Vec<PathBuf> = held
+            .queue
+            .iter()
+            .filter(|f| {
+                let waiting = held
+                    .backoff
+                    .get(*f)
+                    .and_then(|b| b.next)
+                    .is_some_and(|t| t > now);
+                !conn.files.contains_key(*f) && !waiting
+            })
+            .take(free)
+            .cloned()
+            .collect();
+        for file in ready {
             let parts = match std::fs::read(&file)
                 .map_err(|e| e.to_string())
                 .and_then(|b| serde_json::from_slice::<JobResult>(&b).map_err(|e| e.to_string()))
             {
                 Ok(r) => self.parts(&r),
                 Err(e) => {
-                    self.give_up(&file, &serde_json::json!({"reason": format!("unreadable: {e}"), "at": super::job::now_rfc3339()}));
+                    let reason = serde_json::json!({"reason": format!("unreadable: {e}"), "at": super::job::now_rfc3339()});
+                    self.report(held, Published::Refused { file, reason });
                     continue;
                 }
             };
+            if conn.awaiting_pkid.len() + parts.len() > MAX_QUEUED_PUBLISHES {
+                // The client's queue is busy (a broker with a small Receive Maximum): the
+                // result goes whole with a later fill (a completion or the next second).
+                return;
+            }
             conn.attempts += 1;
             let attempt = conn.attempts;
             conn.files.insert(
@@ -471,8 +540,9 @@ impl Mqtt {
                     .try_publish(topic, QoS::AtLeastOnce, false, payload)
                     .is_err()
                 {
-                    // Request channel full: this attempt is void (its acks are ignored); the
-                    // whole result goes again later.
+                    // Request queue full all the same (acknowledgements took it): this
+                    // attempt is void (its acks are ignored); the whole result goes again later.
+                    tracing::warn!(file = %file.display(), "MQTT request queue full: result attempt voided, to be published whole later");
                     conn.files.remove(&file);
                     return;
                 }
@@ -540,6 +610,27 @@ impl Mqtt {
                 }
                 Ok(Some(Err(_))) | Ok(None) | Err(_) => return,
             }
+        }
+    }
+}
+
+/// The next message from the output stage; never ready once its channel closed.
+async fn recv_result(
+    results: &mut Option<tokio::sync::mpsc::UnboundedReceiver<ToPublish>>,
+) -> Option<ToPublish> {
+    match results {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Queues a result file, or forgets one the outbox bounds deleted.
+fn take(held: &mut Held, msg: ToPublish) {
+    match msg {
+        ToPublish::Result(file) => held.queue.push_back(file),
+        ToPublish::Dropped(file) => {
+            held.queue.retain(|q| *q != file);
+            held.backoff.remove(&file);
         }
     }
 }

@@ -117,9 +117,9 @@ impl Outbox {
         move_with_sr(path, &self.sent)
     }
 
-    /// Applies the age and size bounds in the module doc's order; returns how many
-    /// unpublished results were dropped.
-    pub fn prune(&self) -> u64 {
+    /// Applies the age and size bounds in the module doc's order; returns the unpublished
+    /// results it dropped.
+    pub fn prune(&self) -> Vec<PathBuf> {
         let now = SystemTime::now();
         let mut sent = list_results(&self.sent);
         sent.extend(orphan_srs(&self.dir));
@@ -135,16 +135,17 @@ impl Outbox {
                 sent_left -= 1;
             }
         }
-        let mut dropped = 0;
+        let mut dropped = Vec::new();
         for (p, t, len) in unsent {
             let over = total > self.max_bytes && sent_left == 0;
             if (too_old(t) || over) && remove_with_sr(&p).is_ok() {
                 total -= len;
-                dropped += 1;
                 tracing::warn!(file = %p.display(), "outbox bound reached: dropped an unpublished result");
+                dropped.push(p);
             }
         }
-        self.dropped.fetch_add(dropped, Ordering::Relaxed);
+        self.dropped
+            .fetch_add(dropped.len() as u64, Ordering::Relaxed);
         dropped
     }
 
@@ -248,11 +249,11 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         ob.write("c", b"0123456789").unwrap();
         // 30 bytes > 25: the oldest (a, already sent) goes, and it was not dropped unsent.
-        assert_eq!(ob.prune(), 0);
+        assert_eq!(ob.prune().len(), 0);
         assert!(!ob.contains("a"));
         assert_eq!(ob.stats().bytes, 20);
         let tiny = Outbox::open(dir.path(), Duration::from_secs(3600), 5).unwrap();
-        assert_eq!(tiny.prune(), 2);
+        assert_eq!(tiny.prune().len(), 2);
         assert_eq!(tiny.stats().dropped, 2);
     }
 
@@ -268,7 +269,7 @@ mod tests {
             ob.mark_sent(&p).unwrap();
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert_eq!(ob.prune(), 0);
+        assert_eq!(ob.prune().len(), 0);
         assert!(
             ob.contains("old-unsent"),
             "an unsent result went while sent ones remained"
@@ -294,11 +295,11 @@ mod tests {
         std::fs::write(dir.path().join("c.dcm"), [0u8; 100]).unwrap();
         // 270 bytes > 150: a (sent, with its SR) and the orphan SR go; c and its SR stay.
         let small = Outbox::open(dir.path(), Duration::from_secs(3600), 150).unwrap();
-        assert_eq!(small.prune(), 0);
+        assert_eq!(small.prune().len(), 0);
         assert!(!dir.path().join("sent/a.dcm").exists() && !dir.path().join("b.dcm").exists());
         assert_eq!(small.stats().bytes, 110);
         let tiny = Outbox::open(dir.path(), Duration::from_secs(3600), 5).unwrap();
-        assert_eq!(tiny.prune(), 1);
+        assert_eq!(tiny.prune().len(), 1);
         assert!(
             !dir.path().join("c.dcm").exists(),
             "an SR outlived its result"

@@ -1,24 +1,78 @@
 //! The output stage: takes each [`Finished`] job from the worker, writes its result to the
-//! durable outbox (the publishers read from there: [`super::mqtt`]), then moves the job to
-//! `done/` or `failed/` (with `<name>.error.json`), clears its attempts record, deletes its
-//! spooled crops, and counts it. Writes that fail for space are retried until they succeed
-//! ([`disk::retry`]); the job stays in `processing/` meanwhile and, if the daemon stops
-//! first, runs again at the next start with the same `result_id`.
+//! durable outbox, which it alone owns, then moves the job to `done/` or `failed/` (with
+//! `<name>.error.json`), clears its attempts record, deletes its spooled crops, and counts
+//! it. Writes that fail for space are retried until they succeed ([`disk::retry`]); the job
+//! stays in `processing/` meanwhile and, if the daemon stops first, runs again at the next
+//! start with the same `result_id`.
+//!
+//! Publishing is the publisher's ([`super::mqtt`]): it gets each result file, oldest first
+//! (at start every unsent one), as a [`ToPublish`] over a channel, and reports back what
+//! became of it ([`Published`]: acknowledged, or refused for good); this stage then moves
+//! the file to `sent/` or `refused/`. A result the bounds delete before it went out is
+//! reported to the publisher as [`ToPublish::Dropped`].
 //!
 //! It also applies the bounds once a minute and after every job: the outbox's
 //! ([`Outbox::prune`]) and the retention of `done/` and `failed/` ([`prune_folder`]).
+//!
+//! It ends once the worker ended ([`ToOutput::WorkerDone`]; it then tells the publisher it
+//! is drained) and every sender is gone (the publisher's last acknowledgements applied).
 
 use super::disk;
 use super::inbox::Inbox;
 use super::ledger::Ledger;
 use super::outbox::Outbox;
+use super::shutdown::SetOnDrop;
 use super::telemetry::Telemetry;
 use super::worker::Finished;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
+
+/// What the output stage receives.
+#[derive(Debug)]
+pub enum ToOutput {
+    /// A job the worker finished.
+    Finished(Finished),
+    /// What the publisher did with a result.
+    Published(Published),
+    /// The worker ended: no more [`ToOutput::Finished`].
+    WorkerDone,
+}
+
+/// A publisher's report on one result file.
+#[derive(Debug)]
+pub enum Published {
+    /// The broker acknowledged the result and its alert: it moves to `sent/`.
+    Sent(PathBuf),
+    /// Refused `outbox.max_publish_attempts` times, or unreadable: it moves to `refused/`
+    /// with `reason` beside it.
+    Refused {
+        /// The result file.
+        file: PathBuf,
+        /// `{"reason": .., "attempts"?: .., "at": ..}`.
+        reason: serde_json::Value,
+    },
+}
+
+/// What the output stage tells the publisher.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ToPublish {
+    /// A result file to publish (sent in outbox order).
+    Result(PathBuf),
+    /// An unsent result the outbox bounds deleted: forget it.
+    Dropped(PathBuf),
+}
+
+/// The output stage's link to the publisher (absent without MQTT).
+#[derive(Debug)]
+pub struct PublisherLink {
+    /// Result files to publish.
+    pub results: tokio::sync::mpsc::UnboundedSender<ToPublish>,
+    /// Set once the worker ended and every result was handed over.
+    pub drained: SetOnDrop,
+}
 
 /// Age and size bounds of `done/` and `failed/` (each).
 #[derive(Debug, Clone, Copy)]
@@ -31,10 +85,12 @@ pub struct Retention {
 
 /// The output stage.
 pub struct Output {
-    /// Finished jobs in.
-    pub rx: Receiver<Finished>,
-    /// The outbox (shared with the publishers, which only read it and mark results sent).
-    pub outbox: Arc<Outbox>,
+    /// Finished jobs and publisher reports in.
+    pub rx: Receiver<ToOutput>,
+    /// The outbox (this stage's own).
+    pub outbox: Outbox,
+    /// The publisher, when there is one.
+    pub publisher: Option<PublisherLink>,
     /// The state folders.
     pub intake: Inbox,
     /// Attempts records.
@@ -43,8 +99,6 @@ pub struct Output {
     pub retention: Retention,
     /// Counters.
     pub telemetry: Arc<Telemetry>,
-    /// Wakes the publishers.
-    pub written: Arc<tokio::sync::Notify>,
     /// Set when the daemon stops (ends disk-full retries).
     pub stop: Arc<AtomicBool>,
     /// Received series, SRs and the PACS queue.
@@ -52,17 +106,23 @@ pub struct Output {
 }
 
 impl Output {
-    /// Runs until the worker is gone and every finished job is written.
-    pub fn run(self) {
+    /// Runs until the worker ended and every sender is gone.
+    pub fn run(mut self) {
         let mut last_prune = Instant::now();
         self.prune();
+        for file in self.outbox.pending() {
+            self.to_publisher(ToPublish::Result(file));
+        }
         loop {
             match self.rx.recv_timeout(Duration::from_secs(1)) {
-                Ok(f) => {
+                Ok(ToOutput::Finished(f)) => {
                     self.finish(f);
                     self.prune();
                     last_prune = Instant::now();
                 }
+                Ok(ToOutput::Published(p)) => self.published(p),
+                // The publisher, told, finishes and lets go of its sender.
+                Ok(ToOutput::WorkerDone) => drop(self.publisher.take()),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
@@ -71,6 +131,35 @@ impl Output {
                 last_prune = Instant::now();
             }
         }
+    }
+
+    fn to_publisher(&self, msg: ToPublish) {
+        if let Some(p) = &self.publisher {
+            let _ = p.results.send(msg);
+        }
+    }
+
+    /// Applies a publisher's report: the file moves to `sent/` or `refused/`.
+    fn published(&self, p: Published) {
+        match p {
+            Published::Sent(file) => {
+                if let Err(e) = self.outbox.mark_sent(&file) {
+                    tracing::error!(file = %file.display(), error = %e, "could not move a sent result");
+                }
+            }
+            Published::Refused { file, reason } => match self.outbox.refuse(&file, &reason) {
+                Ok(()) => {
+                    self.telemetry
+                        .results_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(file = %file.display(), reason = %reason["reason"], "result moved to outbox/refused/");
+                }
+                Err(e) => {
+                    tracing::error!(file = %file.display(), error = %e, "could not move a refused result")
+                }
+            },
+        }
+        refresh_outbox_stats(&self.outbox, &self.telemetry);
     }
 
     fn finish(&self, f: Finished) {
@@ -88,16 +177,17 @@ impl Output {
             }
         };
         super::dicom_glue::write_sr(&self.dicom, self.outbox.dir(), r, f.series.as_ref());
+        // A result held already (a job run again) was handed to the publisher then.
         let written = self.outbox.contains(&r.result_id)
             || disk::retry("outbox", &self.telemetry, &self.stop, &|| {}, || {
-                self.outbox.write(&r.result_id, &json).map(|_| ())
+                self.outbox.write(&r.result_id, &json)
             })
+            .inspect(|file| self.to_publisher(ToPublish::Result(file.clone())))
             .inspect_err(|e| tracing::error!(file = %name, error = %e, outbox = %self.outbox.dir().display(), "could not write a result; job left in processing/"))
             .is_ok();
         if !written {
             return;
         }
-        self.written.notify_one();
         let err_value = r
             .error
             .as_ref()
@@ -130,7 +220,10 @@ impl Output {
         let dropped = self.outbox.prune();
         self.telemetry
             .outbox_dropped
-            .fetch_add(dropped, Ordering::Relaxed);
+            .fetch_add(dropped.len() as u64, Ordering::Relaxed);
+        for file in dropped {
+            self.to_publisher(ToPublish::Dropped(file));
+        }
         let mut pruned = 0;
         for dir in [&self.intake.done, &self.intake.failed] {
             pruned += prune_folder(dir, self.retention.max_age, self.retention.max_bytes);
@@ -163,7 +256,7 @@ pub fn refresh_outbox_stats(outbox: &Outbox, telemetry: &Telemetry) {
 /// occupies more than `max_bytes` on disk; returns how many went.
 pub fn prune_folder(dir: &Path, max_age: Duration, max_bytes: u64) -> u64 {
     let now = SystemTime::now();
-    let mut files: Vec<(SystemTime, u64, std::path::PathBuf)> = std::fs::read_dir(dir)
+    let mut files: Vec<(SystemTime, u64, PathBuf)> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()

@@ -1,8 +1,15 @@
 //! What the daemon reports about itself: the [`State`] enum, counters and gauges that each
-//! stage updates for what it owns (worker: jobs and heartbeat; output: outbox, disk;
-//! publisher: broker, refusals; main loop: state, reloads), read by the retained MQTT
-//! status, `/healthz`, `/readyz` and `/metrics`. Values only flow in; no stage reads
-//! another's counters to decide anything, except readiness, which is derived here.
+//! stage updates for what it owns (worker: jobs, stuck threads and heartbeat; output:
+//! outbox, refused results, retention, disk; publisher: broker, publishes and refusals;
+//! main loop: state, reloads), read by the retained MQTT status, `/healthz`, `/readyz` and
+//! `/metrics`. Values only flow in; no stage reads another's counters to decide anything,
+//! except readiness, which is derived here.
+//!
+//! It is the one value the stages share (an `Arc` of atomics, as vector's internal metrics
+//! or prometheus-client's metric handles are shared): routing every counter update through
+//! a channel to one owner would add a hop per event and a stage to keep alive for the
+//! health endpoint, for values that are only ever written by one stage and read for
+//! display.
 //!
 //! Latency is per job, seconds, from the worker taking the job to its result being handed
 //! to the output stage.
@@ -16,6 +23,9 @@ use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// One metric sample: (name, help, value).
+type Sample = (&'static str, &'static str, u64);
 
 /// Upper bounds (seconds) of the latency histogram buckets.
 pub const LATENCY_BUCKETS_S: [f64; 10] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
@@ -264,11 +274,10 @@ impl Telemetry {
         })
     }
 
-    /// The metrics as OpenMetrics text (prometheus-client), sampled now.
-    pub fn render(&self) -> String {
+    /// The counters: (name, help, value).
+    fn counters(&self) -> [Sample; 13] {
         let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let b = |a: &AtomicBool| a.load(Ordering::Relaxed) as u64;
-        let counters = [
+        [
             (
                 "noduled_jobs_done",
                 "Jobs that produced a score",
@@ -334,9 +343,15 @@ impl Telemetry {
                 "Failed MQTT connection attempts (TLS, authentication, network); see /healthz",
                 c(&self.mqtt_connect_failures),
             ),
-        ];
+        ]
+    }
+
+    /// The gauges: (name, help, value).
+    fn gauges(&self) -> [Sample; 8] {
+        let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let b = |a: &AtomicBool| a.load(Ordering::Relaxed) as u64;
         let last_ok = self.last_reload().map(|r| (r.outcome == "ok") as u64);
-        let gauges = [
+        [
             (
                 "noduled_queue_depth",
                 "Jobs waiting for the worker",
@@ -377,7 +392,12 @@ impl Telemetry {
                 "1 when the last reload succeeded (1 before any)",
                 last_ok.unwrap_or(1),
             ),
-        ];
+        ]
+    }
+
+    /// The metrics as OpenMetrics text (prometheus-client), sampled now.
+    pub fn render(&self) -> String {
+        let (counters, gauges) = (self.counters(), self.gauges());
         let mut reg = Registry::default();
         for (name, help, v) in counters {
             reg.register(name, help, ConstCounter::new(v));

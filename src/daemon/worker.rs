@@ -17,6 +17,7 @@
 use super::input::{Job, JobReceiver, Next, Origin};
 use super::job::{self, CheckedJob, JobError, JobResult, PathPolicy, Timings};
 use super::ledger::Ledger;
+use super::output::ToOutput;
 use super::systemd::Watchdog;
 use super::telemetry::Telemetry;
 use super::{disk, inbox::Inbox};
@@ -67,6 +68,10 @@ pub struct Limits {
     pub timeout: Duration,
     /// Unfinished attempts after which a job is failed.
     pub max_attempts: u32,
+    /// How long the worker waits at shutdown for the job in hand to reach its next stage
+    /// boundary; past it (a read stuck in a system call) the job stays in `processing/`
+    /// with its attempt counted.
+    pub stop_grace: Duration,
     /// Received DICOM series (jobs naming a series UID) and the series checks' settings.
     pub dicom: Arc<super::dicom_glue::DicomSide>,
 }
@@ -75,8 +80,8 @@ pub struct Limits {
 pub struct Worker {
     /// Jobs in.
     pub jobs: JobReceiver,
-    /// Results out.
-    pub out: SyncSender<Finished>,
+    /// Results out (to the output stage).
+    pub out: SyncSender<ToOutput>,
     /// New models from reloads.
     pub models: Receiver<Arc<dyn Scorer>>,
     /// The model in use.
@@ -95,6 +100,15 @@ pub struct Worker {
     pub stop: Arc<AtomicBool>,
     /// Job threads alive (see [`MAX_JOB_THREADS`]).
     pub job_threads: Arc<AtomicUsize>,
+}
+
+/// Tells the output stage that the worker ended (however it ended).
+struct WorkerDone(SyncSender<ToOutput>);
+
+impl Drop for WorkerDone {
+    fn drop(&mut self) {
+        let _ = self.0.send(ToOutput::WorkerDone);
+    }
 }
 
 /// Decrements the live job-thread count when a job thread ends.
@@ -119,6 +133,19 @@ struct Task {
     noticed: Instant,
     ids_only: bool,
     scorer: Arc<dyn Scorer>,
+    /// Set by the worker when it stopped waiting (deadline, shutdown): the job thread then
+    /// stops at its next step and writes nothing more to the spool.
+    gave_up: Arc<AtomicBool>,
+}
+
+/// What the worker saw while waiting for the runner.
+enum Waited {
+    /// The job thread ended the job (or died: `Ran` says so).
+    Ran(Ran),
+    /// `jobs.timeout_secs` passed first.
+    TimedOut,
+    /// The daemon stops and the job did not reach a boundary within `stop_grace`.
+    Stopped,
 }
 
 /// The identity of a job, known once its file was read.
@@ -152,6 +179,7 @@ struct Scored {
 impl Worker {
     /// The worker loop; returns when every input is gone or the daemon stops.
     pub fn run(mut self) {
+        let _done = WorkerDone(self.out.clone());
         let mut runner = None;
         loop {
             self.telemetry.beat();
@@ -192,19 +220,19 @@ impl Worker {
             }
         };
         let abandoned = rec.attempts > self.limits.max_attempts;
-        let (ids, ran) = self.run_with_deadline(runner, &claimed, job.noticed, abandoned);
-        let series = ran.as_ref().and_then(|r| r.series.clone());
+        let (ids, waited) = self.run_with_deadline(runner, &claimed, job.noticed, abandoned);
         let spooled = self.limits.policy.for_job(&name).own_spool_files();
-        let (input, outcome) = match ran {
-            None => {
-                self.telemetry
-                    .jobs_timed_out
-                    .fetch_add(1, Ordering::Relaxed);
-                let secs = self.limits.timeout.as_secs();
-                tracing::error!(file = %name, secs, "job deadline passed; giving it an error result and moving on");
-                (serde_json::Value::Null, Err(JobError::TimedOut { secs }))
+        let series = match &waited {
+            Waited::Ran(r) => r.series.clone(),
+            _ => None,
+        };
+        let (input, outcome) = match waited {
+            Waited::TimedOut => (serde_json::Value::Null, Err(self.timed_out(&name))),
+            Waited::Stopped => {
+                tracing::warn!(file = %name, "stopping: the job did not reach a step boundary in time (a stuck read?); left in processing/ with its attempt counted");
+                return;
             }
-            Some(r) if abandoned => {
+            Waited::Ran(r) if abandoned => {
                 self.telemetry
                     .jobs_abandoned
                     .fetch_add(1, Ordering::Relaxed);
@@ -214,7 +242,7 @@ impl Worker {
                 };
                 (r.input, Err(err))
             }
-            Some(r) => match r.outcome {
+            Waited::Ran(r) => match r.outcome {
                 Ok(None) => {
                     tracing::info!(file = %name, "stopping: job left in processing/ for the next start");
                     let _ = self.ledger.undo(&name, rec);
@@ -235,6 +263,15 @@ impl Worker {
         self.hand_over(finished, &name);
     }
 
+    fn timed_out(&self, name: &str) -> JobError {
+        self.telemetry
+            .jobs_timed_out
+            .fetch_add(1, Ordering::Relaxed);
+        let secs = self.limits.timeout.as_secs();
+        tracing::error!(file = %name, secs, "job deadline passed; giving it an error result and moving on");
+        JobError::TimedOut { secs }
+    }
+
     /// The worker made progress or waits on something reported (a full disk).
     fn alive(&self) {
         self.telemetry.beat();
@@ -242,12 +279,13 @@ impl Worker {
     }
 
     /// Sends a finished job to the output stage, waiting (alive) while it is busy.
-    fn hand_over(&self, mut finished: Finished, name: &str) {
+    fn hand_over(&self, finished: Finished, name: &str) {
+        let mut msg = ToOutput::Finished(finished);
         loop {
-            match self.out.try_send(finished) {
+            match self.out.try_send(msg) {
                 Ok(()) => return,
-                Err(TrySendError::Full(f)) => {
-                    finished = f;
+                Err(TrySendError::Full(m)) => {
+                    msg = m;
                     self.alive();
                     std::thread::sleep(Duration::from_millis(50));
                 }
@@ -303,6 +341,7 @@ impl Worker {
                         t.scorer.as_ref(),
                         &stop,
                         t.ids_only,
+                        &t.gave_up,
                         &msg_tx,
                     );
                 }
@@ -319,51 +358,66 @@ impl Worker {
         }
     }
 
-    /// Runs the job on the runner and waits at most the deadline; `None` past it (the
-    /// runner, blocked, is then left behind and a new one starts with the next job).
+    /// Runs the job on the runner and waits at most the deadline (and at shutdown at most
+    /// `stop_grace`); past either the runner, blocked, is left behind and a new one starts
+    /// with the next job.
     fn run_with_deadline(
         &self,
         runner: &mut Option<Runner>,
         claimed: &Path,
         noticed: Instant,
         ids_only: bool,
-    ) -> (Ids, Option<Ran>) {
-        let died = || Ran {
-            input: serde_json::Value::Null,
-            series: None,
-            outcome: Err(JobError::Panicked),
+    ) -> (Ids, Waited) {
+        let died = || {
+            Waited::Ran(Ran {
+                input: serde_json::Value::Null,
+                series: None,
+                outcome: Err(JobError::Panicked),
+            })
         };
         if runner.is_none() {
             *runner = self.spawn_runner();
         }
         let Some(r) = runner.as_ref() else {
-            return (Ids::default(), Some(died()));
+            return (Ids::default(), died());
         };
+        let gave_up = Arc::new(AtomicBool::new(false));
         let task = Task {
             file: claimed.to_path_buf(),
             noticed,
             ids_only,
             scorer: self.scorer.clone(),
+            gave_up: gave_up.clone(),
         };
         if r.tasks.send(task).is_err() {
             *runner = None;
-            return (Ids::default(), Some(died()));
+            return (Ids::default(), died());
         }
         let deadline = Instant::now() + self.limits.timeout;
+        let mut stop_deadline = None;
         let mut ids = Ids::default();
-        let ran = loop {
+        let waited = loop {
             self.alive();
-            let left = deadline.saturating_duration_since(Instant::now());
+            let now = Instant::now();
+            if stop_deadline.is_none() && self.stop.load(Ordering::SeqCst) {
+                stop_deadline = Some(now + self.limits.stop_grace);
+            }
+            let end = stop_deadline.map_or(deadline, |s| s.min(deadline));
+            let left = end.saturating_duration_since(now);
             match r.msgs.recv_timeout(left.min(self.watchdog.poll_every())) {
                 Ok(Msg::Identified(i)) => ids = i,
-                Ok(Msg::Done(ran)) => return (ids, Some(ran)),
-                Err(RecvTimeoutError::Timeout) if left.is_zero() => break None,
+                Ok(Msg::Done(ran)) => return (ids, Waited::Ran(ran)),
+                Err(RecvTimeoutError::Timeout) if left.is_zero() && end == deadline => {
+                    break Waited::TimedOut
+                }
+                Err(RecvTimeoutError::Timeout) if left.is_zero() => break Waited::Stopped,
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break Some(died()),
+                Err(RecvTimeoutError::Disconnected) => break died(),
             }
         };
+        gave_up.store(true, Ordering::SeqCst);
         *runner = None;
-        (ids, ran)
+        (ids, waited)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -463,6 +517,7 @@ fn run_job(
     scorer: &dyn Scorer,
     stop: &AtomicBool,
     ids_only: bool,
+    gave_up: &AtomicBool,
     tx: &Sender<Msg>,
 ) {
     let mut ran = Ran {
@@ -470,6 +525,9 @@ fn run_job(
         series: None,
         outcome: Ok(None),
     };
+    // Stop at the next step when the daemon stops or the worker stopped waiting.
+    let halt = || stop.load(Ordering::SeqCst) || gave_up.load(Ordering::SeqCst);
+    let mut wrote = Vec::new();
     let outcome = (|| {
         let mut ids = Ids::default();
         let bytes = match read_limited(file, limits.max_job_bytes) {
@@ -490,7 +548,7 @@ fn run_job(
         let key = ids.key.clone().unwrap_or_default();
         let _ = tx.send(Msg::Identified(ids));
         let doc = parsed?;
-        if ids_only {
+        if ids_only || halt() {
             return Ok(None);
         }
         let Some(doc) = super::dicom_glue::resolve_series(&limits.dicom, doc, stop, noticed)?
@@ -498,7 +556,9 @@ fn run_job(
             return Ok(None);
         };
         let policy = limits.policy.for_job(&file_name(file));
-        let checked: CheckedJob = job::check(doc, &key, &policy, limits.max_nodules)?;
+        let checked = job::check(doc, &key, &policy, limits.max_nodules);
+        wrote = spool_identities(&policy);
+        let checked: CheckedJob = checked?;
         ran.input = checked.input.clone();
         ran.series = super::dicom_glue::check_series(
             &checked,
@@ -506,7 +566,7 @@ fn run_job(
             &policy.opener,
             &mut ran.input,
         )?;
-        let mut scored = score_job(&checked, &policy.opener, scorer, stop)?;
+        let mut scored = score_job(&checked, &policy.opener, scorer, &halt)?;
         if let Some(s) = scored.as_mut() {
             s.report.fill_summaries(limits.alert_threshold);
         }
@@ -515,12 +575,32 @@ fn run_job(
     ran.outcome = outcome;
     if tx.send(Msg::Done(ran)).is_err() {
         // The worker gave up on this job at its deadline and its output stage may have
-        // deleted the spool files before this thread wrote one: they are this thread's now.
-        for p in limits.policy.for_job(&file_name(file)).own_spool_files() {
-            let _ = std::fs::remove_file(p);
+        // deleted the spool files before this thread wrote one: those this thread wrote are
+        // its own to delete, unless a newer job of the same name replaced them since.
+        for (p, id) in wrote {
+            if file_identity(&p) == Some(id) {
+                let _ = std::fs::remove_file(p);
+            }
         }
-        tracing::info!(file = %file_name(file), "a job that passed its deadline ended; its spool files were removed");
+        tracing::info!(file = %file_name(file), "a job that passed its deadline ended; its own spool files were removed");
     }
+}
+
+/// The job's spool files as they are now, with their identity (device, inode).
+fn spool_identities(policy: &PathPolicy) -> Vec<(PathBuf, (u64, u64))> {
+    policy
+        .own_spool_files()
+        .into_iter()
+        .filter_map(|p| file_identity(&p).map(|id| (p, id)))
+        .collect()
+}
+
+/// A file's (device, inode), `None` when it is gone.
+fn file_identity(p: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(p)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 /// Loads a checked job's nodules and scores them all in one pass.
@@ -528,14 +608,14 @@ fn score_job(
     checked: &CheckedJob,
     opener: &crate::confine::Opener,
     scorer: &dyn Scorer,
-    stop: &AtomicBool,
+    halt: &dyn Fn() -> bool,
 ) -> Result<Option<Scored>, JobError> {
     let t_load = Instant::now();
     let mut inputs: Vec<NoduleInput> = Vec::new();
     for req in &checked.requests {
         inputs.extend(crate::nodules::load_in(req, opener).map_err(JobError::Load)?);
     }
-    if stop.load(Ordering::SeqCst) {
+    if halt() {
         return Ok(None);
     }
     let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
@@ -550,7 +630,7 @@ fn score_job(
                 .join(","),
             source,
         })?;
-    if stop.load(Ordering::SeqCst) {
+    if halt() {
         return Ok(None);
     }
     Ok(Some(Scored {

@@ -191,7 +191,10 @@ fn refused_publishes_back_off_then_go_to_refused_and_others_still_publish() {
         reasons.iter().all(|r| r.contains("NotAuthorized")),
         "{reasons:?}"
     );
-    assert_eq!(d.metric("noduled_results_refused_total"), Some(5.0));
+    // The output stage counts a refusal once both files moved; the reason file comes first.
+    wait_for(10, "5 refused results counted", || {
+        (d.metric("noduled_results_refused_total") == Some(5.0)).then_some(())
+    });
     assert_eq!(d.metric("noduled_publish_refusals_total"), Some(15.0));
     assert!(probe.on("nd/result").is_empty());
 
@@ -505,4 +508,104 @@ fn full_disk_with_only_an_mqtt_job_clears_once_it_is_stored() {
     });
     assert_eq!(d.metric("noduled_disk_full"), Some(0.0));
     assert_eq!(d.metric("noduled_jobs_failed_total"), Some(0.0));
+}
+
+/// Alerts are durable like results (fault 7): the broker refuses the alert topic (ACL) after
+/// taking the result, then the daemon is SIGKILLed. The result stays unsent in the outbox
+/// (a result leaves it only once its alert is acknowledged too), and after the restart,
+/// with the ACL allowing it, the alert arrives with the same result_id.
+#[test]
+fn an_alert_refused_then_cut_off_by_a_crash_still_reaches_the_broker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Broker::start_acl(
+        &tmp.path().join("broker"),
+        "topic readwrite #\ntopic deny nd/alert\n",
+    );
+    let probe = Probe::start(broker.port, "probe-alert", "nd/#");
+    let dd = tmp.path().join("d");
+    let extra =
+        mqtt_conf(broker.port, "noduled-alert", "") + "[alert]\ncalibrated_threshold = 0.000001\n";
+    let cfg = config_text(&dd, &model(), "", &extra)
+        .replace("[outbox]\n", "[outbox]\nmax_publish_attempts = 100\n");
+    let mut d = Daemon::start(&dd, &cfg);
+    probe.wait(10, "nd/status", |s| s["state"] == "ready");
+    d.drop_job("al.json", &ct_job("al", "P-alert", 1));
+    let r = wait_for(30, "the result", || d.result_for("al"));
+    let rid = r["result_id"].as_str().unwrap().to_string();
+    assert!(r["alert"].is_object(), "{r:#}");
+    wait_for(20, "the alert refused", || {
+        (d.metric("noduled_publish_refusals_total") >= Some(1.0)).then_some(())
+    });
+    let name = format!("{rid}.json");
+    assert!(d.files("outbox").contains(&name), "{:?}", d.files("outbox"));
+    assert!(!d.files("outbox/sent").contains(&name));
+    assert!(probe.on("nd/alert").is_empty());
+
+    d.kill9();
+    broker.set_acl("topic readwrite #\n");
+    std::thread::sleep(Duration::from_millis(500));
+    d.restart();
+    let a = probe.wait(30, "nd/alert", |m| m["result_id"] == rid.as_str());
+    assert_eq!(a.json["job_id"], "al");
+    assert_eq!(a.json["nodules"], r["alert"]["nodules"]);
+    wait_for(10, "the result in outbox/sent/", || {
+        d.files("outbox/sent").contains(&name).then_some(())
+    });
+}
+
+/// Alerts are never split from their results when the client's request queue is pressed
+/// (fault 7): a broker that takes one message at a time (Mosquitto
+/// `max_inflight_messages 1`, sent as Receive Maximum) and 301 alerting results waiting in
+/// the outbox, far more than the queue holds: every result and its alert arrive, each
+/// result once, and no attempt was voided half-queued.
+#[test]
+fn every_alert_goes_out_with_its_result_when_the_broker_takes_one_message_at_a_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dd = tmp.path().join("d");
+    let alert = "[alert]\ncalibrated_threshold = 0.000001\n";
+    let mut d = Daemon::start(&dd, &config_text(&dd, &model(), "", alert));
+    d.drop_job("al.json", &ct_job("al", "P-alert", 1));
+    let real = wait_for(30, "a real alerting result", || d.result_for("al"));
+    assert!(real["alert"].is_object(), "{real:#}");
+    assert!(d.term(30).success());
+    // 300 more unsent results, copies of the real one under their own result ids.
+    for i in 0..300 {
+        let mut r = real.clone();
+        let rid = format!("00000000-0000-4000-8000-{i:012}");
+        r["result_id"] = rid.clone().into();
+        r["job_id"] = format!("al{i}").into();
+        std::fs::write(
+            dd.join("outbox").join(format!("{rid}.json")),
+            serde_json::to_vec(&r).unwrap(),
+        )
+        .unwrap();
+    }
+    let broker = Broker::start_conf(&tmp.path().join("broker"), "max_inflight_messages 1\n");
+    let probe = Probe::start(broker.port, "probe-queue", "nd/#");
+    let mqtt = mqtt_conf(broker.port, "noduled-queue", "max_inflight = 400\n");
+    let d = Daemon::start(&dd, &config_text(&dd, &model(), "", &(mqtt + alert)));
+    let ids = |topic: &str| -> Vec<String> {
+        probe
+            .on(topic)
+            .iter()
+            .map(|m| m.json["result_id"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    wait_for(120, "301 alerts", || {
+        let mut a = ids("nd/alert");
+        a.sort();
+        a.dedup();
+        (a.len() == 301).then_some(())
+    });
+    wait_for(30, "every result in outbox/sent/", || {
+        (d.files("outbox/sent").len() == 301).then_some(())
+    });
+    let results = ids("nd/result");
+    let unique: std::collections::HashSet<_> = results.iter().collect();
+    assert_eq!(unique.len(), 301);
+    assert_eq!(results.len(), 301, "a result was published more than once");
+    for a in ids("nd/alert") {
+        assert!(unique.contains(&a), "alert {a} without its result");
+    }
+    assert!(!d.log().contains("result attempt voided"), "{}", d.log());
 }

@@ -80,7 +80,8 @@ impl Broker {
         signal(self.child.as_ref().unwrap().id(), "HUP");
     }
 
-    fn start_conf(dir: &Path, extra: &str) -> Self {
+    /// Starts a broker with `extra` lines appended to its configuration.
+    pub fn start_conf(dir: &Path, extra: &str) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         let port = free_port();
         let conf = dir.join("mosquitto.conf");
@@ -358,6 +359,12 @@ impl Daemon {
             .nth(1)?
             .parse()
             .ok()
+    }
+
+    /// Hands over the child process (the caller signals and reaps it); `restart` starts
+    /// a new one.
+    pub fn take_child(&mut self) -> Child {
+        self.child.take().unwrap()
     }
 
     /// SIGKILL and reap.

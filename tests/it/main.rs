@@ -9,6 +9,7 @@ mod csv_edges;
 mod daemon;
 mod daemon_ct;
 mod daemon_faults;
+mod daemon_stuck;
 mod daemon_support;
 mod device;
 mod dicom_limits;
