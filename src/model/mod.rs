@@ -26,7 +26,7 @@
 //! store and goes through this one path: a checkpoint folder ([`checkpoint`], used by
 //! `convert`), a bundle ([`bundle`]: mapped f32/f16/bf16/q8_0 base + per-fold adapters),
 //! random weights ([`random`], `bench --random`) and fine-tuning's parameters, whose trained
-//! tensors are candle `Var`s (`crate::finetune::params::Params`).
+//! tensors are candle `Var`s (training's `finetune::params::Params`).
 //!
 //! # One assembly
 //! The model is the towers (batched over the store's folds) plus one [`heads::FoldHeads`] per

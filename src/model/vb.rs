@@ -11,7 +11,7 @@
 //!   tensors only, so [`Vb::base_weight`] asks the same store, keyed by the builder's prefix,
 //!   for the stored form first ([`Weights::with_special`]) and falls back to `get`.
 //! - Training's store holds candle `Var`s for the trained tensors (LoRA factors and heads)
-//!   and frozen tensors for the rest ([`crate::finetune::params::Params`], candle's `VarMap`
+//!   and frozen tensors for the rest (training's `finetune::params::Params`, candle's `VarMap`
 //!   shape: key -> `Var`); gradients reach them through the built components. Its dropout
 //!   generator ([`Weights::with_dropout`]) is what [`Vb::dropout`] hands to the layers.
 //!

@@ -58,18 +58,11 @@ pub fn peak_gflops(ms: u64) -> Option<f64> {
     }
     #[cfg(target_arch = "x86_64")]
     {
-        let start = std::time::Instant::now();
-        let cpu0 = super::thread_cpu_s();
-        let mut iters = 0u64;
-        let mut sink = 0f32;
-        while start.elapsed().as_millis() < ms as u128 || iters == 0 {
-            // SAFETY: AVX2 and FMA are present (checked above).
-            sink += unsafe { x86::peak_f32(20_000) };
-            iters += 20_000;
-        }
-        std::hint::black_box(sink);
         // 12 chains x 8 lanes x 2 FLOP per iteration.
-        Some(iters as f64 * 12.0 * 8.0 * 2.0 / (super::thread_cpu_s() - cpu0) / 1e9)
+        // SAFETY: AVX2 and FMA are present (checked above).
+        Some(super::measure_peak(ms, 12.0 * 8.0 * 2.0, |n| unsafe {
+            x86::peak_f32(n)
+        }))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

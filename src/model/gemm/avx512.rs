@@ -84,19 +84,12 @@ pub fn peak_gflops(dtype: GemmDtype, ms: u64) -> Option<f64> {
     }
     #[cfg(target_arch = "x86_64")]
     {
-        let start = std::time::Instant::now();
-        let cpu0 = super::thread_cpu_s();
-        let mut iters = 0u64;
-        let mut sink = 0f32;
-        while start.elapsed().as_millis() < ms as u128 || iters == 0 {
-            // SAFETY: the instructions are present (checked above).
-            sink += unsafe { x86::peak_loop(dtype, 20_000) };
-            iters += 20_000;
-        }
-        std::hint::black_box(sink);
         // 12 chains x 16 lanes x 2 FLOP (bf16: x 2 products per lane) per iteration.
         let per_iter = 12.0 * 16.0 * 2.0 * if dtype == GemmDtype::Bf16 { 2.0 } else { 1.0 };
-        Some(iters as f64 * per_iter / (super::thread_cpu_s() - cpu0) / 1e9)
+        // SAFETY: the instructions are present (checked above).
+        Some(super::measure_peak(ms, per_iter, |n| unsafe {
+            x86::peak_loop(dtype, n)
+        }))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -453,6 +453,7 @@ impl PackedWeight {
 
 /// CPU seconds this thread has run (the peak loops divide by it, not by wall time, so a
 /// core shared with other processes still gives its own rate).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn thread_cpu_s() -> f64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -461,6 +462,22 @@ fn thread_cpu_s() -> f64 {
     // SAFETY: clock_gettime writes one timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// Runs `slice(20_000)` (one timing slice of a peak loop, `flop_per_iter` FLOP per iteration)
+/// for about `ms` milliseconds; GFLOP per second of this thread's CPU time.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn measure_peak(ms: u64, flop_per_iter: f64, slice: impl Fn(u64) -> f32) -> f64 {
+    let start = std::time::Instant::now();
+    let cpu0 = thread_cpu_s();
+    let mut iters = 0u64;
+    let mut sink = 0f32;
+    while start.elapsed().as_millis() < ms as u128 || iters == 0 {
+        sink += slice(20_000);
+        iters += 20_000;
+    }
+    std::hint::black_box(sink);
+    iters as f64 * flop_per_iter / (thread_cpu_s() - cpu0) / 1e9
 }
 
 /// Measured single-thread peak of the micro-kernel's instruction on this CPU in GFLOP/s
