@@ -609,3 +609,50 @@ fn every_alert_goes_out_with_its_result_when_the_broker_takes_one_message_at_a_t
     }
     assert!(!d.log().contains("result attempt voided"), "{}", d.log());
 }
+
+/// Fault 3's other half: result files in the outbox that cannot be read as results (not
+/// JSON, cut short, empty) move to `outbox/refused/` at once with an "unreadable" reason
+/// instead of holding a publish slot, and the result behind them is still published.
+#[test]
+fn unreadable_outbox_files_are_refused_at_once_and_others_still_publish() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Broker::start_acl(&tmp.path().join("broker"), "topic readwrite #\n");
+    let probe = Probe::start(broker.port, "probe-unreadable", "nd/#");
+    let dd = tmp.path().join("d");
+    let extra = mqtt_conf(broker.port, "noduled-unreadable", "max_inflight = 1\n");
+    let mut d = Daemon::start(&dd, &config_text(&dd, &model(), "", &extra));
+    probe.wait(10, "nd/status", |s| s["state"] == "ready");
+    d.kill9();
+    let outbox = dd.join("outbox");
+    let bad = [
+        ("0001-not-json.json", "{not json at all"),
+        (
+            "0002-cut-short.json",
+            "{\"result_id\": \"0002\", \"job_id\": \"J\", \"nod",
+        ),
+        ("0003-empty.json", ""),
+    ];
+    for (name, text) in bad {
+        std::fs::write(outbox.join(name), text).unwrap();
+    }
+    d.restart();
+    d.drop_job("after.json", &ct_job("after", "P-unreadable", 1));
+    let m = probe.wait(60, "nd/result", |r| r["job_id"] == "after");
+    assert_eq!(m.json["status"], "ok");
+    wait_for(20, "the 3 unreadable files in outbox/refused/", || {
+        let refused = d.files("outbox/refused");
+        bad.iter()
+            .all(|(name, _)| {
+                let stem = name.trim_end_matches(".json");
+                refused.iter().any(|f| f == name)
+                    && refused.iter().any(|f| f == &format!("{stem}.reason.json"))
+            })
+            .then_some(())
+    });
+    for (name, _) in bad {
+        let stem = name.trim_end_matches(".json");
+        let reason = std::fs::read_to_string(outbox.join(format!("refused/{stem}.reason.json")));
+        assert!(reason.unwrap().contains("unreadable"), "{name}");
+        assert!(!outbox.join(name).exists(), "{name} left in the outbox");
+    }
+}
