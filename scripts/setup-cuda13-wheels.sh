@@ -22,11 +22,11 @@ for p in libcublas.so:libcublas.so.13 libcublasLt.so:libcublasLt.so.13 libcudart
          libcurand.so:libcurand.so.10 libnvrtc.so:libnvrtc.so.13; do
   ln -s "${p#*:}" "$C/lib64/${p%:*}"
 done
+# cudarc's source must be in the registry (a fresh machine has only what a CPU build fetched).
+(cd "$(dirname "$0")/.." && cargo fetch -q)
 # No wheel ships libcuda (it belongs to the driver). Build a link-time stub with soname libcuda.so.1
 # exporting every driver-API function cudarc 0.19 can reference; every function returns
 # CUDA_ERROR_STUB_LIBRARY (34), so if it is ever loaded by mistake cuInit fails cleanly.
-# cudarc's source must be in the registry (a fresh machine has only what a CPU build fetched).
-(cd "$(dirname "$0")/.." && cargo fetch -q)
 CUDARC=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* | sort -V | tail -1)
 grep -oP '^\s+fn \Kcu\w+(?=\()' "$CUDARC/src/driver/sys/mod.rs" | sort -u |
   awk 'BEGIN{print "/* link-time stub of libcuda.so.1 */"} {print "int " $1 "(void) { return 34; }"}' > "$C/lib64/stubs/libcuda_stub.c"
