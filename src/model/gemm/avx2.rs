@@ -1,11 +1,12 @@
 //! The AVX2 + FMA micro-kernel of [`super`], for x86 CPUs without AVX-512 (AMD Zen 1-3,
-//! Intel Haswell to Alder Lake): f32 only, on the same packed panels and the same 12 x 32
-//! tile as [`super::avx512`]. The tile is computed as four 6 x 16 sub-tiles: a sub-tile holds
+//! Intel Haswell to Alder Lake): f32 only, on the same packed weight panels and 12-row strips
+//! as [`super::avx512`]. A call covers a 12 x 16 tile as two 6 x 16 sub-tiles: a sub-tile holds
 //! 12 ymm accumulators, and per k value loads two B vectors and broadcasts six A values, which
 //! with the accumulators fills the 16 ymm registers (the 6 x 16 shape BLIS uses on Haswell
 //! and Zen). The B panel's k rows are 128 bytes (32 f32): a call covers at most
 //! [`COLUMNS`] = 16 columns, one half of each row, so the driver runs every strip over one
-//! half (16 KiB at KC = 256, which stays in L1) before the other.
+//! half (16 KiB at KC = 256, which stays in L1) before the other. A strips are packed k-major
+//! per 6-row half ([`pack_row`]).
 
 use super::{Tile, KC, MR, NR};
 
@@ -36,7 +37,7 @@ pub fn supported() -> bool {
 /// Runs one f32 tile. Only called when [`supported`] holds.
 pub fn kernel(mut t: Tile<'_>) {
     super::check_tile(&t);
-    assert!(t.cols <= COLUMNS && t.b.len() >= (t.kc - 1) * NR * 4 + SC * 4);
+    assert!(t.cols <= COLUMNS && t.b.len() >= t.kc.saturating_sub(1) * NR * 4 + SC * 4);
     #[cfg(target_arch = "x86_64")]
     {
         assert!(supported());
