@@ -309,9 +309,11 @@ impl PacsQueue {
                 }
                 match send(pacs, our_ae, &file) {
                     Ok(()) => {
+                        // Counted before the queue file goes: whoever sees the queue empty
+                        // also sees the count.
+                        self.stats.sent.fetch_add(1, Ordering::Relaxed);
                         let _ = std::fs::remove_file(&file);
                         let _ = std::fs::remove_file(attempts_path(&file));
-                        self.stats.sent.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(file = %file.display(), pacs = %pacs.ae_title, "SR sent to the PACS");
                         backoff = Duration::from_secs(1);
                     }

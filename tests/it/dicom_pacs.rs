@@ -74,7 +74,10 @@ fn pacs_down_for_five_results_then_up_gets_five_srs() {
         (std::fs::read_dir(&received).unwrap().count() == 5 && d.files("state/pacs").is_empty())
             .then_some(())
     });
-    assert_eq!(d.metric("noduled_pacs_sent_total"), Some(5.0));
+    // storescp writes a file before it answers the C-STORE: the count may follow a moment later.
+    wait_for(10, "five SRs counted as sent", || {
+        (d.metric("noduled_pacs_sent_total") == Some(5.0)).then_some(())
+    });
     assert_eq!(d.metric("noduled_pacs_queue_depth"), Some(0.0));
     assert!(d.metric("noduled_pacs_failed_attempts_total").unwrap() >= 1.0);
     for r in &results {
