@@ -132,20 +132,7 @@ fn a_job_that_kills_the_daemon_is_failed_after_max_attempts() {
         assert_eq!(rec["attempts"], attempt, "{rec}");
         d.restart();
     }
-    let r = wait_for(30, "the abandoned job's result", || d.result_for("crash"));
-    assert_eq!(r["status"], "error");
-    assert!(
-        r["error"]
-            .as_str()
-            .unwrap()
-            .contains("jobs.max_attempts = 2"),
-        "{r:#}"
-    );
-    wait_for(10, "crash.json in failed/", || {
-        d.files("state/failed")
-            .contains(&"crash.json".to_string())
-            .then_some(())
-    });
+    expect_abandoned(&d, "crash");
     assert_eq!(d.metric("noduled_jobs_abandoned_total"), Some(1.0));
     d.drop_job("next.json", &ct_job("next", "P1", 1));
     assert_eq!(

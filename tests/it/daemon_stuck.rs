@@ -474,21 +474,7 @@ fn sigterm_ends_a_stuck_read_and_restarts_fail_it_after_max_attempts() {
 
     // 3. The attempt limit: failed without running (nothing read from the share).
     d.restart();
-    let r = wait_for(30, "the abandoned job's result", || d.result_for("stuck"));
-    assert_eq!(r["status"], "error");
-    assert!(
-        r["error"]
-            .as_str()
-            .unwrap()
-            .contains("jobs.max_attempts = 2"),
-        "{r:#}"
-    );
-    // The result is written before the job file moves.
-    wait_for(10, "stuck.json in failed/", || {
-        d.files("state/failed")
-            .contains(&"stuck.json".to_string())
-            .then_some(())
-    });
+    expect_abandoned(&d, "stuck");
     let blocked = blocked_in_fuse(d.pid());
     assert!(blocked.is_empty(), "{blocked:?}");
     d.drop_job(

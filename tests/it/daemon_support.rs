@@ -503,3 +503,22 @@ pub fn ct_job(job_id: &str, patient_id: &str, n: usize) -> String {
         .collect();
     serde_json::json!({"job_id": job_id, "patient_id": patient_id, "volume": nifti, "nodules": nodules}).to_string()
 }
+
+/// Waits for the error result of job `stem` (inbox file `<stem>.json`) that ran out of
+/// attempts (a config with `jobs.max_attempts = 2`), then for its file in `failed/`
+/// (the result is written before the job file moves).
+pub fn expect_abandoned(d: &Daemon, stem: &str) {
+    let r = wait_for(30, "the abandoned job's result", || d.result_for(stem));
+    assert_eq!(r["status"], "error");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("jobs.max_attempts = 2"),
+        "{r:#}"
+    );
+    let file = format!("{stem}.json");
+    wait_for(10, "the job file in failed/", || {
+        d.files("state/failed").contains(&file).then_some(())
+    });
+}
