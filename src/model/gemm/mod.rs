@@ -148,17 +148,6 @@ impl GemmDtype {
         }
     }
 
-    /// The CPU features the micro-kernel of this dtype uses on this CPU, e.g. `"avx512f"` or
-    /// `"avx2+fma"` (`"none"` where [`Self::supported`] is false).
-    pub fn features(self) -> &'static str {
-        match (self.supported(), isa(), self) {
-            (false, ..) => "none",
-            (true, Some(Isa::Avx2), _) => "avx2+fma",
-            (true, _, Self::F32) => "avx512f",
-            (true, _, Self::Bf16) => "avx512f+avx512bf16",
-        }
-    }
-
     /// The short kernel name reports and status give: `"avx512f"`, `"avx512bf16"`,
     /// `"avx2"`, or `None` where candle's matmul runs (or bf16 is emulated).
     pub fn kernel_name(self) -> Option<&'static str> {
