@@ -7,7 +7,9 @@
 //! peak measured at start (one thread's `vfmadd231ps` / `vdpbf16ps` rate per CPU-second times
 //! the threads). The CPU-second figure is also the best of the 10 runs.
 //!
-//! `cargo run --release --example gemm_probe [rows]`
+//! `cargo run --release --example gemm_probe [rows] [--cold]` (`--cold`: the in-house kernel
+//! on a weight not in cache at each run, as in the model, where each layer's weights are read
+//! once per pass).
 
 use candle_core::{Device, Tensor};
 use noduled::model::gemm::{GemmDtype, PackedWeight};
@@ -25,10 +27,9 @@ fn cpu_seconds() -> f64 {
 }
 
 fn main() -> candle_core::Result<()> {
-    let rows: usize = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2250);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cold = args.iter().any(|a| a == "--cold");
+    let rows: usize = args.iter().find_map(|s| s.parse().ok()).unwrap_or(2250);
     let dev = Device::Cpu;
     let threads = rayon::current_num_threads();
     let peaks = [GemmDtype::F32, GemmDtype::Bf16]
@@ -62,14 +63,21 @@ fn main() -> candle_core::Result<()> {
         let av = a.flatten_all()?.to_vec1::<f32>()?;
         let wv = w.flatten_all()?.to_vec1::<f32>()?;
         for (dtype, peak) in [GemmDtype::F32, GemmDtype::Bf16].into_iter().zip(peaks) {
-            let Some(p) = PackedWeight::pack(&wv, n, k, dtype) else {
+            // With --cold, ten copies of the weight (past the L3 at these shapes' 2-9 MiB
+            // each) taken in turn, so each run starts with its weight out of cache, as the
+            // model's layers do; otherwise one copy, warm in L3 after the first run.
+            let copies = if cold { 10 } else { 1 };
+            let Some(packed) = (0..copies)
+                .map(|_| PackedWeight::pack(&wv, n, k, dtype))
+                .collect::<Option<Vec<_>>>()
+            else {
                 println!("in-house {} not on this CPU", dtype.name());
                 continue;
             };
             let mut c = vec![0f32; rows * n];
-            p.matmul(&av, rows, &mut c);
+            packed[0].matmul(&av, rows, &mut c);
             let (mut best, mut cpu) = (f64::MAX, f64::MAX);
-            for _ in 0..10 {
+            for p in packed.iter().cycle().skip(1).take(10) {
                 let (t, cpu0) = (Instant::now(), cpu_seconds());
                 p.matmul(&av, rows, &mut c);
                 std::hint::black_box(&c);

@@ -3,12 +3,12 @@
 //! as [`super::avx512`]. A call covers a 12 x 16 tile as two 6 x 16 sub-tiles: a sub-tile holds
 //! 12 ymm accumulators, and per k value loads two B vectors and broadcasts six A values, which
 //! with the accumulators fills the 16 ymm registers (the 6 x 16 shape BLIS uses on Haswell
-//! and Zen). The B panel's k rows are 128 bytes (32 f32): a call covers at most
-//! [`COLUMNS`] = 16 columns, one half of each row, so the driver runs every strip over one
-//! half (16 KiB at KC = 256, which stays in L1) before the other. A strips are packed k-major
+//! and Zen). A call covers at most [`COLUMNS`] = 16 columns, one half of a weight panel, which
+//! the packing stores as its own `[kc][16]` block (16 KiB at KC = 256, contiguous, so it stays
+//! in L1); the driver runs every strip over one half before the other. A strips are packed k-major
 //! per 6-row half ([`pack_row`]).
 
-use super::{Tile, KC, MR, NR};
+use super::{Tile, KC, MR};
 
 /// Rows of one sub-tile.
 const SR: usize = 6;
@@ -37,7 +37,7 @@ pub fn supported() -> bool {
 /// Runs one f32 tile. Only called when [`supported`] holds.
 pub fn kernel(mut t: Tile<'_>) {
     super::check_tile(&t);
-    assert!(t.cols <= COLUMNS && t.b.len() >= t.kc.saturating_sub(1) * NR * 4 + SC * 4);
+    assert!(t.cols <= COLUMNS && t.b.len() >= t.kc * SC * 4);
     #[cfg(target_arch = "x86_64")]
     {
         assert!(supported());
@@ -118,7 +118,7 @@ fn store_edge(t: &mut Tile<'_>, row0: usize, acc: &Spill) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Spill, Tile, KC, MR, NR, SC, SR};
+    use super::{Spill, Tile, KC, MR, SC, SR};
     use std::arch::x86_64::*;
 
     /// `e^x` on 8 lanes, the same operations as `kernels::exp` (so the vector and scalar
@@ -183,8 +183,8 @@ mod x86 {
         let b = t.b.as_ptr() as *const f32;
         let mut c = [[_mm256_setzero_ps(); 2]; SR];
         for p in 0..t.kc {
-            let b0 = _mm256_load_ps(b.add(p * NR));
-            let b1 = _mm256_load_ps(b.add(p * NR + 8));
+            let b0 = _mm256_load_ps(b.add(p * SC));
+            let b1 = _mm256_load_ps(b.add(p * SC + 8));
             for (r, acc) in c.iter_mut().enumerate() {
                 let av = _mm256_broadcast_ss(&*a.add(p * SR + r));
                 acc[0] = _mm256_fmadd_ps(av, b0, acc[0]);

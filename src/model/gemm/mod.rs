@@ -63,8 +63,8 @@ pub(crate) struct Tile<'a> {
     /// [`MR`] packed rows of A, row stride [`KC`] u32 (f32 bits, or two bf16 per u32); for
     /// the AVX2 kernel two k-major halves of 6 rows instead (`avx2::pack_row`).
     pub a: &'a [u32],
-    /// The panel: `[kc][NR]` f32 or `[kc/2][NR][2]` bf16, 64-byte aligned; for a pass over
-    /// part of a panel's columns (AVX2), from its first column on, k rows still NR apart.
+    /// The panel: `[kc][NR]` f32 or `[kc/2][NR][2]` bf16, 64-byte aligned; for the AVX2
+    /// kernel one `[kc][16]` half of a panel (see [`f32_sub_panel`]).
     pub b: &'a [u8],
     /// k values in this block.
     pub kc: usize,
@@ -203,6 +203,30 @@ fn block_len(k: usize, k0: usize) -> usize {
     KC.min(k - k0)
 }
 
+/// Columns of one contiguous sub-panel of a packed f32 panel: the whole [`NR`] for the
+/// AVX-512 kernel; [`avx2::COLUMNS`] (16, one 64-byte line per k) for the AVX2 kernel, which
+/// walks one half of a panel at a time, so each half is its own `[kc][16]` block (16 KiB at
+/// KC = 256, contiguous: a `[kc][32]` row stride would map the half onto half of L1's sets).
+fn f32_sub_panel() -> usize {
+    match isa() {
+        Some(Isa::Avx2) => avx2::COLUMNS,
+        _ => NR,
+    }
+}
+
+/// Index (in f32 values) of k row `p`, column `j` within a packed f32 panel of `kc` rows.
+fn f32_index(p: usize, j: usize, kc: usize) -> usize {
+    let w = f32_sub_panel();
+    (j / w) * kc * w + p * w + j % w
+}
+
+/// The (k row, column) of the `i`-th f32 value of a packed panel of `kc` rows.
+fn f32_position(i: usize, kc: usize) -> (usize, usize) {
+    let w = f32_sub_panel();
+    let (sub, rest) = (i / (kc * w), i % (kc * w));
+    (rest / w, sub * w + rest % w)
+}
+
 impl PackedWeight {
     /// Packs `w` [n, k] row-major, or `None` when this CPU lacks the dtype's micro-kernel
     /// (the caller keeps its plain matmul) or the shape is empty.
@@ -235,7 +259,7 @@ impl PackedWeight {
                 match dtype {
                     GemmDtype::F32 => {
                         for (i, out) in panel.chunks_exact_mut(4).enumerate() {
-                            let (p, j) = (i / NR, i % NR);
+                            let (p, j) = f32_position(i, kc);
                             out.copy_from_slice(&value(j, k0 + p).to_le_bytes());
                         }
                     }
@@ -301,7 +325,7 @@ impl PackedWeight {
                     for p in 0..kc {
                         let v = match self.dtype {
                             GemmDtype::F32 => {
-                                let i = 4 * (p * NR + j);
+                                let i = 4 * f32_index(p, j, kc);
                                 f32::from_le_bytes(panel[i..i + 4].try_into().expect("4"))
                             }
                             GemmDtype::Bf16 => {
@@ -409,8 +433,8 @@ impl PackedWeight {
                 let last = k0 + kc == k;
                 for c0 in (jr * NR..n.min((jr + 1) * NR)).step_by(step) {
                     let cols = step.min(n - c0);
-                    // Within the panel's k rows (f32 only: bf16 passes take the whole panel).
-                    let b = &panel[4 * (c0 - jr * NR)..];
+                    // The sub-panel's own block (f32 only: bf16 passes take the whole panel).
+                    let b = &panel[4 * f32_index(0, c0 - jr * NR, kc)..];
                     for s in 0..strips {
                         let epi = match last {
                             true => TileEpilogue {
