@@ -198,12 +198,15 @@ impl Placement {
     }
 
     /// [`Self::label`] for a model whose base weights are stored in `precision` (a bundle's
-    /// `"f32"`, `"f16"` or `"q8_0"`): a q8_0 base in f32 on the CPU keeps its q8_0 weights and
-    /// runs candle's q8_0 matmul (activations quantised too), labelled `"cpu q8_0 (candle)"`;
+    /// `"f32"`, `"f16"` or `"q8_0"`): a q8_0 base in f32 on the CPU keeps its q8_0 weights,
+    /// labelled by the kernel that multiplies them ([`crate::model::mapped::Q8Kernel`]):
+    /// `"cpu q8_0 (avx2)"` / `"cpu q8_0 (avx512f)"` for the in-house f32 GEMM on dequantised
+    /// panels, `"cpu q8_0 (candle)"` for candle's q8_0 matmul (activations quantised too);
     /// every other case is [`Self::label`] (bf16 converts q8_0 to bf16 at load).
     pub fn label_for(&self, precision: &str) -> String {
         if self.device.is_cpu() && self.dtype == DType::F32 && precision == "q8_0" {
-            "cpu q8_0 (candle)".to_string()
+            let kernel = crate::model::mapped::Q8Kernel::from_env();
+            format!("cpu q8_0 ({})", kernel.label())
         } else {
             self.label()
         }

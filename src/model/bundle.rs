@@ -400,6 +400,7 @@ impl NoduleModel {
                 let (o, i) = (spec.shape[0], spec.shape[1]);
                 let w = base.q8_0(&spec.key, o, i)?;
                 let w = match kernel {
+                    Q8Kernel::Gemm => BaseWeight::Q8Gemm(w),
                     Q8Kernel::InPlace => BaseWeight::Mapped(w),
                     Q8Kernel::Candle => BaseWeight::Packed(w.to_packed()?),
                 };

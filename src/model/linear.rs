@@ -25,8 +25,11 @@ pub enum BaseWeight {
     Mapped(super::mapped::MappedQ8),
     /// A q8_0 weight from a mapped bundle file, multiplied by candle's repacking kernel.
     Packed(super::mapped::PackedQ8),
-    /// A weight packed for the in-house AVX-512 GEMM (f32 or bf16), see [`super::gemm`].
+    /// A weight packed for the in-house GEMM (f32 or bf16), see [`super::gemm`].
     Gemm(Arc<PackedWeight>),
+    /// A q8_0 weight (mapped from a bundle, or quantised in process) multiplied by the
+    /// in-house f32 GEMM on panels dequantised at each product ([`super::mapped::Q8Kernel::Gemm`]).
+    Q8Gemm(super::mapped::MappedQ8),
     /// A weight rounded to bf16 but held as f32 [out, in], on CPUs without AVX512_BF16: the
     /// input is rounded to bf16 too, so the numbers are those of the bf16 kernel (slower).
     Bf16Emulated(Tensor),
@@ -41,23 +44,9 @@ impl BaseWeight {
             BaseWeight::Quantized(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => {
                 w.to_dtype(DType::F32)
             }
-            BaseWeight::Mapped(q) => q.dequantize(),
+            BaseWeight::Mapped(q) | BaseWeight::Q8Gemm(q) => q.dequantize(),
             BaseWeight::Packed(q) => q.source().dequantize(),
             BaseWeight::Gemm(p) => Tensor::from_vec(p.unpack(), (out_dim, in_dim), &Device::Cpu),
-        }
-    }
-
-    /// What multiplies this weight on the CPU: `"avx512 f32"`, `"avx512 bf16"`,
-    /// `"emulated bf16"`, `"q8_0"` or `"candle f32"` (for status and bench).
-    pub fn kernel(&self) -> &'static str {
-        match self {
-            BaseWeight::Gemm(p) => match p.dtype() {
-                GemmDtype::F32 => "avx512 f32",
-                GemmDtype::Bf16 => "avx512 bf16",
-            },
-            BaseWeight::Bf16Emulated(_) => "emulated bf16",
-            BaseWeight::Quantized(_) | BaseWeight::Mapped(_) | BaseWeight::Packed(_) => "q8_0",
-            BaseWeight::Float(_) => "candle f32",
         }
     }
 }
@@ -129,7 +118,14 @@ impl Linear {
         let weight = match &self.weight {
             w @ (BaseWeight::Float(_) | BaseWeight::Gemm(_) | BaseWeight::Bf16Emulated(_)) => {
                 let w = w.to_f32(self.out_dim, self.in_dim)?;
-                BaseWeight::Quantized(QMatMul::from_qtensor(QTensor::quantize(&w, dtype)?)?)
+                let gemm = super::mapped::Q8Kernel::from_env() == super::mapped::Q8Kernel::Gemm;
+                if dtype == GgmlDType::Q8_0 && gemm {
+                    let values = w.flatten_all()?.to_vec1::<f32>()?;
+                    let q = super::mapped::MappedQ8::quantize(&values, self.out_dim, self.in_dim)?;
+                    BaseWeight::Q8Gemm(q)
+                } else {
+                    BaseWeight::Quantized(QMatMul::from_qtensor(QTensor::quantize(&w, dtype)?)?)
+                }
             }
             other => other.clone(),
         };
@@ -182,7 +178,7 @@ impl Linear {
         let w = self.weight.to_f32(self.out_dim, self.in_dim)?;
         // A mapped q8_0 matrix is read once here: its pages need not stay resident.
         match &self.weight {
-            BaseWeight::Mapped(q) => q.release_pages(),
+            BaseWeight::Mapped(q) | BaseWeight::Q8Gemm(q) => q.release_pages(),
             BaseWeight::Packed(q) => q.source().release_pages(),
             _ => {}
         }
@@ -222,9 +218,9 @@ impl Linear {
     /// when the weight is not packed for the in-house GEMM or the fused kernels are off
     /// (`NODULED_UNFUSED=1`): then the caller runs [`Self::forward_no_bias`] and the op.
     pub fn forward_fused(&self, xs: &Tensor, op: Fused<'_>) -> Result<Option<Tensor>> {
-        let BaseWeight::Gemm(p) = &self.weight else {
+        if !matches!(self.weight, BaseWeight::Gemm(_) | BaseWeight::Q8Gemm(_)) {
             return Ok(None);
-        };
+        }
         if !super::kernels::enabled() {
             return Ok(None);
         }
@@ -235,7 +231,7 @@ impl Linear {
             None => vec![0f32; self.out_dim],
         };
         let flops = 2.0 * (rows * self.in_dim * self.out_dim) as f64;
-        let y = timed_flops(self.label(), flops, || match op {
+        let y = self.with_packed(flops, |p| match op {
             Fused::BiasQuickGelu => packed_matmul(p, &x2, |_| Epilogue::BiasQuickGelu(&bias)),
             Fused::BiasResidual(r) => {
                 let r = r.to_dtype(DType::F32)?.contiguous()?.flatten_all()?;
@@ -254,7 +250,11 @@ impl Linear {
                 };
                 packed_matmul(p, &x2, |_| Epilogue::BiasResidual(&bias, &v[start..end]))
             }
-        })?;
+        });
+        let Some(y) = y else {
+            return Ok(None);
+        };
+        let y = y?;
         let mut out_dims = xs.dims().to_vec();
         *out_dims.last_mut().expect("rank >= 1") = self.out_dim;
         Ok(Some(y.reshape(out_dims)?))
@@ -267,16 +267,46 @@ impl Linear {
         let x2 = xs.reshape((rows, self.in_dim))?;
         let label = self.label();
         let flops = 2.0 * (rows * self.in_dim * self.out_dim) as f64;
+        if let Some(y) = self.with_packed(flops, |p| packed_matmul(p, &x2, |_| Epilogue::None)) {
+            *out_dims.last_mut().expect("rank >= 1") = self.out_dim;
+            return y?.reshape(out_dims);
+        }
         let y = timed_flops(label, flops, || match &self.weight {
             BaseWeight::Float(w) => x2.matmul(&w.t()?),
             BaseWeight::Quantized(q) => q.forward(&x2),
             BaseWeight::Mapped(q) => q.forward(&x2),
             BaseWeight::Packed(q) => q.forward(&x2),
-            BaseWeight::Gemm(p) => packed_matmul(p, &x2, |_| Epilogue::None),
+            BaseWeight::Gemm(_) | BaseWeight::Q8Gemm(_) => unreachable!("run by with_packed"),
             BaseWeight::Bf16Emulated(w) => round_bf16(&x2)?.matmul(&w.t()?),
         })?;
         *out_dims.last_mut().expect("rank >= 1") = self.out_dim;
         y.reshape(out_dims)
+    }
+}
+
+impl Linear {
+    /// Runs `gemm` on this layer's packed weight, timed under the layer's GEMM label: the
+    /// resident packing, or for a q8_0 weight one dequantised into this thread's scratch
+    /// (timed as `q8_0.unpack`); `None` for weights the in-house GEMM does not hold.
+    fn with_packed(
+        &self,
+        flops: f64,
+        gemm: impl FnOnce(&PackedWeight) -> Result<Tensor>,
+    ) -> Option<Result<Tensor>> {
+        let label = self.label();
+        match &self.weight {
+            BaseWeight::Gemm(p) => Some(timed_flops(label, flops, || gemm(p))),
+            BaseWeight::Q8Gemm(q) => Some(
+                PackedWeight::with_packed_rows(
+                    q.out_dim(),
+                    q.in_dim(),
+                    |j, k0, out| q.segment(j, k0, out),
+                    |p| timed_flops(label, flops, || gemm(p)),
+                )
+                .unwrap_or_else(|| candle_core::bail!("q8_0 GEMM: no f32 kernel on this CPU")),
+            ),
+            _ => None,
+        }
     }
 }
 

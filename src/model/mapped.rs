@@ -77,6 +77,11 @@ impl MappedQ8 {
         self.out_dim
     }
 
+    /// Input width.
+    pub fn in_dim(&self) -> usize {
+        self.in_dim
+    }
+
     fn blocks(&self) -> &[BlockQ8_0] {
         let n = self.out_dim * self.in_dim / Q8_0_BLOCK_VALUES;
         // SAFETY: `new` checked bounds and alignment; BlockQ8_0 is repr(C) {f16, [i8; 32]}
@@ -85,6 +90,37 @@ impl MappedQ8 {
         unsafe {
             std::slice::from_raw_parts(self.map.as_ptr().add(self.offset) as *const BlockQ8_0, n)
         }
+    }
+
+    /// A q8_0 matrix [out_dim, in_dim] quantised from `values` (row-major f32) into an
+    /// anonymous read-only mapping (a model quantised in process, e.g. `bench --precision
+    /// q8_0`, then runs exactly as a mapped bundle does).
+    pub fn quantize(values: &[f32], out_dim: usize, in_dim: usize) -> Result<Self> {
+        if values.len() != out_dim * in_dim || in_dim % Q8_0_BLOCK_VALUES != 0 {
+            candle_core::bail!(
+                "q8_0 quantise: {} values for [{out_dim}, {in_dim}]",
+                values.len()
+            );
+        }
+        let mut blocks = vec![BlockQ8_0::zeros(); values.len() / Q8_0_BLOCK_VALUES];
+        BlockQ8_0::from_float(values, &mut blocks);
+        let len = Self::byte_len(out_dim, in_dim);
+        let mut map = memmap2::MmapMut::map_anon(len)?;
+        // SAFETY: BlockQ8_0 is repr(C) {f16, [i8; 32]}, 34 bytes without padding: its bytes
+        // are plain data, and `blocks` spans exactly `len` of them.
+        let bytes = unsafe { std::slice::from_raw_parts(blocks.as_ptr() as *const u8, len) };
+        map.copy_from_slice(bytes);
+        Self::new(Arc::new(map.make_read_only()?), 0, out_dim, in_dim)
+    }
+
+    /// Writes row `j`'s values `k0..k0 + out.len()` dequantised (scale x int8, as
+    /// [`Self::dequantize`]); `k0` and `out.len()` are multiples of 32 (the packing's k
+    /// blocks are).
+    pub fn segment(&self, j: usize, k0: usize, out: &mut [f32]) {
+        let per_row = self.in_dim / Q8_0_BLOCK_VALUES;
+        let first = j * per_row + k0 / Q8_0_BLOCK_VALUES;
+        let blocks = &self.blocks()[first..first + out.len() / Q8_0_BLOCK_VALUES];
+        BlockQ8_0::to_float(blocks, out);
     }
 
     /// The weight dequantised to f32 [out, in] (for tests and accuracy reports).
@@ -102,6 +138,12 @@ impl MappedQ8 {
 /// How a mapped q8_0 weight is multiplied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Q8Kernel {
+    /// The in-house f32 GEMM ([`crate::model::gemm`]) on panels dequantised from the mapped
+    /// blocks at each product into one per-thread scratch buffer (the size of the largest
+    /// weight in f32: 9 MiB at ViT-B/32): the f32 kernel's speed with the weights resident
+    /// once, as q8_0. Activations stay f32, so the products are those of the dequantised
+    /// weight. The default where that kernel runs (x86 with AVX2 + FMA or AVX-512).
+    Gemm,
     /// candle's q8_0 row-by-row kernel directly on the mapped blocks: no copy at all.
     InPlace,
     /// candle's `QMatMul` over the mapped blocks: where candle has a repacked kernel (x86 with
@@ -111,11 +153,26 @@ pub enum Q8Kernel {
 }
 
 impl Q8Kernel {
-    /// From `NODULED_Q8_KERNEL` (`inplace` or `candle`); default `candle`.
+    /// From `NODULED_Q8_KERNEL` (`gemm`, `inplace` or `candle`); by default `gemm` where the
+    /// in-house f32 kernel runs, else `candle`.
     pub fn from_env() -> Self {
+        let gemm = crate::model::gemm::GemmDtype::F32.supported();
         match std::env::var("NODULED_Q8_KERNEL").as_deref() {
             Ok("inplace") => Self::InPlace,
+            Ok("candle") => Self::Candle,
+            _ if gemm => Self::Gemm,
             _ => Self::Candle,
+        }
+    }
+
+    /// The kernel's name in backend labels: `"avx2"` / `"avx512f"` for [`Self::Gemm`],
+    /// else `"candle"`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Gemm => crate::model::gemm::GemmDtype::F32
+                .kernel_name()
+                .unwrap_or("candle"),
+            Self::InPlace | Self::Candle => "candle",
         }
     }
 }
@@ -343,6 +400,47 @@ mod tests {
         let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
         assert!(diff(&y, &want) <= 0.02 * scale, "{}", diff(&y, &want));
         std::fs::remove_file(&file.0).ok();
+    }
+
+    /// The in-house GEMM on panels dequantised per product equals the same GEMM on the
+    /// dequantised weight packed once, bit for bit, at shapes with edges in n and a k past one
+    /// block (320 = 256 + 64); the blocks quantised in process equal candle's.
+    #[test]
+    fn q8_gemm_equals_the_packed_dequantised_weight() {
+        use crate::model::gemm::{Epilogue, GemmDtype, PackedWeight};
+        let dev = Device::Cpu;
+        for (out_dim, in_dim, rows) in [(40, 96, 7), (77, 320, 29)] {
+            let w = Tensor::randn(0f32, 0.05, (out_dim, in_dim), &dev).unwrap();
+            let values = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let q = MappedQ8::quantize(&values, out_dim, in_dim).unwrap();
+            let deq = q.dequantize().unwrap();
+            let candle = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+            let candle = candle.dequantize(&dev).unwrap();
+            let (a, b) = (deq.flatten_all().unwrap(), candle.flatten_all().unwrap());
+            assert_eq!(a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+            let Some(once) =
+                PackedWeight::pack(&a.to_vec1().unwrap(), out_dim, in_dim, GemmDtype::F32)
+            else {
+                return eprintln!("no in-house f32 GEMM on this CPU: Q8Kernel::Gemm is not chosen");
+            };
+            let x = Tensor::randn(0f32, 1.0, (rows, in_dim), &dev).unwrap();
+            let x = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let bias: Vec<f32> = (0..out_dim).map(|j| j as f32 * 0.01).collect();
+            let mut want = vec![0f32; rows * out_dim];
+            once.matmul_fused(&x, rows, &mut want, Epilogue::BiasQuickGelu(&bias));
+            let mut got = vec![0f32; rows * out_dim];
+            for _ in 0..2 {
+                // Twice: the second product reuses the thread's scratch.
+                PackedWeight::with_packed_rows(
+                    out_dim,
+                    in_dim,
+                    |j, k0, out| q.segment(j, k0, out),
+                    |p| p.matmul_fused(&x, rows, &mut got, Epilogue::BiasQuickGelu(&bias)),
+                )
+                .unwrap();
+                assert_eq!(got, want, "[{out_dim}, {in_dim}]");
+            }
+        }
     }
 
     fn tempfile_in_target() -> (std::path::PathBuf, std::fs::File) {

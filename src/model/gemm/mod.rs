@@ -220,18 +220,29 @@ fn f32_index(p: usize, j: usize, kc: usize) -> usize {
     (j / w) * kc * w + p * w + j % w
 }
 
-/// The (k row, column) of the `i`-th f32 value of a packed panel of `kc` rows.
-fn f32_position(i: usize, kc: usize) -> (usize, usize) {
-    let w = f32_sub_panel();
-    let (sub, rest) = (i / (kc * w), i % (kc * w));
-    (rest / w, sub * w + rest % w)
-}
-
 impl PackedWeight {
     /// Packs `w` [n, k] row-major, or `None` when this CPU lacks the dtype's micro-kernel
     /// (the caller keeps its plain matmul) or the shape is empty.
     pub fn pack(w: &[f32], n: usize, k: usize, dtype: GemmDtype) -> Option<Self> {
-        if !dtype.supported() || n == 0 || k == 0 || w.len() != n * k {
+        if w.len() != n * k {
+            return None;
+        }
+        Self::pack_rows(n, k, dtype, Vec::new(), |j, k0, out| {
+            out.copy_from_slice(&w[j * k + k0..j * k + k0 + out.len()])
+        })
+    }
+
+    /// Packs the weight [n, k] whose row `j`, values `k0..k0 + out.len()`, `segment` writes
+    /// into `out` (called once per row and k block, `k0` a multiple of [`KC`]), reusing
+    /// `lines`' allocation; `None` as [`Self::pack`]. Panels are filled in parallel.
+    fn pack_rows(
+        n: usize,
+        k: usize,
+        dtype: GemmDtype,
+        mut lines: Vec<Line>,
+        segment: impl Fn(usize, usize, &mut [f32]) + Sync,
+    ) -> Option<Self> {
+        if !dtype.supported() || n == 0 || k == 0 {
             return None;
         }
         let panels = n.div_ceil(NR);
@@ -239,42 +250,63 @@ impl PackedWeight {
             .step_by(KC)
             .map(|k0| panels * Self::panel_bytes(dtype, block_len(k, k0)))
             .sum();
-        let mut lines = vec![Line([0; 64]); bytes / 64];
+        lines.clear();
+        lines.resize(bytes / 64, Line([0; 64]));
         // SAFETY: `lines` is `bytes` bytes of plain data, 64-byte aligned.
         let buf = unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u8, bytes) };
-        let mut at = 0;
+        let mut rest = buf;
         for k0 in (0..k).step_by(KC) {
             let kc = block_len(k, k0);
             let size = Self::panel_bytes(dtype, kc);
-            for jr in 0..panels {
-                let panel = &mut buf[at..at + size];
-                let value = |j: usize, kk: usize| {
-                    let col = jr * NR + j;
-                    if col < n && kk < k0 + kc {
-                        w[col * k + kk]
-                    } else {
-                        0.0
-                    }
-                };
-                match dtype {
-                    GemmDtype::F32 => {
-                        for (i, out) in panel.chunks_exact_mut(4).enumerate() {
-                            let (p, j) = f32_position(i, kc);
-                            out.copy_from_slice(&value(j, k0 + p).to_le_bytes());
+            let (block, tail) = rest.split_at_mut(panels * size);
+            rest = tail;
+            let sub = f32_sub_panel();
+            block
+                .par_chunks_mut(size)
+                .enumerate()
+                .for_each(|(jr, panel)| {
+                    let mut row = [0f32; KC];
+                    for j in 0..NR.min(n - jr * NR) {
+                        segment(jr * NR + j, k0, &mut row[..kc]);
+                        let values = row[..kc].iter().enumerate();
+                        match dtype {
+                            GemmDtype::F32 => values.for_each(|(p, &v)| {
+                                // f32_index(p, j, kc), with the sub-panel width read once.
+                                let at = 4 * ((j / sub) * kc * sub + p * sub + j % sub);
+                                panel[at..at + 4].copy_from_slice(&v.to_le_bytes());
+                            }),
+                            GemmDtype::Bf16 => values.for_each(|(p, &v)| {
+                                let at = 2 * ((p / 2) * 2 * NR + 2 * j + p % 2);
+                                let bits = half::bf16::from_f32(v).to_bits();
+                                panel[at..at + 2].copy_from_slice(&bits.to_le_bytes());
+                            }),
                         }
                     }
-                    GemmDtype::Bf16 => {
-                        for (i, out) in panel.chunks_exact_mut(2).enumerate() {
-                            let (pp, j, e) = (i / (2 * NR), i / 2 % NR, i % 2);
-                            let v = half::bf16::from_f32(value(j, k0 + 2 * pp + e));
-                            out.copy_from_slice(&v.to_bits().to_le_bytes());
-                        }
-                    }
-                }
-                at += size;
-            }
+                });
         }
         Some(Self { dtype, n, k, lines })
+    }
+
+    /// Runs `f` on the weight [n, k] packed for the f32 kernel from `segment` (as in
+    /// [`Self::pack_rows`]) in this thread's scratch buffer, which keeps its allocation for
+    /// the next call: a weight stored in another form (q8_0 blocks) is multiplied by the f32
+    /// kernel without a resident f32 copy. `None` where the f32 kernel is not available.
+    pub fn with_packed_rows<R>(
+        n: usize,
+        k: usize,
+        segment: impl Fn(usize, usize, &mut [f32]) + Sync,
+        f: impl FnOnce(&PackedWeight) -> R,
+    ) -> Option<R> {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<Line>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let lines = SCRATCH.with(|cell| cell.take());
+        let packed = super::profile::timed("q8_0.unpack", || {
+            Self::pack_rows(n, k, GemmDtype::F32, lines, segment)
+        })?;
+        let out = f(&packed);
+        SCRATCH.with(|cell| cell.replace(packed.lines));
+        Some(out)
     }
 
     /// Bytes of one packed panel of a `kc`-long k block.
