@@ -276,7 +276,9 @@ impl Linear {
             BaseWeight::Quantized(q) => q.forward(&x2),
             BaseWeight::Mapped(q) => q.forward(&x2),
             BaseWeight::Packed(q) => q.forward(&x2),
-            BaseWeight::Gemm(_) | BaseWeight::Q8Gemm(_) => unreachable!("run by with_packed"),
+            BaseWeight::Gemm(_) | BaseWeight::Q8Gemm(_) => {
+                candle_core::bail!("gemm: a packed weight reached the unpacked path")
+            }
             BaseWeight::Bf16Emulated(w) => round_bf16(&x2)?.matmul(&w.t()?),
         })?;
         *out_dims.last_mut().expect("rank >= 1") = self.out_dim;
