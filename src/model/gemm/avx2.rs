@@ -4,7 +4,7 @@
 //! 12 ymm accumulators, and per k value loads two B vectors and broadcasts six A values, which
 //! with the accumulators fills the 16 ymm registers (the 6 x 16 shape BLIS uses on Haswell
 //! and Zen). A call covers at most [`COLUMNS`] = 16 columns, one half of a weight panel, which
-//! the packing stores as its own `[kc][16]` block (16 KiB at KC = 256, contiguous, so it stays
+//! the packing stores as its own `[kc][16]` block (16 KiB at [`KC_BLOCK`] = 256, contiguous, so it stays
 //! in L1); the driver runs every strip over one half before the other. A strips are packed k-major
 //! per 6-row half ([`pack_row`]).
 
@@ -14,6 +14,10 @@ use super::{Tile, KC, MR};
 const SR: usize = 6;
 /// Columns of one sub-tile (two ymm of f32).
 const SC: usize = 16;
+
+/// k values per block for this kernel: a `[kc][16]` half panel is then 16 KiB and stays in
+/// L1 while every strip passes over it.
+pub const KC_BLOCK: usize = 256;
 
 /// Columns of C one kernel call covers at most: one sub-tile's width, so that the driver
 /// walks all strips over one 16-column half of a panel before the next (L1 reuse).
@@ -72,7 +76,7 @@ pub fn peak_gflops(ms: u64) -> Option<f64> {
     }
 }
 
-/// Writes row `r` of A's k block (`src`, at most [`KC`] values) into the strip buffer `pack`
+/// Writes row `r` of A's k block (`src`, at most [`KC_BLOCK`] values) into the strip buffer `pack`
 /// in this kernel's layout: strip `r / MR` holds two halves of [`SR`] rows, each k-major
 /// (`[KC][SR]`: the six values one k step broadcasts share a cache line, one stream instead
 /// of six 1 KiB-apart ones). The strip and half start where the row-major layout's would.

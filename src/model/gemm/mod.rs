@@ -19,9 +19,9 @@
 //! - The micro-kernel computes an [`MR`] x [`NR`] (12 x 32) tile of C in 24 zmm accumulators:
 //!   per k it loads 32 weights (two vectors) and broadcasts one activation per row
 //!   (f32: `vfmadd231ps`; bf16: `vdpbf16ps` takes two k at once).
-//! - k is cut into blocks of [`KC`]; a packed weight holds, per k block and per panel of
+//! - k is cut into blocks of [`KC`] (AVX2: 256); a packed weight holds, per k block and per panel of
 //!   [`NR`] outputs, the block's weights k-major (`[k][32]` f32, `[k/2][32][2]` bf16), 64-byte
-//!   aligned, so the micro-kernel streams a 16 KiB (bf16) or 32 KiB (f32) panel from L1/L2.
+//!   aligned, so the micro-kernel streams a 48 KiB (bf16) or 96 KiB (f32) panel from L2.
 //! - Rows of A are split into one contiguous run per task (about [`MC_MAX`] rows, a multiple of
 //!   [`MR`], the same count per thread); each task copies its rows' k block into a buffer with
 //!   a fixed row stride of [`KC`] values (no cache-set conflicts at k = 3072) and walks every
@@ -116,8 +116,20 @@ fn kernel(dtype: GemmDtype, t: Tile<'_>) {
 pub const MR: usize = 12;
 /// Columns of C per micro-kernel tile (two zmm of f32).
 pub const NR: usize = 32;
-/// k values per block.
-pub const KC: usize = 256;
+/// Most k values per block, and the row stride of packed A strips. The AVX-512 kernels take
+/// k in blocks of 768 (a bf16 panel is 48 KiB, f32 96 KiB, both L2-resident; 768 is the
+/// encoder's width, so its 768-deep GEMMs write C once and the 3072-deep ones four times:
+/// blocks of 256 cost 6-16% of the bf16 rate, docs/performance.md); the AVX2 kernel keeps
+/// [`avx2::KC_BLOCK`] = 256 (its half panels must stay in L1).
+pub const KC: usize = 768;
+
+/// k values per block on this CPU's kernel (see [`KC`]).
+fn kc_block() -> usize {
+    match isa() {
+        Some(Isa::Avx2) => avx2::KC_BLOCK,
+        _ => KC,
+    }
+}
 /// Most rows of A one task packs and walks.
 pub const MC_MAX: usize = 240;
 
@@ -200,13 +212,13 @@ impl std::fmt::Debug for PackedWeight {
 
 /// The k block starting at `k0` of a k-long axis: its length.
 fn block_len(k: usize, k0: usize) -> usize {
-    KC.min(k - k0)
+    kc_block().min(k - k0)
 }
 
 /// Columns of one contiguous sub-panel of a packed f32 panel: the whole [`NR`] for the
 /// AVX-512 kernel; [`avx2::COLUMNS`] (16, one 64-byte line per k) for the AVX2 kernel, which
 /// walks one half of a panel at a time, so each half is its own `[kc][16]` block (16 KiB at
-/// KC = 256, contiguous: a `[kc][32]` row stride would map the half onto half of L1's sets).
+/// k blocks of 256, contiguous: a `[kc][32]` row stride would map the half onto half of L1's sets).
 fn f32_sub_panel() -> usize {
     match isa() {
         Some(Isa::Avx2) => avx2::COLUMNS,
@@ -233,7 +245,7 @@ impl PackedWeight {
     }
 
     /// Packs the weight [n, k] whose row `j`, values `k0..k0 + out.len()`, `segment` writes
-    /// into `out` (called once per row and k block, `k0` a multiple of [`KC`]), reusing
+    /// into `out` (called once per row and k block, `k0` a multiple of the block length), reusing
     /// `lines`' allocation; `None` as [`Self::pack`]. Panels are filled in parallel.
     fn pack_rows(
         n: usize,
@@ -247,7 +259,7 @@ impl PackedWeight {
         }
         let panels = n.div_ceil(NR);
         let bytes: usize = (0..k)
-            .step_by(KC)
+            .step_by(kc_block())
             .map(|k0| panels * Self::panel_bytes(dtype, block_len(k, k0)))
             .sum();
         lines.clear();
@@ -255,7 +267,7 @@ impl PackedWeight {
         // SAFETY: `lines` is `bytes` bytes of plain data, 64-byte aligned.
         let buf = unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u8, bytes) };
         let mut rest = buf;
-        for k0 in (0..k).step_by(KC) {
+        for k0 in (0..k).step_by(kc_block()) {
             let kc = block_len(k, k0);
             let size = Self::panel_bytes(dtype, kc);
             let (block, tail) = rest.split_at_mut(panels * size);
@@ -348,7 +360,7 @@ impl PackedWeight {
         let buf = self.bytes_slice();
         let mut w = vec![0f32; n * k];
         let mut at = 0;
-        for k0 in (0..k).step_by(KC) {
+        for k0 in (0..k).step_by(kc_block()) {
             let kc = block_len(k, k0);
             let size = Self::panel_bytes(self.dtype, kc);
             for jr in 0..n.div_ceil(NR) {
@@ -432,13 +444,26 @@ impl PackedWeight {
         let buf = self.bytes_slice();
         // Packed rows: f32 values, or bf16 pairs as u32, row stride KC values either way
         // (the AVX2 kernel's strips are k-major instead, see `avx2::pack_row`).
-        let mut pack = vec![0u32; strips * MR * KC];
+        // The buffer is this thread's, kept between calls: a fresh 0.7 MiB per task and GEMM
+        // came from mmap and went back with munmap, whose TLB shootdowns stall both cores.
+        thread_local! {
+            static STRIPS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let mut pack = STRIPS.with(|cell| cell.take());
+        if pack.len() < strips * MR * KC {
+            pack.resize(strips * MR * KC, 0);
+        }
         let k_major = isa() == Some(Isa::Avx2) && self.dtype == GemmDtype::F32;
+        let zeros = [0f32; KC];
         let mut at = 0;
-        for k0 in (0..k).step_by(KC) {
+        for k0 in (0..k).step_by(kc_block()) {
             let kc = block_len(k, k0);
-            for r in 0..m {
-                let src = &a[r * k + k0..r * k + k0 + kc];
+            // Rows past m (the last strip's padding) are packed as zeros.
+            for r in 0..strips * MR {
+                let src = match r < m {
+                    true => &a[r * k + k0..r * k + k0 + kc],
+                    false => &zeros[..kc],
+                };
                 if k_major {
                     avx2::pack_row(src, r, &mut pack);
                     continue;
@@ -455,7 +480,7 @@ impl PackedWeight {
             }
             let size = Self::panel_bytes(self.dtype, kc);
             // The columns one pass over all strips covers: the whole panel, or (AVX2) its
-            // 16-column half, 16 KiB at KC = 256, which then stays in L1 across the strips.
+            // 16-column half, 16 KiB at k blocks of 256, which then stays in L1 across the strips.
             let step = match (isa(), self.dtype) {
                 (Some(Isa::Avx2), GemmDtype::F32) => avx2::COLUMNS,
                 _ => NR,
@@ -493,6 +518,7 @@ impl PackedWeight {
             }
             at += panels * size;
         }
+        STRIPS.with(|cell| cell.replace(pack));
     }
 }
 
@@ -589,6 +615,7 @@ mod tests {
                 (50, 70, 257),
                 (251, 96, 600),
                 (24, 64, 512),
+                (37, 40, 1700), // three AVX-512 k blocks, the last partial
             ] {
                 let a = values(m * k, 1 + m as u64);
                 let w = values(n * k, 2 + n as u64);
