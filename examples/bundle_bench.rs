@@ -3,8 +3,9 @@
 //! loading to the first score, and the outputs, as one JSON line. With `--compare OTHER.json` (an
 //! earlier run's output) it adds the largest per-nodule differences to that run.
 //!
-//! `cargo run --release --example bundle_bench -- MODEL [--save OUT.json] [--compare REF.json]`
-//! (`-- - --write-planes FILE` writes the first nodule as a `score --planes` file).
+//! `cargo run --release --example bundle_bench -- MODEL [--dtype auto|f32|bf16] [--save OUT.json]
+//! [--compare REF.json]` (`--dtype` as `score`'s, default f32; `-- - --write-planes FILE` writes
+//! the first nodule as a `score --planes` file).
 //!
 //! The 10 nodules: the three reference fixture crops (tests/fixtures/reference) and seven
 //! flips and transposes of them and of the bundle golden input, so every run scores the same.
@@ -87,8 +88,13 @@ fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let model = std::path::PathBuf::from(args.next().expect("usage: bundle_bench MODEL ..."));
     let (mut save, mut compare) = (None, None);
+    let mut dtype = noduled::device::DtypeRequest::F32;
     while let Some(a) = args.next() {
         match a.as_str() {
+            "--dtype" => {
+                let d = args.next().unwrap_or_default();
+                dtype = d.parse().map_err(|e| anyhow::anyhow!("--dtype {d}: {e}"))?;
+            }
             "--save" => save = args.next(),
             "--compare" => compare = args.next(),
             "--write-planes" => {
@@ -108,6 +114,7 @@ fn main() -> anyhow::Result<()> {
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
+    noduled::device::init(noduled::device::DeviceRequest::Cpu, dtype)?;
     let nodules = inputs()?;
     let before = status();
     let t0 = Instant::now();

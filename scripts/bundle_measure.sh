@@ -32,6 +32,12 @@ done
 "$EX/bundle_bench" "$W/f16" --compare "$W/f32.json"
 "$EX/bundle_bench" "$W/q8_0" --compare "$W/f32.json"
 NODULED_Q8_KERNEL=inplace "$EX/bundle_bench" "$W/q8_0" --compare "$W/f32.json"
+# Where the CPU has AVX512_BF16: each bundle converted to bf16 at load.
+if grep -qw avx512_bf16 /proc/cpuinfo; then
+  for p in f32 q8_0; do
+    "$EX/bundle_bench" "$W/$p" --dtype bf16 --compare "$W/f32.json"
+  done
+fi
 if [ "${2:-}" = "--checkpoint-baseline" ]; then
   "$EX/bundle_bench" "$W/ckpt" --compare "$W/f32.json"
 fi
