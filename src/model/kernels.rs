@@ -102,8 +102,8 @@ pub fn exp(x: f32) -> f32 {
 
 /// Defines `$name(args)`, which runs `$body::<true>(args)` compiled for AVX-512F (zmm) or
 /// AVX2 + FMA, whichever the CPU has first, and `$body::<false>(args)` (baseline instructions)
-/// otherwise. On a Zen 4 the AVX-512 build cut attention's CPU time by 10%, LayerNorm's and
-/// the LoRA update's by ~30% (docs/performance.md).
+/// otherwise. On a Zen 4 the AVX-512 build cut attention's CPU time by ~10%, LayerNorm's by
+/// ~30% and the LoRA update's by ~20% (docs/performance.md, "Zen 4 again, quiet").
 macro_rules! dispatch {
     ($name:ident => $body:ident($($arg:ident: $ty:ty),* $(,)?)) => {
         fn $name($($arg: $ty),*) {

@@ -4,9 +4,9 @@
 //! 12 ymm accumulators, and per k value loads two B vectors and broadcasts six A values, which
 //! with the accumulators fills the 16 ymm registers (the 6 x 16 shape BLIS uses on Haswell
 //! and Zen). A call covers at most [`COLUMNS`] = 16 columns, one half of a weight panel, which
-//! the packing stores as its own `[kc][16]` block (16 KiB at [`KC_BLOCK`] = 256, contiguous, so it stays
-//! in L1); the driver runs every strip over one half before the other. A strips are packed k-major
-//! per 6-row half ([`pack_row`]).
+//! the packing stores as its own `[kc][16]` block (16 KiB at [`KC_BLOCK`] = 256, contiguous,
+//! so it stays in L1); the driver runs every strip over one half before the other. A strips
+//! are packed k-major per 6-row half ([`pack_row`]).
 
 use super::{Tile, KC, MR};
 
@@ -76,8 +76,8 @@ pub fn peak_gflops(ms: u64) -> Option<f64> {
     }
 }
 
-/// Writes row `r` of A's k block (`src`, at most [`KC_BLOCK`] values) into the strip buffer `pack`
-/// in this kernel's layout: strip `r / MR` holds two halves of [`SR`] rows, each k-major
+/// Writes row `r` of A's k block (`src`, at most [`KC_BLOCK`] values) into the strip buffer
+/// `pack` in this kernel's layout: strip `r / MR` holds two halves of [`SR`] rows, each k-major
 /// (`[KC][SR]`: the six values one k step broadcasts share a cache line, one stream instead
 /// of six 1 KiB-apart ones). The strip and half start where the row-major layout's would.
 pub fn pack_row(src: &[f32], r: usize, pack: &mut [u32]) {

@@ -19,9 +19,10 @@
 //! - The micro-kernel computes an [`MR`] x [`NR`] (12 x 32) tile of C in 24 zmm accumulators:
 //!   per k it loads 32 weights (two vectors) and broadcasts one activation per row
 //!   (f32: `vfmadd231ps`; bf16: `vdpbf16ps` takes two k at once).
-//! - k is cut into blocks of [`KC`] (AVX2: 256); a packed weight holds, per k block and per panel of
-//!   [`NR`] outputs, the block's weights k-major (`[k][32]` f32, `[k/2][32][2]` bf16), 64-byte
-//!   aligned, so the micro-kernel streams a 48 KiB (bf16) or 96 KiB (f32) panel from L2.
+//! - k is cut into blocks of [`KC`] (AVX2: 256); a packed weight holds, per k block and per
+//!   panel of [`NR`] outputs, the block's weights k-major (`[k][32]` f32, `[k/2][32][2]`
+//!   bf16), 64-byte aligned, so the micro-kernel streams a 48 KiB (bf16) or 96 KiB (f32) panel
+//!   from L2 (AVX2: one 16 KiB half panel from L1).
 //! - Rows of A are split into one contiguous run per task (about [`MC_MAX`] rows, a multiple of
 //!   [`MR`], the same count per thread); each task copies its rows' k block into a buffer with
 //!   a fixed row stride of [`KC`] values (no cache-set conflicts at k = 3072) and walks every
@@ -218,7 +219,8 @@ fn block_len(k: usize, k0: usize) -> usize {
 /// Columns of one contiguous sub-panel of a packed f32 panel: the whole [`NR`] for the
 /// AVX-512 kernel; [`avx2::COLUMNS`] (16, one 64-byte line per k) for the AVX2 kernel, which
 /// walks one half of a panel at a time, so each half is its own `[kc][16]` block (16 KiB at
-/// k blocks of 256, contiguous: a `[kc][32]` row stride would map the half onto half of L1's sets).
+/// k blocks of 256, contiguous: a `[kc][32]` row stride would map the half onto half of L1's
+/// sets).
 fn f32_sub_panel() -> usize {
     match isa() {
         Some(Isa::Avx2) => avx2::COLUMNS,
@@ -245,8 +247,8 @@ impl PackedWeight {
     }
 
     /// Packs the weight [n, k] whose row `j`, values `k0..k0 + out.len()`, `segment` writes
-    /// into `out` (called once per row and k block, `k0` a multiple of the block length), reusing
-    /// `lines`' allocation; `None` as [`Self::pack`]. Panels are filled in parallel.
+    /// into `out` (called once per row and k block, `k0` a multiple of the block length),
+    /// reusing `lines`' allocation; `None` as [`Self::pack`]. Panels are filled in parallel.
     fn pack_rows(
         n: usize,
         k: usize,
@@ -480,7 +482,7 @@ impl PackedWeight {
             }
             let size = Self::panel_bytes(self.dtype, kc);
             // The columns one pass over all strips covers: the whole panel, or (AVX2) its
-            // 16-column half, 16 KiB at k blocks of 256, which then stays in L1 across the strips.
+            // 16-column half, 16 KiB at k blocks of 256, which stays in L1 across the strips.
             let step = match (isa(), self.dtype) {
                 (Some(Isa::Avx2), GemmDtype::F32) => avx2::COLUMNS,
                 _ => NR,
