@@ -390,7 +390,9 @@ fn attention_item<const FMA: bool>(
     // Padded to whole blocks; the padding stays zero (keys) or is never written out (queries).
     let (tp, tqp) = (t.div_ceil(KB) * KB, tq.div_ceil(QB) * QB);
     let mut kt = vec![0f32; hd * tp]; // this head's K^T
-    let mut qs = vec![0f32; tqp * hd]; // this head's Q / sqrt(hd)
+    // This head's Q / sqrt(hd) in blocks of QB rows, each k-major ([hd][QB]): the QB values
+    // one step of S broadcasts are adjacent (one bounds check, no reloads).
+    let mut qs = vec![0f32; tqp * hd];
     let mut sc = vec![0f32; tqp * tp]; // scores, then probabilities
     for h in 0..heads {
         let c0 = h * hd;
@@ -400,20 +402,20 @@ fn attention_item<const FMA: bool>(
             }
         }
         for i in 0..tq {
-            for (qd, &qv) in qs[i * hd..][..hd].iter_mut().zip(&q[i * d + c0..][..hd]) {
-                *qd = qv * scale;
+            let block = &mut qs[(i / QB) * QB * hd..][..QB * hd];
+            for (c, &qv) in q[i * d + c0..][..hd].iter().enumerate() {
+                block[c * QB + i % QB] = qv * scale;
             }
         }
         // S = Q K^T in QB x KB register blocks.
-        for ib in (0..tqp).step_by(QB) {
+        for (ib, q_block) in (0..tqp).step_by(QB).zip(qs.chunks_exact(QB * hd)) {
             for jb in (0..tp).step_by(KB) {
                 let mut acc = [[0f32; KB]; QB];
-                for c in 0..hd {
-                    let kv: &[f32; KB] = kt[c * tp + jb..][..KB].try_into().expect("KB");
-                    for (r, a) in acc.iter_mut().enumerate() {
-                        let qv = qs[(ib + r) * hd + c];
+                for (qv, k_row) in q_block.chunks_exact(QB).zip(kt.chunks_exact(tp)) {
+                    let kv: &[f32; KB] = k_row[jb..jb + KB].try_into().expect("KB");
+                    for (a, &qr) in acc.iter_mut().zip(qv) {
                         for l in 0..KB {
-                            a[l] = madd::<FMA>(qv, kv[l], a[l]);
+                            a[l] = madd::<FMA>(qr, kv[l], a[l]);
                         }
                     }
                 }
@@ -443,12 +445,14 @@ fn attention_item<const FMA: bool>(
         // O = P V in QB x CB register blocks (columns of this head).
         if hd % CB == 0 {
             for ib in (0..tqp).step_by(QB) {
+                // The block's probability rows, t long, so `p_rows[r][j]` needs no check.
+                let p_rows: [&[f32]; QB] = std::array::from_fn(|r| &sc[(ib + r) * tp..][..t]);
                 for cb in (0..hd).step_by(CB) {
                     let mut acc = [[0f32; CB]; QB];
                     for j in 0..t {
                         let vv: &[f32; CB] = v[j * d + c0 + cb..][..CB].try_into().expect("CB");
-                        for (r, a) in acc.iter_mut().enumerate() {
-                            let pw = sc[(ib + r) * tp + j];
+                        for (a, p_row) in acc.iter_mut().zip(&p_rows) {
+                            let pw = p_row[j];
                             for l in 0..CB {
                                 a[l] = madd::<FMA>(pw, vv[l], a[l]);
                             }
