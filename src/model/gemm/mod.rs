@@ -28,7 +28,11 @@
 //!   a fixed row stride of [`KC`] values (no cache-set conflicts at k = 3072) and walks every
 //!   panel over it. n and k need not be multiples of anything: padding is zero, stores masked.
 
+// On other architectures the micro-kernels compile to stubs that are never called, so the
+// items only they use would warn.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_imports, unused_mut))]
 mod avx2;
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_imports, unused_mut))]
 mod avx512;
 
 use rayon::prelude::*;
@@ -60,6 +64,7 @@ pub fn isa() -> Option<Isa> {
 }
 
 /// One micro-kernel call: C[rows, cols] (+)= A-strip x B-panel over `kc` k values.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct Tile<'a> {
     /// [`MR`] packed rows of A, row stride [`KC`] u32 (f32 bits, or two bf16 per u32); for
     /// the AVX2 kernel two k-major halves of 6 rows instead (`avx2::pack_row`).
@@ -85,6 +90,7 @@ pub(crate) struct Tile<'a> {
 
 /// The per-tile part of [`Epilogue`]: slices start at the tile's first column / element.
 #[derive(Clone, Copy, Default)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct TileEpilogue<'a> {
     /// Added per column.
     pub bias: Option<&'a [f32]>,
