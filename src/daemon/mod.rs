@@ -720,21 +720,29 @@ async fn reload(
             .await
             .map_err(ModelError::Task)
             .and_then(|r| r);
-    match loaded {
+    let outcome = match loaded {
         Ok(scorer) => {
             let info = scorer.model_info();
             telemetry.set_model(info.clone());
             let _ = models.send(scorer);
             telemetry.reloaded(None);
-            tracing::info!(model = %info.id, version = ?info.version, "model reloaded");
+            Ok(info)
         }
         Err(e) => {
             let reason = one_line(&e);
             telemetry.reloaded(Some(reason.clone()));
-            tracing::error!(model = %settings.model_path.display(), error = %reason, "reload failed; keeping the current model");
+            Err(reason)
+        }
+    };
+    // Ready before the outcome is logged: whoever reads the log line and then asks
+    // `/readyz` sees the state that follows it.
+    telemetry.set_state(State::Ready);
+    match outcome {
+        Ok(info) => tracing::info!(model = %info.id, version = ?info.version, "model reloaded"),
+        Err(reason) => {
+            tracing::error!(model = %settings.model_path.display(), error = %reason, "reload failed; keeping the current model")
         }
     }
-    telemetry.set_state(State::Ready);
     let info = telemetry.model();
     systemd::ready(&format!("ready: model {} on {}", info.id, info.backend));
 }

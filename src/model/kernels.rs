@@ -390,8 +390,8 @@ fn attention_item<const FMA: bool>(
     // Padded to whole blocks; the padding stays zero (keys) or is never written out (queries).
     let (tp, tqp) = (t.div_ceil(KB) * KB, tq.div_ceil(QB) * QB);
     let mut kt = vec![0f32; hd * tp]; // this head's K^T
-    // This head's Q / sqrt(hd) in blocks of QB rows, each k-major ([hd][QB]): the QB values
-    // one step of S broadcasts are adjacent (one bounds check, no reloads).
+                                      // This head's Q / sqrt(hd) in blocks of QB rows, each k-major ([hd][QB]): the QB values
+                                      // one step of S broadcasts are adjacent (one bounds check, no reloads).
     let mut qs = vec![0f32; tqp * hd];
     let mut sc = vec![0f32; tqp * tp]; // scores, then probabilities
     for h in 0..heads {

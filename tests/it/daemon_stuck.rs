@@ -319,7 +319,14 @@ fn reads_stuck_in_the_kernel_time_out_and_the_stuck_thread_cap_shows_in_readyz()
     let Some(mut fs) = StuckFs::mount(&tmp.path().join("data/hang"), Hang::Read) else {
         return;
     };
-    let cfg = config_text(tmp.path(), &model(), "timeout_secs = 2", "");
+    // 2 s on hardware; scaled under qemu, where a good job alone takes longer than that.
+    let timeout = 2 * crate::util::time_scale();
+    let cfg = config_text(
+        tmp.path(),
+        &model(),
+        &format!("timeout_secs = {timeout}"),
+        "",
+    );
     let sock = tmp.path().join("notify.sock");
     let pings = watchdog_socket(&sock);
     let env = [
@@ -338,7 +345,7 @@ fn reads_stuck_in_the_kernel_time_out_and_the_stuck_thread_cap_shows_in_readyz()
         first["error"]
             .as_str()
             .unwrap()
-            .contains("jobs.timeout_secs = 2"),
+            .contains(&format!("jobs.timeout_secs = {timeout}")),
         "{first:#}"
     );
     assert_eq!(

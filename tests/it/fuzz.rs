@@ -378,9 +378,14 @@ fn fuzz_cases() {
 #[test]
 fn inputs_never_panic_hang_or_allocate_unboundedly() {
     let exe = std::env::current_exe().unwrap();
+    // Under scripts/test-aarch64 this binary is aarch64: it re-runs itself through the same
+    // emulator (NODULED_TEST_RUNNER), whose own address space then counts against the cap.
+    let runner = std::env::var("NODULED_TEST_RUNNER").unwrap_or_default();
     let out = std::process::Command::new("sh")
         .arg("-c")
-        .arg(format!("ulimit -v {MEMORY_CAP_KIB} && exec \"$0\" \"$@\""))
+        .arg(format!(
+            "ulimit -v {MEMORY_CAP_KIB} && exec {runner} \"$0\" \"$@\""
+        ))
         .arg(&exe)
         .args([
             "fuzz::fuzz_cases",

@@ -30,9 +30,15 @@
 
 // On other architectures the micro-kernels compile to stubs that are never called, so the
 // items only they use would warn.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_imports, unused_mut))]
+#[cfg_attr(
+    not(target_arch = "x86_64"),
+    allow(dead_code, unused_imports, unused_mut)
+)]
 mod avx2;
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_imports, unused_mut))]
+#[cfg_attr(
+    not(target_arch = "x86_64"),
+    allow(dead_code, unused_imports, unused_mut)
+)]
 mod avx512;
 
 use rayon::prelude::*;
