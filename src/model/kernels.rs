@@ -368,6 +368,28 @@ pub fn bias_lora(
     out.map(|v| from_vec(v, y)).transpose()
 }
 
+/// In place, for each of the first `tq` rows of `sc` (row stride `tp` >= `t`): adds the mask
+/// row ([tq, t]) if any, takes the softmax over the first `t` values and zeroes the rest.
+#[inline(always)]
+fn softmax_rows(sc: &mut [f32], tq: usize, t: usize, tp: usize, mask: Option<&[f32]>) {
+    for (i, row) in sc.chunks_exact_mut(tp).take(tq).enumerate() {
+        if let Some(m) = mask {
+            for (x, &mv) in row.iter_mut().zip(&m[i * t..(i + 1) * t]) {
+                *x += mv;
+            }
+        }
+        let max = max8(&row[..t]);
+        for x in row[..t].iter_mut() {
+            *x = exp(*x - max);
+        }
+        let inv = 1.0 / sum8(&row[..t], |x| x);
+        for x in row[..t].iter_mut() {
+            *x *= inv;
+        }
+        row[t..].fill(0.0);
+    }
+}
+
 /// One batch item of attention: `q`, `o` are [tq, d], `k`, `v` [t, d], heads side by side;
 /// `mask` is [tq, t].
 #[inline(always)]
@@ -425,23 +447,7 @@ fn attention_item<const FMA: bool>(
             }
         }
         // Row softmax over the t real keys (+ mask); padding keys get probability 0.
-        for i in 0..tq {
-            let row = &mut sc[i * tp..(i + 1) * tp];
-            if let Some(m) = mask {
-                for (x, &mv) in row.iter_mut().zip(&m[i * t..(i + 1) * t]) {
-                    *x += mv;
-                }
-            }
-            let max = max8(&row[..t]);
-            for x in row[..t].iter_mut() {
-                *x = exp(*x - max);
-            }
-            let inv = 1.0 / sum8(&row[..t], |x| x);
-            for x in row[..t].iter_mut() {
-                *x *= inv;
-            }
-            row[t..].fill(0.0);
-        }
+        softmax_rows(&mut sc, tq, t, tp, mask);
         // O = P V in QB x CB register blocks (columns of this head).
         if hd % CB == 0 {
             for ib in (0..tqp).step_by(QB) {

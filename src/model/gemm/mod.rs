@@ -456,42 +456,11 @@ impl PackedWeight {
         let strips = m.div_ceil(MR);
         let panels = n.div_ceil(NR);
         let buf = self.bytes_slice();
-        // Packed rows: f32 values, or bf16 pairs as u32, row stride KC values either way
-        // (the AVX2 kernel's strips are k-major instead, see `avx2::pack_row`).
-        // The buffer is this thread's, kept between calls: a fresh 0.7 MiB per task and GEMM
-        // came from mmap and went back with munmap, whose TLB shootdowns stall both cores.
-        thread_local! {
-            static STRIPS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
-        let mut pack = STRIPS.with(|cell| cell.take());
-        if pack.len() < strips * MR * KC {
-            pack.resize(strips * MR * KC, 0);
-        }
-        let k_major = isa() == Some(Isa::Avx2) && self.dtype == GemmDtype::F32;
-        let zeros = [0f32; KC];
+        let mut pack = take_strip_buffer(strips * MR * KC);
         let mut at = 0;
         for k0 in (0..k).step_by(kc_block()) {
             let kc = block_len(k, k0);
-            // Rows past m (the last strip's padding) are packed as zeros.
-            for r in 0..strips * MR {
-                let src = match r < m {
-                    true => &a[r * k + k0..r * k + k0 + kc],
-                    false => &zeros[..kc],
-                };
-                if k_major {
-                    avx2::pack_row(src, r, &mut pack);
-                    continue;
-                }
-                let dst = &mut pack[r * KC..r * KC + KC];
-                match self.dtype {
-                    GemmDtype::F32 => {
-                        for (d, s) in dst.iter_mut().zip(src) {
-                            *d = s.to_bits();
-                        }
-                    }
-                    GemmDtype::Bf16 => avx512::to_bf16_pairs(src, &mut dst[..kc.div_ceil(2)]),
-                }
-            }
+            self.pack_strips(a, m, k0, kc, &mut pack);
             let size = Self::panel_bytes(self.dtype, kc);
             // The columns one pass over all strips covers: the whole panel, or (AVX2) its
             // 16-column half, 16 KiB at k blocks of 256, which stays in L1 across the strips.
@@ -534,6 +503,51 @@ impl PackedWeight {
         }
         STRIPS.with(|cell| cell.replace(pack));
     }
+
+    /// Packs k values `k0..k0 + kc` of the `m` rows of `a` ([m, k]) into `pack` strip by strip,
+    /// as the micro-kernel reads them: f32 bits or bf16 pairs at a row stride of [`KC`] (the
+    /// AVX2 kernel's strips k-major instead, see `avx2::pack_row`). Rows past m, the last
+    /// strip's padding, are packed as zeros.
+    fn pack_strips(&self, a: &[f32], m: usize, k0: usize, kc: usize, pack: &mut [u32]) {
+        let k = self.k;
+        let zeros = [0f32; KC];
+        let k_major = isa() == Some(Isa::Avx2) && self.dtype == GemmDtype::F32;
+        for r in 0..m.div_ceil(MR) * MR {
+            let src = match r < m {
+                true => &a[r * k + k0..r * k + k0 + kc],
+                false => &zeros[..kc],
+            };
+            if k_major {
+                avx2::pack_row(src, r, pack);
+                continue;
+            }
+            let dst = &mut pack[r * KC..r * KC + KC];
+            match self.dtype {
+                GemmDtype::F32 => {
+                    for (d, s) in dst.iter_mut().zip(src) {
+                        *d = s.to_bits();
+                    }
+                }
+                GemmDtype::Bf16 => avx512::to_bf16_pairs(src, &mut dst[..kc.div_ceil(2)]),
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// Each thread's packed-A buffer, kept between GEMMs: a fresh 0.7 MiB per task and call
+    /// came from mmap and went back with munmap, whose TLB shootdowns stall both cores.
+    static STRIPS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// This thread's packed-A buffer, at least `len` long (its old contents stay: every strip a
+/// task reads is packed first); give it back with `STRIPS.with(|c| c.replace(buf))`.
+fn take_strip_buffer(len: usize) -> Vec<u32> {
+    let mut pack = STRIPS.with(|cell| cell.take());
+    if pack.len() < len {
+        pack.resize(len, 0);
+    }
+    pack
 }
 
 /// CPU seconds this thread has run (the peak loops divide by it, not by wall time, so a
