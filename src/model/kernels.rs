@@ -158,22 +158,6 @@ fn sum8(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     s
 }
 
-/// Largest value of a slice, with eight independent lanes (vectorises); -inf when empty.
-#[inline(always)]
-fn max8(x: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; 8];
-    let mut chunks = x.chunks_exact(8);
-    for c in &mut chunks {
-        for i in 0..8 {
-            acc[i] = acc[i].max(c[i]);
-        }
-    }
-    let tail = chunks.remainder().iter().copied();
-    acc.into_iter()
-        .chain(tail)
-        .fold(f32::NEG_INFINITY, f32::max)
-}
-
 /// The bias as a Vec of length `d` (zeros when absent), or `None` when it does not fit.
 fn bias_vec(bias: Option<&Tensor>, d: usize) -> Option<Vec<f32>> {
     match bias {
@@ -368,30 +352,50 @@ pub fn bias_lora(
     out.map(|v| from_vec(v, y)).transpose()
 }
 
-/// In place, for each of the first `tq` rows of `sc` (row stride `tp` >= `t`): adds the mask
-/// row ([tq, t]) if any, takes the softmax over the first `t` values and zeroes the rest.
+/// In place, for each query column of `st` ([t][tqp], keys by queries, `tqp` a multiple of
+/// [`QW`]): the softmax over the t keys, vectorised across [`QW`] queries at a time; `mask`
+/// ([tq, t]) is added first.
 #[inline(always)]
-fn softmax_rows(sc: &mut [f32], tq: usize, t: usize, tp: usize, mask: Option<&[f32]>) {
-    for (i, row) in sc.chunks_exact_mut(tp).take(tq).enumerate() {
-        if let Some(m) = mask {
-            for (x, &mv) in row.iter_mut().zip(&m[i * t..(i + 1) * t]) {
-                *x += mv;
+fn softmax_columns(st: &mut [f32], t: usize, tq: usize, mask: Option<&[f32]>) {
+    let tqp = st.len() / t;
+    if let Some(m) = mask {
+        for (i, m_row) in m.chunks_exact(t).take(tq).enumerate() {
+            for (j, &mv) in m_row.iter().enumerate() {
+                st[j * tqp + i] += mv;
             }
         }
-        let max = max8(&row[..t]);
-        for x in row[..t].iter_mut() {
-            *x = exp(*x - max);
+    }
+    for ib in (0..tqp).step_by(QW) {
+        let mut max = [f32::NEG_INFINITY; QW];
+        for row in st.chunks_exact(tqp) {
+            for (mx, &x) in max.iter_mut().zip(&row[ib..ib + QW]) {
+                *mx = mx.max(x);
+            }
         }
-        let inv = 1.0 / sum8(&row[..t], |x| x);
-        for x in row[..t].iter_mut() {
-            *x *= inv;
+        let mut sum = [0f32; QW];
+        for row in st.chunks_exact_mut(tqp) {
+            for ((x, s), &mx) in row[ib..ib + QW].iter_mut().zip(&mut sum).zip(&max) {
+                *x = exp(*x - mx);
+                *s += *x;
+            }
         }
-        row[t..].fill(0.0);
+        let inv = sum.map(|s| 1.0 / s);
+        for row in st.chunks_exact_mut(tqp) {
+            for (x, &iv) in row[ib..ib + QW].iter_mut().zip(&inv) {
+                *x *= iv;
+            }
+        }
     }
 }
 
+/// Queries per vector in attention (one zmm, or two ymm).
+const QW: usize = 16;
+
 /// One batch item of attention: `q`, `o` are [tq, d], `k`, `v` [t, d], heads side by side;
-/// `mask` is [tq, t].
+/// `mask` is [tq, t]. Per head it works on S^T (keys by queries): K's rows are read in place
+/// (each step broadcasts one key value against [`QW`] queries of Q^T), the softmax runs down
+/// the columns across [`QW`] queries at once, and P V broadcasts [`QB`] adjacent
+/// probabilities of a key's row; only Q is transposed.
 #[inline(always)]
 fn attention_item<const FMA: bool>(
     o: &mut [f32],
@@ -402,69 +406,63 @@ fn attention_item<const FMA: bool>(
     heads: usize,
     mask: Option<&[f32]>,
 ) {
-    const QB: usize = 4; // query rows per register block
-    const KB: usize = 8; // keys per register block (one 8-lane vector)
-    const CB: usize = 16; // output columns per register block in P V
+    const KR: usize = 4; // keys per register block of S^T
+    const QB: usize = 4; // queries per register block of P V
+    const CB: usize = 16; // output columns per register block of P V
     let d = k.len() / t;
     let tq = q.len() / d;
     let hd = d / heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    // Padded to whole blocks; the padding stays zero (keys) or is never written out (queries).
-    let (tp, tqp) = (t.div_ceil(KB) * KB, tq.div_ceil(QB) * QB);
-    let mut kt = vec![0f32; hd * tp]; // this head's K^T
-                                      // This head's Q / sqrt(hd) in blocks of QB rows, each k-major ([hd][QB]): the QB values
-                                      // one step of S broadcasts are adjacent (one bounds check, no reloads).
-    let mut qs = vec![0f32; tqp * hd];
-    let mut sc = vec![0f32; tqp * tp]; // scores, then probabilities
+    // Queries padded to whole vectors; the padding stays zero and is never written out.
+    let tqp = tq.div_ceil(QW) * QW;
+    let mut qt = vec![0f32; hd * tqp]; // this head's (Q / sqrt(hd))^T
+    let mut st = vec![0f32; t * tqp]; // S^T, then P^T
+    let zeros = vec![0f32; hd];
     for h in 0..heads {
         let c0 = h * hd;
-        for j in 0..t {
-            for (c, &kv) in k[j * d + c0..][..hd].iter().enumerate() {
-                kt[c * tp + j] = kv;
-            }
-        }
         for i in 0..tq {
-            let block = &mut qs[(i / QB) * QB * hd..][..QB * hd];
             for (c, &qv) in q[i * d + c0..][..hd].iter().enumerate() {
-                block[c * QB + i % QB] = qv * scale;
+                qt[c * tqp + i] = qv * scale;
             }
         }
-        // S = Q K^T in QB x KB register blocks.
-        for (ib, q_block) in (0..tqp).step_by(QB).zip(qs.chunks_exact(QB * hd)) {
-            for jb in (0..tp).step_by(KB) {
-                let mut acc = [[0f32; KB]; QB];
-                for (qv, k_row) in q_block.chunks_exact(QB).zip(kt.chunks_exact(tp)) {
-                    let kv: &[f32; KB] = k_row[jb..jb + KB].try_into().expect("KB");
-                    for (a, &qr) in acc.iter_mut().zip(qv) {
-                        for l in 0..KB {
-                            a[l] = madd::<FMA>(qr, kv[l], a[l]);
+        // S^T = K Q^T in KR x QW register blocks (keys past t read as zeros, not stored).
+        for jb in (0..t).step_by(KR) {
+            let k_rows: [&[f32]; KR] = std::array::from_fn(|r| match jb + r < t {
+                true => &k[(jb + r) * d + c0..][..hd],
+                false => &zeros[..hd],
+            });
+            for ib in (0..tqp).step_by(QW) {
+                let mut acc = [[0f32; QW]; KR];
+                for (c, q_row) in qt.chunks_exact(tqp).enumerate() {
+                    let qv: &[f32; QW] = q_row[ib..ib + QW].try_into().expect("QW");
+                    for (a, k_row) in acc.iter_mut().zip(&k_rows) {
+                        let kv = k_row[c];
+                        for l in 0..QW {
+                            a[l] = madd::<FMA>(kv, qv[l], a[l]);
                         }
                     }
                 }
-                for (r, a) in acc.iter().enumerate() {
-                    sc[(ib + r) * tp + jb..][..KB].copy_from_slice(a);
+                for (r, a) in acc.iter().enumerate().take(t - jb) {
+                    st[(jb + r) * tqp + ib..][..QW].copy_from_slice(a);
                 }
             }
         }
-        // Row softmax over the t real keys (+ mask); padding keys get probability 0.
-        softmax_rows(&mut sc, tq, t, tp, mask);
+        softmax_columns(&mut st, t, tq, mask);
         // O = P V in QB x CB register blocks (columns of this head).
         if hd % CB == 0 {
-            for ib in (0..tqp).step_by(QB) {
-                // The block's probability rows, t long, so `p_rows[r][j]` needs no check.
-                let p_rows: [&[f32]; QB] = std::array::from_fn(|r| &sc[(ib + r) * tp..][..t]);
+            for ib in (0..tq).step_by(QB) {
                 for cb in (0..hd).step_by(CB) {
                     let mut acc = [[0f32; CB]; QB];
-                    for j in 0..t {
-                        let vv: &[f32; CB] = v[j * d + c0 + cb..][..CB].try_into().expect("CB");
-                        for (a, p_row) in acc.iter_mut().zip(&p_rows) {
-                            let pw = p_row[j];
+                    for (p_row, v_row) in st.chunks_exact(tqp).zip(v.chunks_exact(d)) {
+                        let pv: &[f32; QB] = p_row[ib..ib + QB].try_into().expect("QB");
+                        let vv: &[f32; CB] = v_row[c0 + cb..][..CB].try_into().expect("CB");
+                        for (a, &pw) in acc.iter_mut().zip(pv) {
                             for l in 0..CB {
                                 a[l] = madd::<FMA>(pw, vv[l], a[l]);
                             }
                         }
                     }
-                    for (r, a) in acc.iter().enumerate().take(tq.saturating_sub(ib)) {
+                    for (r, a) in acc.iter().enumerate().take(tq - ib) {
                         o[(ib + r) * d + c0 + cb..][..CB].copy_from_slice(a);
                     }
                 }
@@ -473,9 +471,9 @@ fn attention_item<const FMA: bool>(
             for i in 0..tq {
                 let oi = &mut o[i * d + c0..][..hd];
                 oi.fill(0.0);
-                for j in 0..t {
-                    let pw = sc[i * tp + j];
-                    for (oc, &vc) in oi.iter_mut().zip(&v[j * d + c0..][..hd]) {
+                for (p_row, v_row) in st.chunks_exact(tqp).zip(v.chunks_exact(d)) {
+                    let pw = p_row[i];
+                    for (oc, &vc) in oi.iter_mut().zip(&v_row[c0..][..hd]) {
                         *oc = madd::<FMA>(pw, vc, *oc);
                     }
                 }
