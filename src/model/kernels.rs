@@ -503,7 +503,14 @@ pub fn attention(
 ) -> Result<Option<Tensor>> {
     let (b, t, d) = k.dims3()?;
     let (bq, tq, dq) = q.dims3()?;
-    if (bq, dq) != (b, d) || v.dims() != k.dims() || heads == 0 || d % heads != 0 || t == 0 {
+    if (bq, dq) != (b, d)
+        || v.dims() != k.dims()
+        || heads == 0
+        || d % heads != 0
+        || t == 0
+        || tq == 0
+        || d == 0
+    {
         return Ok(None);
     }
     let mask = match mask {
@@ -619,10 +626,15 @@ mod tests {
 
     #[test]
     fn attention_matches_the_textbook_form() {
-        // hd 8: the plain P V path; hd 32: the register-blocked one; t 50 pads to 56.
-        for (b, t, heads, hd) in [(3, 7, 4, 8), (2, 50, 2, 32)] {
+        // hd 8: the plain P V path; hd 16, 32: the register-blocked one; t 2, 21, 50: key
+        // blocks of 4 with a remainder; queries padded to 16.
+        for (b, t, heads, hd) in [(3, 7, 4, 8), (2, 50, 2, 32), (1, 2, 1, 16), (1, 21, 3, 16)] {
             check_attention(b, t, heads, hd);
         }
+        // No queries: left to the caller's candle ops.
+        let k = randn(&[1, 5, 8], 1.0);
+        let q0 = Tensor::zeros((1, 0, 8), DType::F32, &Device::Cpu).unwrap();
+        assert!(attention(&q0, &k, &k, 2, None).unwrap().is_none());
     }
 
     fn check_attention(b: usize, t: usize, heads: usize, hd: usize) {
