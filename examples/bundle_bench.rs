@@ -141,40 +141,52 @@ fn main() -> anyhow::Result<()> {
         "mean_ms_per_nodule": per_nodule_ms.round(),
     });
     if let Some(path) = compare {
-        let other: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(path)?)?;
-        let num = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
-        let mut rows = Vec::new();
-        for (a, b) in outputs.iter().zip(&other) {
-            let fold_max = |key: &str| {
-                a["folds"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .zip(b["folds"].as_array().into_iter().flatten())
-                    .map(|(x, y)| (num(&x[key]) - num(&y[key])).abs())
-                    .fold(0.0, f64::max)
-            };
-            let mut desc = 0f64;
-            for (f, classes) in a["descriptors"].as_object().into_iter().flatten() {
-                for (c, v) in classes.as_object().into_iter().flatten() {
-                    desc = desc.max((num(v) - num(&b["descriptors"][f][c])).abs());
-                }
-            }
-            rows.push(
-                serde_json::json!({"nodule": a["nodule_id"], "prob": fold_max("prob"),
-                "calibrated": fold_max("calibrated"),
-                "ensemble": (num(&a["score"]["raw"]) - num(&b["score"]["raw"])).abs(),
-                "descriptor": desc}),
-            );
-        }
-        let max = |k: &str| rows.iter().map(|r| num(&r[k])).fold(0.0, f64::max);
-        result["diff_max"] = serde_json::json!({"prob": max("prob"), "calibrated": max("calibrated"),
-            "ensemble": max("ensemble"), "descriptor": max("descriptor")});
-        result["diff_per_nodule"] = serde_json::Value::Array(rows);
+        let (max, per_nodule) = differences(&outputs, &path)?;
+        result["diff_max"] = max;
+        result["diff_per_nodule"] = per_nodule;
     }
     if let Some(path) = save {
         std::fs::write(path, serde_json::to_string(&outputs)?)?;
     }
     println!("{result}");
     Ok(())
+}
+
+/// The largest differences of `outputs` (this run's nodules) from those saved at `path` by an
+/// earlier `--save`: over all nodules, and per nodule (fold probability, calibrated, ensemble,
+/// descriptor).
+fn differences(
+    outputs: &[serde_json::Value],
+    path: &str,
+) -> anyhow::Result<(serde_json::Value, serde_json::Value)> {
+    let other: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+    let num = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+    let mut rows = Vec::new();
+    for (a, b) in outputs.iter().zip(&other) {
+        let fold_max = |key: &str| {
+            a["folds"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .zip(b["folds"].as_array().into_iter().flatten())
+                .map(|(x, y)| (num(&x[key]) - num(&y[key])).abs())
+                .fold(0.0, f64::max)
+        };
+        let mut desc = 0f64;
+        for (f, classes) in a["descriptors"].as_object().into_iter().flatten() {
+            for (c, v) in classes.as_object().into_iter().flatten() {
+                desc = desc.max((num(v) - num(&b["descriptors"][f][c])).abs());
+            }
+        }
+        rows.push(
+            serde_json::json!({"nodule": a["nodule_id"], "prob": fold_max("prob"),
+            "calibrated": fold_max("calibrated"),
+            "ensemble": (num(&a["score"]["raw"]) - num(&b["score"]["raw"])).abs(),
+            "descriptor": desc}),
+        );
+    }
+    let largest = |k: &str| rows.iter().map(|r| num(&r[k])).fold(0.0, f64::max);
+    let max = serde_json::json!({"prob": largest("prob"), "calibrated": largest("calibrated"),
+        "ensemble": largest("ensemble"), "descriptor": largest("descriptor")});
+    Ok((max, serde_json::Value::Array(rows)))
 }

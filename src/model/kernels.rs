@@ -394,7 +394,7 @@ const QW: usize = 16;
 /// One batch item of attention: `q`, `o` are [tq, d], `k`, `v` [t, d], heads side by side;
 /// `mask` is [tq, t]. Per head it works on S^T (keys by queries): K's rows are read in place
 /// (each step broadcasts one key value against [`QW`] queries of Q^T), the softmax runs down
-/// the columns across [`QW`] queries at once, and P V broadcasts [`QB`] adjacent
+/// the columns across [`QW`] queries at once, and P V broadcasts 4 adjacent
 /// probabilities of a key's row; only Q is transposed.
 #[inline(always)]
 fn attention_item<const FMA: bool>(
@@ -406,9 +406,6 @@ fn attention_item<const FMA: bool>(
     heads: usize,
     mask: Option<&[f32]>,
 ) {
-    const KR: usize = 4; // keys per register block of S^T
-    const QB: usize = 4; // queries per register block of P V
-    const CB: usize = 16; // output columns per register block of P V
     let d = k.len() / t;
     let tq = q.len() / d;
     let hd = d / heads;
@@ -417,66 +414,97 @@ fn attention_item<const FMA: bool>(
     let tqp = tq.div_ceil(QW) * QW;
     let mut qt = vec![0f32; hd * tqp]; // this head's (Q / sqrt(hd))^T
     let mut st = vec![0f32; t * tqp]; // S^T, then P^T
-    let zeros = vec![0f32; hd];
     for h in 0..heads {
-        let c0 = h * hd;
+        let cols = h * hd..(h + 1) * hd;
         for i in 0..tq {
-            for (c, &qv) in q[i * d + c0..][..hd].iter().enumerate() {
+            for (c, &qv) in q[i * d..][cols.clone()].iter().enumerate() {
                 qt[c * tqp + i] = qv * scale;
             }
         }
-        // S^T = K Q^T in KR x QW register blocks (keys past t read as zeros, not stored).
-        for jb in (0..t).step_by(KR) {
-            let k_rows: [&[f32]; KR] = std::array::from_fn(|r| match jb + r < t {
-                true => &k[(jb + r) * d + c0..][..hd],
-                false => &zeros[..hd],
-            });
-            for ib in (0..tqp).step_by(QW) {
-                let mut acc = [[0f32; QW]; KR];
-                for (c, q_row) in qt.chunks_exact(tqp).enumerate() {
-                    let qv: &[f32; QW] = q_row[ib..ib + QW].try_into().expect("QW");
-                    for (a, k_row) in acc.iter_mut().zip(&k_rows) {
-                        let kv = k_row[c];
-                        for l in 0..QW {
-                            a[l] = madd::<FMA>(kv, qv[l], a[l]);
-                        }
+        scores_t::<FMA>(&mut st, &qt, k, d, cols.clone());
+        softmax_columns(&mut st, t, tq, mask);
+        weighted_values::<FMA>(o, &st, v, tq, d, cols);
+    }
+}
+
+/// S^T = K Q^T for one head (columns `cols` of K's rows, d wide) into `st` ([t][tqp]), from
+/// `qt` ([hd][tqp]), in blocks of 4 keys x [`QW`] queries held in registers.
+#[inline(always)]
+fn scores_t<const FMA: bool>(
+    st: &mut [f32],
+    qt: &[f32],
+    k: &[f32],
+    d: usize,
+    cols: std::ops::Range<usize>,
+) {
+    const KR: usize = 4;
+    let (t, hd) = (k.len() / d, cols.len());
+    let tqp = st.len() / t;
+    let zeros = vec![0f32; hd]; // keys past t, read but not stored
+    for jb in (0..t).step_by(KR) {
+        let k_rows: [&[f32]; KR] = std::array::from_fn(|r| match jb + r < t {
+            true => &k[(jb + r) * d..][cols.clone()],
+            false => &zeros[..],
+        });
+        for ib in (0..tqp).step_by(QW) {
+            let mut acc = [[0f32; QW]; KR];
+            for (c, q_row) in qt.chunks_exact(tqp).enumerate() {
+                let qv: &[f32; QW] = q_row[ib..ib + QW].try_into().expect("QW");
+                for (a, k_row) in acc.iter_mut().zip(&k_rows) {
+                    let kv = k_row[c];
+                    for l in 0..QW {
+                        a[l] = madd::<FMA>(kv, qv[l], a[l]);
                     }
                 }
-                for (r, a) in acc.iter().enumerate().take(t - jb) {
-                    st[(jb + r) * tqp + ib..][..QW].copy_from_slice(a);
+            }
+            for (r, a) in acc.iter().enumerate().take(t - jb) {
+                st[(jb + r) * tqp + ib..][..QW].copy_from_slice(a);
+            }
+        }
+    }
+}
+
+/// O = P V for one head: rows of `o` ([tq, d]), columns `cols`, from `pt` ([t][tqp], P^T) and
+/// `v` ([t, d]), in blocks of 4 queries x 16 columns held in registers (a plain loop where
+/// the head width is not a multiple of 16).
+#[inline(always)]
+fn weighted_values<const FMA: bool>(
+    o: &mut [f32],
+    pt: &[f32],
+    v: &[f32],
+    tq: usize,
+    d: usize,
+    cols: std::ops::Range<usize>,
+) {
+    const QB: usize = 4;
+    const CB: usize = 16;
+    let tqp = pt.len() / (v.len() / d);
+    if cols.len() % CB != 0 {
+        for i in 0..tq {
+            let oi = &mut o[i * d..][cols.clone()];
+            oi.fill(0.0);
+            for (p_row, v_row) in pt.chunks_exact(tqp).zip(v.chunks_exact(d)) {
+                for (oc, &vc) in oi.iter_mut().zip(&v_row[cols.clone()]) {
+                    *oc = madd::<FMA>(p_row[i], vc, *oc);
                 }
             }
         }
-        softmax_columns(&mut st, t, tq, mask);
-        // O = P V in QB x CB register blocks (columns of this head).
-        if hd % CB == 0 {
-            for ib in (0..tq).step_by(QB) {
-                for cb in (0..hd).step_by(CB) {
-                    let mut acc = [[0f32; CB]; QB];
-                    for (p_row, v_row) in st.chunks_exact(tqp).zip(v.chunks_exact(d)) {
-                        let pv: &[f32; QB] = p_row[ib..ib + QB].try_into().expect("QB");
-                        let vv: &[f32; CB] = v_row[c0 + cb..][..CB].try_into().expect("CB");
-                        for (a, &pw) in acc.iter_mut().zip(pv) {
-                            for l in 0..CB {
-                                a[l] = madd::<FMA>(pw, vv[l], a[l]);
-                            }
-                        }
-                    }
-                    for (r, a) in acc.iter().enumerate().take(tq - ib) {
-                        o[(ib + r) * d + c0 + cb..][..CB].copy_from_slice(a);
+        return;
+    }
+    for ib in (0..tq).step_by(QB) {
+        for c0 in cols.clone().step_by(CB) {
+            let mut acc = [[0f32; CB]; QB];
+            for (p_row, v_row) in pt.chunks_exact(tqp).zip(v.chunks_exact(d)) {
+                let pv: &[f32; QB] = p_row[ib..ib + QB].try_into().expect("QB");
+                let vv: &[f32; CB] = v_row[c0..c0 + CB].try_into().expect("CB");
+                for (a, &pw) in acc.iter_mut().zip(pv) {
+                    for l in 0..CB {
+                        a[l] = madd::<FMA>(pw, vv[l], a[l]);
                     }
                 }
             }
-        } else {
-            for i in 0..tq {
-                let oi = &mut o[i * d + c0..][..hd];
-                oi.fill(0.0);
-                for (p_row, v_row) in st.chunks_exact(tqp).zip(v.chunks_exact(d)) {
-                    let pw = p_row[i];
-                    for (oc, &vc) in oi.iter_mut().zip(&v_row[c0..][..hd]) {
-                        *oc = madd::<FMA>(pw, vc, *oc);
-                    }
-                }
+            for (r, a) in acc.iter().enumerate().take(tq - ib) {
+                o[(ib + r) * d + c0..][..CB].copy_from_slice(a);
             }
         }
     }

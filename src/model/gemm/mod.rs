@@ -326,13 +326,14 @@ impl PackedWeight {
         thread_local! {
             static SCRATCH: std::cell::RefCell<Vec<Line>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        let lines = SCRATCH.with(|cell| cell.take());
-        let packed = super::profile::timed("q8_0.unpack", || {
-            Self::pack_rows(n, k, GemmDtype::F32, lines, segment)
-        })?;
-        let out = f(&packed);
-        SCRATCH.with(|cell| cell.replace(packed.lines));
-        Some(out)
+        with_thread_buffer(&SCRATCH, |lines| {
+            let packed = super::profile::timed("q8_0.unpack", || {
+                Self::pack_rows(n, k, GemmDtype::F32, std::mem::take(lines), segment)
+            })?;
+            let out = f(&packed);
+            *lines = packed.lines;
+            Some(out)
+        })
     }
 
     /// Bytes of one packed panel of a `kc`-long k block.
@@ -439,10 +440,14 @@ impl PackedWeight {
         c.par_chunks_mut(mc * n)
             .zip(a.par_chunks(mc * k))
             .zip(res_chunks.into_par_iter())
-            .for_each(|((c, a), residual)| self.rows(a, c, bias, residual, gelu));
+            .for_each(|((c, a), residual)| {
+                with_thread_buffer(&STRIPS, |pack| self.rows(a, c, bias, residual, gelu, pack))
+            });
     }
 
-    /// One task: all of C's columns for the rows in `a` (at most [`MC_MAX`] + [`MR`]).
+    /// One task: all of C's columns for the rows in `a` (at most [`MC_MAX`] + [`MR`]), with
+    /// `pack` (this thread's buffer) for the packed rows: per k block, pack the rows, then run
+    /// every panel (or AVX2 half panel) over all strips.
     fn rows(
         &self,
         a: &[f32],
@@ -450,17 +455,21 @@ impl PackedWeight {
         bias: Option<&[f32]>,
         residual: Option<&[f32]>,
         gelu: bool,
+        pack: &mut Vec<u32>,
     ) {
         let (n, k) = (self.n, self.k);
         let m = a.len() / k;
         let strips = m.div_ceil(MR);
         let panels = n.div_ceil(NR);
         let buf = self.bytes_slice();
-        let mut pack = take_strip_buffer(strips * MR * KC);
+        // Old contents stay: every strip this task reads is packed first.
+        if pack.len() < strips * MR * KC {
+            pack.resize(strips * MR * KC, 0);
+        }
         let mut at = 0;
         for k0 in (0..k).step_by(kc_block()) {
             let kc = block_len(k, k0);
-            self.pack_strips(a, m, k0, kc, &mut pack);
+            self.pack_strips(a, m, k0, kc, pack);
             let size = Self::panel_bytes(self.dtype, kc);
             // The columns one pass over all strips covers: the whole panel, or (AVX2) its
             // 16-column half, 16 KiB at k blocks of 256, which stays in L1 across the strips.
@@ -501,7 +510,6 @@ impl PackedWeight {
             }
             at += panels * size;
         }
-        STRIPS.with(|cell| cell.replace(pack));
     }
 
     /// Packs k values `k0..k0 + kc` of the `m` rows of `a` ([m, k]) into `pack` strip by strip,
@@ -540,14 +548,16 @@ thread_local! {
     static STRIPS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// This thread's packed-A buffer, at least `len` long (its old contents stay: every strip a
-/// task reads is packed first); give it back with `STRIPS.with(|c| c.replace(buf))`.
-fn take_strip_buffer(len: usize) -> Vec<u32> {
-    let mut pack = STRIPS.with(|cell| cell.take());
-    if pack.len() < len {
-        pack.resize(len, 0);
-    }
-    pack
+/// Runs `f` on this thread's buffer in `slot`, which keeps its allocation for the next call
+/// (taken out while `f` runs: a nested call would get a fresh one, not a borrow panic).
+fn with_thread_buffer<T: Default, R>(
+    slot: &'static std::thread::LocalKey<std::cell::RefCell<T>>,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    let mut buf = slot.with(|cell| cell.take());
+    let out = f(&mut buf);
+    slot.with(|cell| cell.replace(buf));
+    out
 }
 
 /// CPU seconds this thread has run (the peak loops divide by it, not by wall time, so a
